@@ -1,0 +1,68 @@
+"""The ``dds-perception`` command: one entry point, one module per sub-command.
+
+Each sub-command lives in the layer that owns it and exposes ``add_arguments(parser)``,
+``run(args) -> int`` and a module docstring whose text after the first line becomes the
+command's ``--help`` epilog (examples). Modules are imported lazily so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("dds_perception.models.summary", "list the model zoo: parameters, MACs, RF"),
+    "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="dds-perception",
+        description="Lightweight vehicle detection for ROS 2 (pyramid dilated MobileNetV2 + RPN).",
+        epilog="Run 'dds-perception COMMAND --help' for a command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_module, summary) in COMMANDS.items():
+        sub.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def _command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    doc = (module.__doc__ or "").strip().split("\n", 1)
+    parser = argparse.ArgumentParser(
+        prog=f"dds-perception {name}",
+        description=doc[0] if doc[0] else summary,
+        epilog=doc[1].strip() if len(doc) > 1 else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen sub-command; return its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)  # prints help / usage errors and exits
+        return 2
+    parser, module = _command_parser(argv[0])
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as error:  # bad input: one clear line, non-zero exit
+        print(f"dds-perception {argv[0]}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data layer: KITTI and Caltech readers, image decoding, transforms, generated scenes."""
