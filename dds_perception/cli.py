@@ -15,6 +15,10 @@ from collections.abc import Sequence
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("dds_perception.models.summary", "list the model zoo: parameters, MACs, RF"),
+    "train-classifier": ("dds_perception.engine.train_classifier", "train a Caltech classifier"),
+    "evaluate-classifier": ("dds_perception.engine.evaluate_classifier", "classifier top-1/5"),
+    "compare-backbones": ("dds_perception.engine.compare_backbones", "paper's backbone table"),
+    "plot-accuracy": ("dds_perception.engine.plot_accuracy", "accuracy vs steps PNG"),
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
 }
 
