@@ -224,3 +224,37 @@ def test_classification_compare_backbones(colour_folders: Path, tmp_path: Path) 
     # a second call trains nothing and rewrites the same table
     assert cli.main([*argv, "--report-only"]) == 0
     assert json.loads((out / "comparison.json").read_text())["rows"] == table["rows"]
+
+
+def test_classification_bad_images_do_not_stop_training(colour_folders: Path, tmp_path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(colour_folders, data)
+    for name in ("bad_train.jpg", "bad_test.jpg"):
+        (data / "class0" / name).write_bytes((data / "class0" / "000.jpg").read_bytes()[:300])
+    train = [f"class{c}/{i:03d}.jpg" for c in range(4) for i in range(7)] + ["class0/007.jpg"]
+    test = [f"class{c}/{i:03d}.jpg" for c in range(4) for i in range(20, 22)]
+    split = {
+        "format": "dds_perception.split/1", "dataset": "folder", "seed": 0,
+        "class_names": ["class0", "class1", "class2", "class3"],
+        "train": [*train, "class0/bad_train.jpg"], "test": [*test, "class0/bad_test.jpg"],
+    }  # fmt: skip
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    argv = _argv(
+        data, tmp_path / "run", "--epochs", "1", "--split-file", str(tmp_path / "split.json")
+    )
+    with pytest.warns(UserWarning, match="unreadable image"):
+        summary = engine.main(engine.parse_args(argv))
+    assert summary["steps"] == 2 and summary["test_images"] == 9
+    records = read_metrics(tmp_path / "run" / engine.METRICS)
+    epoch = next(r for r in records if r["type"] == "epoch")
+    final = [r for r in records if r["type"] == "eval"][-1]
+    assert epoch["bad_images"] == 1 and epoch["images"] == 30  # replaced, batch stays full
+    assert final["bad_images"] == 1 and final["images"] == 8  # dropped from the test batch
+
+
+def test_classification_non_finite_loss_stops() -> None:
+    from dds_perception.engine.common import check_finite
+
+    check_finite(torch.tensor(2.5), epoch=0, step=1)
+    with pytest.raises(TrainingError, match="loss is nan at epoch 3, step 7"):
+        check_finite(torch.tensor(float("nan")), epoch=3, step=7)

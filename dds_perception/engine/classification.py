@@ -126,7 +126,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--test-size",
         type=_test_size,
         default=2000.0,
-        help="held-out test images: a count, or a fraction when below 1 (default %(default)s)",
+        help="held-out test images: a count, or a fraction when below 1",
     )
     group.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split")
     group.add_argument(
@@ -163,7 +163,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool 
     parser.add_argument("--out", type=Path, default=None, help="run folder for all outputs")
     add_data_arguments(parser)
     group = parser.add_argument_group("recipe (defaults: the paper's)")
-    group.add_argument("--epochs", type=int, default=300)
+    group.add_argument("--epochs", type=int, default=300, help="training epochs")
     group.add_argument("--batch-size", type=int, default=512, help="global batch size")
     group.add_argument("--eval-batch-size", type=int, default=None, help="default: batch size")
     group.add_argument("--lr", type=float, default=0.045, help="initial learning rate")
@@ -174,11 +174,16 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool 
         default=list(PAPER_MILESTONES),
         help="epochs at which the learning rate is multiplied by --lr-gamma",
     )
-    group.add_argument("--lr-gamma", type=float, default=0.5)
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
-    group.add_argument("--weight-decay", type=float, default=4e-5)
-    group.add_argument("--label-smoothing", type=float, default=0.0)
+    group.add_argument("--lr-gamma", type=float, default=0.5, help="factor at each milestone")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    group.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Nesterov momentum (SGD as ESPNetv2's trainer; the paper names no optimizer)",
+    )
+    group.add_argument("--weight-decay", type=float, default=4e-5, help="L2 on all weights")
+    group.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy option")
     group.add_argument("--seed", type=int, default=0, help="seed of initialisation/augmentation")
     group = parser.add_argument_group("evaluation, logging, checkpoints")
     group.add_argument(
@@ -221,6 +226,17 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool 
         default=0,
         help="cap the optimizer steps of an epoch (0: no cap; for smoke tests and timing)",
     )
+    show_defaults(parser)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default: X)`` to option help texts that do not show their default yet."""
+    for action in parser._actions:
+        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            continue  # flags (--x/--no-x) show their default by themselves
+        text = action.help or ""
+        if "%(default)" not in text:
+            action.help = f"{text} (default: %(default)s)".strip()
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -533,12 +549,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train with resolved ``args`` (see :func:`parse_args`); return the final summary."""
     ctx = init_distributed(args.device)
     try:
-        return _train(args, ctx)
+        return train(args, ctx)
     finally:
         cleanup_distributed()
 
 
-def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
+def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
+    """Train in the process group of ``ctx`` (runs may share one: see compare-backbones)."""
     if args.out is None:
         raise ValueError("--out is required (the run folder)")
     out = Path(args.out)
