@@ -575,7 +575,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
     seed_everything(args.seed)
 
     split_path = Path(args.split_file) if args.split_file else out / SPLIT
-    full, train, test = build_datasets(args, split_path, write_split=ctx.is_main)
+    full, train_set, test_set = build_datasets(args, split_path, write_split=ctx.is_main)
     class_names = list(full.class_names)
     identity = {**vars(args), "class_names": class_names}
 
@@ -591,7 +591,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         )
     optimizer, scheduler = build_optimizer(model_without_ddp, args)
     scaler = make_grad_scaler(ctx.device, amp)
-    train_loader, test_loader, sampler, generator = _make_loaders(args, train, test, ctx)
+    train_loader, test_loader, sampler, generator = _make_loaders(args, train_set, test_set, ctx)
     metrics = MetricsWriter(out / METRICS, enabled=ctx.is_main)
 
     start_epoch, step, last_eval = 0, 0, None
@@ -601,7 +601,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         model_without_ddp.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without AMP (e.g. a CPU run resumed on CUDA)
+            scaler.load_state_dict(state["scaler"])
         generator.set_state(state["loader_generator"])
         restore_rng_state(state["rng"])
         start_epoch, step, last_eval = state["epoch"], state["step"], state.get("last_eval")
@@ -693,8 +694,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         "model": args.model,
         "dataset": args.dataset,
         "num_classes": len(class_names),
-        "train_images": len(train),
-        "test_images": len(test),
+        "train_images": len(train_set),
+        "test_images": len(test_set),
         "skipped_images": len(full.skipped),
         "epochs": args.epochs,
         "steps": step,
