@@ -157,8 +157,12 @@ def test_classification_config_file(tmp_path: Path) -> None:
     assert paper.lr_milestones == list(engine.PAPER_MILESTONES) and paper.lr_gamma == 0.5
 
 
-def test_classification_resume_is_exact(colour_folders: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_classification_resume_is_exact(
+    colour_folders: Path, tmp_path: Path, monkeypatch, workers: str
+) -> None:
     common = ("--epochs", "2", "--max-steps-per-epoch", "3", "--lr-milestones", "1")
+    common = (*common, "--workers", workers)  # 1: augmentation runs in a seeded worker
     whole = engine.main(engine.parse_args(_argv(colour_folders, tmp_path / "whole", *common)))
 
     real_train = engine.train_one_epoch
@@ -258,3 +262,17 @@ def test_classification_non_finite_loss_stops() -> None:
     check_finite(torch.tensor(2.5), epoch=0, step=1)
     with pytest.raises(TrainingError, match="loss is nan at epoch 3, step 7"):
         check_finite(torch.tensor(float("nan")), epoch=3, step=7)
+
+
+def test_classification_cli_reports_bad_config(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "recipe.yaml"
+    config.write_text("epochs: 3\nbatch: 64\n")
+    argv = ["train-classifier", "--config", str(config), "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "dds-perception train-classifier: error:" in err and "unknown key 'batch'" in err
+    assert cli.main(["train-classifier", "--out", str(tmp_path / "run")]) == 1
+    assert "--data-root is required" in capsys.readouterr().err
+    argv = ["train-classifier", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path)]
+    assert cli.main([*argv, "--dataset", "caltech256"]) == 1
+    assert "dataset folder not found" in capsys.readouterr().err
