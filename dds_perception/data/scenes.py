@@ -269,13 +269,28 @@ def _draw_vehicle(img: np.ndarray, P: np.ndarray, v: _Vehicle, light: float) -> 
             c = (round(uv[0] * 16), round(uv[1] * 16))
             cv2.circle(img, c, int(r * 16), (18, 18, 20), -1, cv2.LINE_AA, _SHIFT)
     body = _box_corners(v.loc, v.ry, bx, by, bz)
-    for idx, normal in _visible_faces(body, v.ry):
+    visible = list(_visible_faces(body, v.ry))
+    for idx, normal in visible:
         shade = {(0, -1, 0): 1.12, (1, 0, 0): 0.88, (-1, 0, 0): 0.88}.get(normal, 0.72)
         pts = _project(P, body[list(idx)])
         _poly(img, pts, _shade(v.colour, shade * light))
         if normal[0] != 0:  # front or rear: lights and a plate
             lamp = (255, 235, 190) if normal[0] > 0 else (200, 20, 20)
             _lamps(img, pts, lamp)
+    # wheels on a visible flank: tyre and hub as circles in the flank's plane, in perspective
+    angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    for _, normal in visible:
+        if normal[2] == 0:
+            continue
+        for sx in (-0.32 * l, 0.32 * l):
+            for rr, colour in ((radius, (20, 20, 22)), (0.55 * radius, (120, 122, 128))):
+                side = np.full_like(angles, normal[2] * (w / 2 + 0.01))
+                ring = np.stack(
+                    [sx + rr * np.cos(angles), -radius + rr * np.sin(angles), side], axis=1
+                )
+                ring = ring @ rot.T + v.loc
+                if ring[:, 2].min() > 0.5:
+                    _poly(img, _project(P, ring), _shade(colour, light))
     cabin = _box_corners(v.loc, v.ry, cx, cy, cz)
     glass = (28, 34, 44)
     for idx, normal in _visible_faces(cabin, v.ry):
@@ -542,7 +557,8 @@ def render_scene(
     _draw_background(img, P, rng, cam_h, road_half)
 
     vehicles: list[_Vehicle] = []
-    for _ in range(int(rng.integers(2, 12)) * 3):  # tries
+    tries = 0 if rng.random() < 0.05 else int(rng.integers(2, 12)) * 3  # some empty roads
+    for _ in range(tries):
         if len(vehicles) >= 11:
             break
         v = _sample_vehicle(rng, road_half, lane_w)
