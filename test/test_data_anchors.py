@@ -75,7 +75,7 @@ def test_data_anchors_command_on_real_labels(kitti_sample, cli, tmp_path):
     assert "AnchorGenerator(sizes=((" in result.stdout
     data = json.loads(out.read_text())
     assert data["num_boxes"] == n_cars and data["input_size"] == [384, 1248]
-    assert len(data["sizes"]) == 3 and data["sizes"] == sorted(data["sizes"])
+    assert len(data["sizes"]) == 5 and data["sizes"] == sorted(data["sizes"])
     assert len(data["aspect_ratios"]) == 3 and all(0.2 < r < 1.5 for r in data["aspect_ratios"])
     assert len(data["kmeans"]["anchors_wh"]) == 9
     assert 0.5 < data["grid"]["mean_iou"] <= data["kmeans"]["mean_iou"] <= 1.0

@@ -192,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="source size when the sibling image_2 has no PNG for a frame (default 375 1242)",
     )
     parser.add_argument("--min-height", type=float, default=0.0, help="skip shorter boxes (px)")
-    parser.add_argument("--sizes", type=int, default=3, help="grid: number of sizes (default 3)")
+    parser.add_argument("--sizes", type=int, default=5, help="grid: number of sizes (default 5)")
     parser.add_argument("--ratios", type=int, default=3, help="grid: number of ratios (3)")
     parser.add_argument("--k", type=int, default=9, help="k-means clusters (default 9)")
     parser.add_argument("--json", help="also write the result as JSON to this file")
