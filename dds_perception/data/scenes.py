@@ -1,4 +1,4 @@
-"""Generated KITTI-format driving scenes: ``dds-perception make-scenes OUT_ROOT``.
+"""Write generated KITTI-format road scenes (PNG images, label_2, calib, ImageSets splits).
 
 Writes a real KITTI object folder (``training/image_2/*.png``, ``label_2/*.txt``,
 ``calib/*.txt`` and ``ImageSets/{train,val,trainval}.txt``) of rendered road scenes, for tests,
