@@ -1,4 +1,4 @@
-"""KITTI 2D object-detection AP with the semantics of the official devkit (``evaluate_object.cpp``).
+"""KITTI 2D object-detection AP with the official devkit's semantics (``evaluate_object.cpp``).
 
 The rules, as the devkit applies them per class and difficulty (easy / moderate / hard):
 
@@ -112,7 +112,7 @@ class KittiEvalResult:
         return float(np.mean([self.ap(MAP_CLASS, d, metric) for d in DIFFICULTIES]))
 
     def to_json(self) -> dict:
-        """``{"Car": {"easy": {"AP_11": .., "AP_40": ..}, ...}, ..., "mAP_11": .., "mAP_40": ..}``."""
+        """``{"Car": {"easy": {"AP_11": x, "AP_40": y}, ...}, ..., "mAP_11": x, "mAP_40": y}``."""
         out: dict = {
             cls: {d: {m: by_diff[d].ap(m) for m in METRICS} for d in DIFFICULTIES}
             for cls, by_diff in self.curves.items()
@@ -143,7 +143,7 @@ class KittiEvalResult:
         return "\n".join(lines) + "\n"
 
     def save_plots(self, directory: str | os.PathLike[str]) -> list[Path]:
-        """Write one precision/recall PNG per class (``car_detection.png``, as the devkit names)."""
+        """Write a precision/recall PNG per class (``car_detection.png``, the devkit's name)."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -204,9 +204,7 @@ def evaluate(
     frames = list(gt)
     table = _Table.build(frames, gt, dt)
     curves = {
-        cls: {
-            name: _evaluate_class(table, cls, level) for level, name in enumerate(DIFFICULTIES)
-        }
+        cls: {name: _evaluate_class(table, cls, level) for level, name in enumerate(DIFFICULTIES)}
         for cls in wanted
     }
     return KittiEvalResult(curves=curves, num_frames=len(frames), num_detections=table.n_dt)
