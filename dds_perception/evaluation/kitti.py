@@ -238,7 +238,8 @@ class _Table:
     pair_gt: np.ndarray  # (P,) ordered by ground truth, then detection
     pair_dt: np.ndarray
     pair_iou: np.ndarray
-    pair_cover: np.ndarray  # intersection / detection area (the DontCare criterion)
+    dc_dt: np.ndarray  # detections of (detection, DontCare) pairs
+    dc_cover: np.ndarray  # their intersection / detection area (the DontCare criterion)
 
     @property
     def n_dt(self) -> int:
@@ -277,9 +278,11 @@ class _Table:
         run_start = np.repeat(np.cumsum(per_gt) - per_gt, per_gt)
         pair_dt = np.repeat(dt_start[gt_frame], per_gt) + (np.arange(len(pair_gt)) - run_start)
         iou, cover = _overlaps(dt_box[pair_dt], gt_box[pair_gt])
+        gt_type = np.array([o.type.lower() for o in flat_gt], dtype=object)
+        dc_pair = (gt_type == "dontcare")[pair_gt]
         return cls(
             gt_box=gt_box,
-            gt_type=np.array([o.type.lower() for o in flat_gt], dtype=object),
+            gt_type=gt_type,
             gt_trunc=np.array([o.truncated for o in flat_gt], dtype=np.float64),
             gt_occ=np.array([o.occluded for o in flat_gt], dtype=np.int64),
             gt_frame=gt_frame,
@@ -291,7 +294,8 @@ class _Table:
             pair_gt=pair_gt,
             pair_dt=pair_dt,
             pair_iou=iou,
-            pair_cover=cover,
+            dc_dt=pair_dt[dc_pair],
+            dc_cover=cover[dc_pair],
         )
 
 
@@ -353,9 +357,8 @@ def _evaluate_class(table: _Table, cls: str, level: int) -> PrecisionCurve:
     ig_dt[table.dt_height < MIN_HEIGHT[level]] = 1
 
     # detections inside a DontCare region (only consulted for unassigned class detections)
-    dc_pair = table.gt_type[table.pair_gt] == "dontcare"
     in_dontcare = np.zeros(table.n_dt, dtype=bool)
-    in_dontcare[table.pair_dt[dc_pair & (table.pair_cover > min_overlap)]] = True
+    in_dontcare[table.dc_dt[table.dc_cover > min_overlap]] = True
 
     # candidate (gt, det) pairs: both taking part and overlapping more than the threshold
     keep = (
