@@ -16,7 +16,7 @@ from dds_perception.data.kitti import (
 )
 from dds_perception.data.scenes import KITTI_SIZES, camera_matrix, generate_kitti_scenes
 
-FRAMES = 16
+FRAMES = 24
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +141,33 @@ def test_data_scenes_cli(cli, tmp_path):
     result = cli("make-scenes", str(tmp_path / "s"), "--frames", "2", check=False)
     assert result.returncode == 1 and "not empty" in result.stderr
     assert "make-scenes /tmp/scenes" in cli("make-scenes", "--help").stdout
+
+
+def test_data_scenes_score_perfectly_against_themselves_in_every_difficulty(scenes):
+    from dds_perception.data.kitti import detection_to_object
+    from dds_perception.evaluation.kitti import evaluate
+
+    layout = KittiLayout.find(scenes)
+    gt = {f: read_label_file(layout.label(f)) for f in layout.frame_ids()}
+    perfect = {
+        f: [
+            detection_to_object(o.bbox, 0.5 + 0.01 * i)
+            for i, o in enumerate(objs)
+            if o.type == "Car"
+        ]
+        for f, objs in gt.items()
+    }
+    result = evaluate(gt, perfect)
+    for difficulty in ("easy", "moderate", "hard"):
+        # the devkit needs more than 40 valid boxes before perfect detections reach 100 AP_40
+        assert result.curves["Car"][difficulty].num_gt > 40, difficulty
+        assert result.ap("Car", difficulty) == pytest.approx(100.0)
+    # boxes shifted by half their width miss every car
+    shifted = {
+        f: [
+            detection_to_object((x1 + (x2 - x1) / 2, y1, x2 + (x2 - x1) / 2, y2), 0.9)
+            for x1, y1, x2, y2 in (d.bbox for d in dets)
+        ]
+        for f, dets in perfect.items()
+    }
+    assert evaluate(gt, shifted).ap("Car", "moderate") == pytest.approx(0.0)
