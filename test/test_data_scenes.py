@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -55,6 +56,8 @@ def test_data_scenes_are_a_readable_kitti_folder(scenes):
     sets = scenes / "ImageSets"
     train, val = read_split(sets / "train.txt"), read_split(sets / "val.txt")
     assert sorted(train + val) == ids == read_split(sets / "trainval.txt") and val
+    meta = json.loads((scenes / "scenes.json").read_text())
+    assert meta["seed"] == 3 and meta["num_frames"] == FRAMES and meta["generator_version"] >= 1
     for i, frame_id in enumerate(ids):
         # PNG at KITTI's native sizes, cycling through the four
         assert image_size(layout.image(frame_id)) == KITTI_SIZES[i % 4]

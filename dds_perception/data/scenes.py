@@ -1,14 +1,15 @@
 """Write generated KITTI-format road scenes (PNG images, label_2, calib, ImageSets splits).
 
 Writes a real KITTI object folder (``training/image_2/*.png``, ``label_2/*.txt``,
-``calib/*.txt`` and ``ImageSets/{train,val,trainval}.txt``) of rendered road scenes, for tests,
-the demo and the shipped weights. The scenes are drawn from a small 3-D world seen through a
-real KITTI calibration, so the labels are consistent the way KITTI's are:
+``calib/*.txt``, ``ImageSets/{train,val,trainval}.txt`` and ``scenes.json`` naming the
+generator version and seed) of rendered road scenes, for tests, the demo and the shipped
+weights. The scenes are drawn from a small 3-D world seen through a real KITTI calibration, so
+the labels are consistent the way KITTI's are:
 
-- cars (and some vans) are two stacked boxes (body + cabin with dark windows) with wheels, tail
-  and head lights, on the ground plane at depths of 4-75 m; the 2-D box is the projection of the
-  rendered model, so lower in the image means nearer and bigger, and the aspect ratio follows
-  the heading (rear views ~1.2, side views ~2.5-3);
+- cars (and some vans and trucks) are two stacked boxes (body + cabin with dark windows) with
+  tyres, tail and head lights, on the ground plane at depths of 5-80 m; the 2-D box is the
+  projection of the rendered model, so lower in the image means nearer and bigger, and the
+  aspect ratio follows the heading (rear views ~1.2, side views ~2.5-3);
 - ``alpha = ry - atan2(x, z)``, ``dimensions`` (h, w, l) and ``location`` (bottom centre, camera
   coordinates) are the values the object was rendered with;
 - ``truncated`` is the fraction of the projected box outside the image; ``occluded`` is 0, 1 or
@@ -39,7 +40,7 @@ import cv2
 import numpy as np
 
 from dds_perception.data.kitti import KittiObject, random_split, write_label_file, write_split
-from dds_perception.utils.io import atomic_path
+from dds_perception.utils.io import atomic_path, write_json
 
 # The four native KITTI image sizes, (width, height).
 KITTI_SIZES: tuple[tuple[int, int], ...] = ((1242, 375), (1224, 370), (1238, 374), (1241, 376))
@@ -92,6 +93,8 @@ CAR_COLOURS = (
     (120, 30, 40), (90, 110, 140), (215, 120, 30),
 )  # fmt: skip
 
+# Bumped whenever the rendering changes, so a model card can name the data it was trained on.
+GENERATOR_VERSION = 1
 MIN_VISIBLE = 0.15  # objects hidden more than 85 % are not drawn
 MAX_TRUNCATION = 0.75
 
@@ -215,6 +218,9 @@ class _Vehicle:
         if self.kind == "Van":
             body = ((-l / 2, l / 2), (-0.5 * h, -0.12 * h), (-w / 2, w / 2))
             cabin = ((-0.5 * l, 0.3 * l), (-h, -0.5 * h), (-0.47 * w, 0.47 * w))
+        elif self.kind == "Truck":  # cargo box behind, a lower cab with windows in front
+            body = ((-l / 2, 0.25 * l), (-h, -0.12 * h), (-w / 2, w / 2))
+            cabin = ((0.27 * l, l / 2), (-0.72 * h, -0.12 * h), (-0.47 * w, 0.47 * w))
         else:
             body = ((-l / 2, l / 2), (-0.58 * h, -0.14 * h), (-w / 2, w / 2))
             cabin = ((-0.3 * l, 0.2 * l), (-h, -0.58 * h), (-0.42 * w, 0.42 * w))
@@ -223,10 +229,12 @@ class _Vehicle:
     def outline_points(self) -> np.ndarray:
         """3-D points whose projection bounds the rendered vehicle (body to the ground)."""
         (bx, by, bz), (cx, cy, cz) = self.parts()
+        _h, w, l = self.dims  # noqa: E741
         return np.concatenate(
             [
                 _box_corners(self.loc, self.ry, bx, (by[0], 0.0), bz),
                 _box_corners(self.loc, self.ry, cx, cy, cz),
+                _box_corners(self.loc, self.ry, (-l / 2, l / 2), (0.0, 0.0), (-w / 2, w / 2)),
             ]
         )
 
@@ -257,17 +265,16 @@ def _draw_vehicle(img: np.ndarray, P: np.ndarray, v: _Vehicle, light: float) -> 
     hull = cv2.convexHull(_project(P, foot).astype(np.float32))[:, 0]
     _poly(img, hull, (22, 22, 24))
     (bx, by, bz), (cx, cy, cz) = v.parts()
-    # wheels: dark discs at the four corners, drawn before the body so it covers the inner half
-    radius = 0.33 if v.kind == "Car" else 0.36
+    # tyres under the body: dark boxes (seen from behind a tyre is a narrow dark block)
+    radius = {"Car": 0.33, "Van": 0.36}.get(v.kind, 0.5)
     for sx in (-0.32 * l, 0.32 * l):
         for sz in (-w / 2 + 0.12, w / 2 - 0.12):
-            centre = rot @ np.array([sx, -radius, sz]) + v.loc
-            if centre[2] <= 0.5:
+            tyre = _box_corners(v.loc, v.ry, (sx - radius, sx + radius), (-2 * radius, 0.0),
+                                (sz - 0.1, sz + 0.1))  # fmt: skip
+            if tyre[:, 2].min() <= 0.5:
                 continue
-            uv = _project(P, centre[None])[0]
-            r = max(1.0, P[0, 0] * radius / centre[2])
-            c = (round(uv[0] * 16), round(uv[1] * 16))
-            cv2.circle(img, c, int(r * 16), (18, 18, 20), -1, cv2.LINE_AA, _SHIFT)
+            for idx, _ in _visible_faces(tyre, v.ry):
+                _poly(img, _project(P, tyre[list(idx)]), (18, 18, 20))
     body = _box_corners(v.loc, v.ry, bx, by, bz)
     visible = list(_visible_faces(body, v.ry))
     for idx, normal in visible:
@@ -472,11 +479,14 @@ def _facade(img, P, cam_h, x, z1, z2, b_h, colour, rng) -> None:
 
 
 def _sample_vehicle(rng: np.random.Generator, road_half: float, lane_w: float) -> _Vehicle:
-    kind = "Van" if rng.random() < 0.12 else "Car"
+    pick = rng.random()
+    kind = "Van" if pick < 0.12 else "Truck" if pick < 0.16 else "Car"
     if kind == "Car":
         dims = (rng.normal(1.52, 0.09), rng.normal(1.63, 0.08), rng.normal(3.9, 0.35))
-    else:
+    elif kind == "Van":
         dims = (rng.uniform(1.9, 2.4), rng.uniform(1.8, 2.05), rng.uniform(4.4, 5.6))
+    else:  # Truck: background for the Car benchmark (a detection on it is a false positive)
+        dims = (rng.uniform(2.8, 3.6), rng.uniform(2.3, 2.6), rng.uniform(6.5, 11.0))
     # depth: half uniform 5-62 m, half log-uniform 7-80 m; the labelled cars' depth quartiles
     # come out near KITTI's (~15, 27, 42 m)
     if rng.random() < 0.5:
@@ -636,6 +646,8 @@ def generate_kitti_scenes(
 ) -> Path:
     """Write ``num_frames`` generated frames as a KITTI object folder under ``root``.
 
+    ``root/scenes.json`` records the generator version, seed, frame count and sizes.
+
     Frame ``i`` has size ``sizes[i % len(sizes)]`` ((width, height) pairs) and is drawn from
     ``np.random.default_rng((seed, i))``. ``ImageSets/train.txt``/``val.txt`` hold a seeded
     random split with ``val_fraction`` of the frames in ``val`` (``0`` puts everything in
@@ -676,6 +688,18 @@ def generate_kitti_scenes(
         write_split(sets / "train.txt", train)
         write_split(sets / "val.txt", val)
         write_split(sets / "trainval.txt", ids)
+        write_json(
+            tmp / "scenes.json",
+            {
+                "generator": "dds_perception.data.scenes",
+                "generator_version": GENERATOR_VERSION,
+                "num_frames": num_frames,
+                "seed": seed,
+                "sizes": [list(size) for size in sizes],
+                "val_fraction": val_fraction,
+                "splits": {"train": len(train), "val": len(val)},
+            },
+        )
     return final
 
 
