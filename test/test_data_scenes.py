@@ -138,9 +138,13 @@ def test_data_scenes_refuse_to_replace_a_folder(tmp_path):
 
 
 def test_data_scenes_cli(cli, tmp_path):
-    result = cli("make-scenes", str(tmp_path / "s"), "--frames", "2", "--seed", "5")
+    result = cli("make-scenes", str(tmp_path / "s"), "--frames", "2", "--seed", "5",
+                 "--size", "621", "188", "--size", "320", "96")  # fmt: skip
     assert "wrote 2 frames" in result.stdout
-    assert len(KittiLayout.find(tmp_path / "s").frame_ids()) == 2
+    layout = KittiLayout.find(tmp_path / "s")
+    assert [image_size(layout.image(f)) for f in layout.frame_ids()] == [(621, 188), (320, 96)]
+    # a resized KITTI camera: focal length halves with the width
+    assert read_calib_p2(layout.calib("000000"))[0, 0] == pytest.approx(721.5377 / 2)
     result = cli("make-scenes", str(tmp_path / "s"), "--frames", "2", check=False)
     assert result.returncode == 1 and "not empty" in result.stderr
     assert "make-scenes /tmp/scenes" in cli("make-scenes", "--help").stdout

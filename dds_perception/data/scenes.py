@@ -26,6 +26,7 @@ frame does not depend on how many frames are made.
 Examples:
   dds-perception make-scenes /tmp/scenes --frames 50 --seed 0
   dds-perception make-scenes data/scenes_val --frames 200 --seed 1 --val-fraction 0
+  dds-perception make-scenes /tmp/small --frames 100 --size 621 188   # half-size, fast training
 """
 
 from __future__ import annotations
@@ -113,11 +114,16 @@ def camera_matrix(size: tuple[int, int]) -> np.ndarray:
 def _intrinsics(size: tuple[int, int]) -> dict[str, tuple[float, ...]]:
     if size in _INTRINSICS:
         return _INTRINSICS[size]
-    # Any other size: the 1242x375 camera with the principal point moved proportionally.
-    fx, cx, cy = _INTRINSICS[(1242, 375)]["fcc"]
-    base = dict(_INTRINSICS[(1242, 375)])
-    base["fcc"] = (fx * size[0] / 1242, cx * size[0] / 1242, cy * size[1] / 375)
-    return base
+    # Any other size: the 1242x375 camera resized (focal length and P's pixel translations scale
+    # with the width, the principal point's row with the height).
+    base = _INTRINSICS[(1242, 375)]
+    fx, cx, cy = base["fcc"]
+    k = size[0] / 1242
+    out = {"fcc": (fx * k, cx * k, cy * size[1] / 375)}
+    for name in ("p1", "p2", "p3"):
+        tx, ty, tz = base[name]
+        out[name] = (tx * k, ty * k, tz)
+    return out
 
 
 def calib_text(size: tuple[int, int]) -> str:
@@ -717,6 +723,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.25,
         help="fraction of frames listed in ImageSets/val.txt (default 0.25; 0 = none)",
     )
+    parser.add_argument(
+        "--size",
+        nargs=2,
+        type=int,
+        action="append",
+        metavar=("W", "H"),
+        help="image size, repeatable, cycled per frame (default: the four KITTI sizes); other "
+        "sizes use KITTI's camera scaled to the width, i.e. a resized KITTI frame",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_ROOT if present")
 
 
@@ -725,6 +740,7 @@ def run(args: argparse.Namespace) -> int:
         args.out_root,
         args.frames,
         seed=args.seed,
+        sizes=tuple(tuple(size) for size in args.size) if args.size else KITTI_SIZES,
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
     )
