@@ -110,7 +110,7 @@ def _as_boxes(boxes):
     else:
         out = np.array(boxes, dtype=np.float32, copy=True)
     if out.ndim != 2 or out.shape[1] != 4:
-        if out.size == 0:
+        if (out.numel() if isinstance(out, torch.Tensor) else out.size) == 0:
             return out.reshape(0, 4)
         raise ValueError(f"boxes must have shape (N, 4), got {tuple(out.shape)}")
     return out
