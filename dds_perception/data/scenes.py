@@ -264,47 +264,64 @@ class _Vehicle:
 
 def _draw_vehicle(img: np.ndarray, P: np.ndarray, v: _Vehicle, light: float) -> None:
     _h, w, l = v.dims  # noqa: E741
-    rot = _rot_y(v.ry)
     # soft shadow under the vehicle
-    foot = _box_corners(v.loc, v.ry, (-l / 2 - 0.2, l / 2 + 0.2), (0.0, 0.0), (-w / 2 - 0.15,
-                        w / 2 + 0.15))  # fmt: skip
+    margin_x, margin_z = l / 2 + 0.2, w / 2 + 0.15
+    foot = _box_corners(v.loc, v.ry, (-margin_x, margin_x), (0.0, 0.0), (-margin_z, margin_z))
     hull = cv2.convexHull(_project(P, foot).astype(np.float32))[:, 0]
     _poly(img, hull, (22, 22, 24))
-    (bx, by, bz), (cx, cy, cz) = v.parts()
     # tyres under the body: dark boxes (seen from behind a tyre is a narrow dark block)
     radius = {"Car": 0.33, "Van": 0.36}.get(v.kind, 0.5)
     for sx in (-0.32 * l, 0.32 * l):
         for sz in (-w / 2 + 0.12, w / 2 - 0.12):
-            tyre = _box_corners(v.loc, v.ry, (sx - radius, sx + radius), (-2 * radius, 0.0),
-                                (sz - 0.1, sz + 0.1))  # fmt: skip
+            tyre = _box_corners(
+                v.loc, v.ry, (sx - radius, sx + radius), (-2 * radius, 0.0), (sz - 0.1, sz + 0.1)
+            )
             if tyre[:, 2].min() <= 0.5:
                 continue
             for idx, _ in _visible_faces(tyre, v.ry):
                 _poly(img, _project(P, tyre[list(idx)]), (18, 18, 20))
+    (bx, by, bz), (cx, cy, cz) = v.parts()
     body = _box_corners(v.loc, v.ry, bx, by, bz)
+    cabin = _box_corners(v.loc, v.ry, cx, cy, cz)
+    steps = [lambda: _draw_body(img, P, v, body, radius, light),
+             lambda: _draw_cabin(img, P, v, cabin, light)]  # fmt: skip
+    # a cabin sits on its body (drawn last); a truck's cab stands beside its cargo box, so the
+    # farther of the two goes first
+    if v.kind == "Truck" and np.linalg.norm(cabin.mean(0)) > np.linalg.norm(body.mean(0)):
+        steps.reverse()
+    for step in steps:
+        step()
+
+
+def _draw_body(img, P, v: _Vehicle, body: np.ndarray, radius: float, light: float) -> None:
+    """Shaded body faces, lamps on the front (white) and rear (red), wheels on the flanks."""
+    _h, w, l = v.dims  # noqa: E741
     visible = list(_visible_faces(body, v.ry))
     for idx, normal in visible:
         shade = {(0, -1, 0): 1.12, (1, 0, 0): 0.88, (-1, 0, 0): 0.88}.get(normal, 0.72)
         pts = _project(P, body[list(idx)])
         _poly(img, pts, _shade(v.colour, shade * light))
-        if normal[0] != 0:  # front or rear: lights and a plate
-            lamp = (255, 235, 190) if normal[0] > 0 else (200, 20, 20)
-            _lamps(img, pts, lamp)
+        if normal[0] != 0:
+            _lamps(img, pts, (255, 235, 190) if normal[0] > 0 else (200, 20, 20))
     # wheels on a visible flank: tyre and hub as circles in the flank's plane, in perspective
+    rot = _rot_y(v.ry)
     angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
     for _, normal in visible:
         if normal[2] == 0:
             continue
+        side = np.full_like(angles, normal[2] * (w / 2 + 0.01))
         for sx in (-0.32 * l, 0.32 * l):
             for rr, colour in ((radius, (20, 20, 22)), (0.55 * radius, (120, 122, 128))):
-                side = np.full_like(angles, normal[2] * (w / 2 + 0.01))
                 ring = np.stack(
                     [sx + rr * np.cos(angles), -radius + rr * np.sin(angles), side], axis=1
                 )
                 ring = ring @ rot.T + v.loc
                 if ring[:, 2].min() > 0.5:
                     _poly(img, _project(P, ring), _shade(colour, light))
-    cabin = _box_corners(v.loc, v.ry, cx, cy, cz)
+
+
+def _draw_cabin(img, P, v: _Vehicle, cabin: np.ndarray, light: float) -> None:
+    """Roof in body colour; every other visible face a window: body-colour frame, dark glass."""
     glass = (28, 34, 44)
     for idx, normal in _visible_faces(cabin, v.ry):
         pts = _project(P, cabin[list(idx)])
@@ -312,7 +329,6 @@ def _draw_vehicle(img: np.ndarray, P: np.ndarray, v: _Vehicle, light: float) -> 
             _poly(img, pts, _shade(v.colour, 1.1 * light))
             continue
         _poly(img, pts, _shade(v.colour, 0.8 * light))
-        # window inset: 12 % frame of body colour, then glass with a faint reflection
         centre = pts.mean(axis=0)
         inner = centre + (pts - centre) * 0.8
         _poly(img, inner, _shade(glass, 0.8 + 0.5 * light))
