@@ -178,3 +178,21 @@ def test_data_scenes_score_perfectly_against_themselves_in_every_difficulty(scen
         for f, dets in perfect.items()
     }
     assert evaluate(gt, shifted).ap("Car", "moderate") == pytest.approx(0.0)
+
+
+def test_data_scenes_failure_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import dds_perception.data.scenes as scenes_module
+
+    real = scenes_module.render_scene
+    calls = []
+
+    def failing(rng, size):
+        calls.append(size)
+        if len(calls) == 2:
+            raise RuntimeError("renderer broke")
+        return real(rng, size)
+
+    monkeypatch.setattr(scenes_module, "render_scene", failing)
+    with pytest.raises(RuntimeError, match="renderer broke"):
+        generate_kitti_scenes(tmp_path / "out", 3, sizes=((320, 96),))
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
