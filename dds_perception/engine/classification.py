@@ -65,11 +65,12 @@ from dds_perception.engine.common import (
     check_finite,
     check_resume_matches,
     cleanup_distributed,
+    close_bar,
     init_distributed,
-    iter_with_progress,
     load_checkpoint,
     make_grad_scaler,
     mark_config_defaults,
+    progress_bar,
     read_metrics,
     resolve_args,
     restore_rng_state,
@@ -344,7 +345,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     correct1 = correct5 = loss_sum = count = bad = 0.0
-    batches = iter_with_progress(loader, enabled=progress and ctx.is_main, desc="test")
+    batches = progress_bar(loader, enabled=progress and ctx.is_main, desc="test")
     for images, labels, n_bad in batches:
         bad += n_bad
         if labels.numel() == 0:
@@ -402,7 +403,10 @@ def train_one_epoch(
     window_loss = window_n = 0.0
     train_time = 0.0
     tick = time.perf_counter()
-    bar = iter_with_progress(loader, enabled=progress and ctx.is_main, desc=f"epoch {epoch}")
+    total = min(len(loader), max_steps) if max_steps else len(loader)
+    bar = progress_bar(
+        loader, enabled=progress and ctx.is_main, desc=f"epoch {epoch}", total=total
+    )
     for index, (images, labels, n_bad) in enumerate(bar):
         if max_steps and index >= max_steps:
             break
@@ -443,6 +447,7 @@ def train_one_epoch(
         if on_step is not None:
             on_step(step)
         tick = time.perf_counter()  # evaluation time is not training time
+    close_bar(bar)
     loss_sum, correct, seen, bad = all_reduce_sum([loss_sum, correct, seen, bad], ctx)
     stats = {
         "loss": loss_sum / max(seen, 1),

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,10 +330,19 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
-def iter_with_progress(iterable: Any, *, enabled: bool, **kwargs: Any) -> Iterator[Any]:
-    """Wrap ``iterable`` in a tqdm bar on the main process."""
+def progress_bar(iterable: Any, *, enabled: bool, **kwargs: Any) -> Any:
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` (the main process), else itself.
+
+    Close the bar (``close_bar``) when a loop may stop early, so it does not linger.
+    """
     if not enabled:
-        return iter(iterable)
+        return iterable
     from tqdm import tqdm
 
-    return iter(tqdm(iterable, dynamic_ncols=True, leave=False, **kwargs))
+    return tqdm(iterable, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def close_bar(bar: Any) -> None:
+    """Close a bar made by :func:`progress_bar` (no-op for a plain iterable)."""
+    if hasattr(bar, "close"):
+        bar.close()
