@@ -66,6 +66,7 @@ from dds_perception.engine.common import (
     check_resume_matches,
     cleanup_distributed,
     close_bar,
+    gather_objects,
     init_distributed,
     load_checkpoint,
     make_grad_scaler,
@@ -608,8 +609,18 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when saved without AMP (e.g. a CPU run resumed on CUDA)
             scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["loader_generator"])
-        restore_rng_state(state["rng"])
+        streams = state["random_streams"]  # one per process: [RNG states, loader generator]
+        if len(streams) == ctx.world_size:
+            rng, loader_state = streams[ctx.rank]
+            restore_rng_state(rng)
+            generator.set_state(loader_state)
+        else:
+            warnings.warn(
+                f"{resume_path} was written by {len(streams)} process(es), this run has "
+                f"{ctx.world_size}: training goes on, but its random augmentations differ from "
+                "an uninterrupted run's",
+                stacklevel=2,
+            )
         start_epoch, step, last_eval = state["epoch"], state["step"], state.get("last_eval")
         metrics.truncate_after(step)
         if ctx.is_main:
@@ -670,6 +681,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         periodic = args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0
         if (periodic or last_epoch) and (last_eval is None or last_eval["step"] != step):
             last_eval = run_eval(epoch, step)
+        # every process's random streams, so each continues its own after --resume
+        streams = gather_objects([capture_rng_state(), generator.get_state()], ctx)
         if ctx.is_main:
             if not args.progress:
                 print(
@@ -682,8 +695,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
-                    "loader_generator": generator.get_state(),
-                    "rng": capture_rng_state(),
+                    "random_streams": streams,
                     "epoch": epoch + 1,
                     "step": step,
                     "last_eval": last_eval,

@@ -102,6 +102,15 @@ def all_reduce_sum(values: list[float], ctx: DistributedContext) -> list[float]:
     return tensor.tolist()
 
 
+def gather_objects(obj: Any, ctx: DistributedContext) -> list[Any]:
+    """``obj`` of every process, by rank (``[obj]`` in a single process); all ranks must call."""
+    if not ctx.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DistributedDataParallel (or the model itself)."""
     return model.module if hasattr(model, "module") else model
