@@ -816,13 +816,15 @@ def eval_records(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def run_label(run_dir: str | os.PathLike[str]) -> str:
-    """A run's model name from its args.yaml, else its folder name."""
+    """A run's model name from its args.yaml (with the folder name when it differs)."""
+    name = Path(run_dir).resolve().name
     args_file = Path(run_dir) / "args.yaml"
     if args_file.is_file():
         data = yaml.safe_load(args_file.read_text(encoding="utf-8")) or {}
-        if data.get("model"):
-            return str(data["model"])
-    return Path(run_dir).name
+        model = str(data.get("model") or "")
+        if model:
+            return model if model == name else f"{model} ({name})"
+    return name
 
 
 def plot_accuracy(
