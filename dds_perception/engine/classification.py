@@ -19,9 +19,10 @@ paper's accuracy-at-N-steps table.
 
 A run folder holds ``args.yaml`` (the resolved arguments), ``split.json``, ``metrics.jsonl``,
 ``checkpoint.pt`` (written atomically after every epoch; ``--resume`` continues from it exactly:
-model, optimizer, scheduler, grad scaler, epoch, step and every RNG state, including the generator
-that seeds DataLoader workers), and at the end ``model.safetensors`` (self-describing weights) and
-``summary.json``. A run killed mid-epoch restarts that epoch from the last checkpoint.
+model, optimizer, scheduler, grad scaler, epoch, step and every process's RNG states, including the
+generator that seeds its DataLoader workers), and at the end ``model.safetensors``
+(self-describing weights) and ``summary.json``. A run killed mid-epoch restarts that epoch from
+the last checkpoint.
 """
 
 from __future__ import annotations
