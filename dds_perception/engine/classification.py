@@ -69,10 +69,10 @@ from dds_perception.engine.common import (
     close_bar,
     gather_objects,
     init_distributed,
+    iter_with_progress,
     load_checkpoint,
     make_grad_scaler,
     mark_config_defaults,
-    progress_bar,
     read_metrics,
     resolve_args,
     restore_rng_state,
@@ -347,7 +347,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     correct1 = correct5 = loss_sum = count = bad = 0.0
-    batches = progress_bar(loader, enabled=progress and ctx.is_main, desc="test")
+    batches = iter_with_progress(loader, enabled=progress and ctx.is_main, desc="test")
     for images, labels, n_bad in batches:
         bad += n_bad
         if labels.numel() == 0:
@@ -406,7 +406,7 @@ def train_one_epoch(
     train_time = 0.0
     tick = time.perf_counter()
     total = min(len(loader), max_steps) if max_steps else len(loader)
-    bar = progress_bar(
+    bar = iter_with_progress(
         loader, enabled=progress and ctx.is_main, desc=f"epoch {epoch}", total=total
     )
     for index, (images, labels, n_bad) in enumerate(bar):

@@ -339,10 +339,11 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
-def progress_bar(iterable: Any, *, enabled: bool, **kwargs: Any) -> Any:
+def iter_with_progress(iterable: Any, *, enabled: bool, **kwargs: Any) -> Any:
     """``iterable`` wrapped in a tqdm bar when ``enabled`` (the main process), else itself.
 
-    Close the bar (``close_bar``) when a loop may stop early, so it does not linger.
+    The bar object is returned (iterate it; ``set_postfix`` works); close it with
+    :func:`close_bar` when a loop may stop early, so it does not linger.
     """
     if not enabled:
         return iterable
@@ -352,6 +353,6 @@ def progress_bar(iterable: Any, *, enabled: bool, **kwargs: Any) -> Any:
 
 
 def close_bar(bar: Any) -> None:
-    """Close a bar made by :func:`progress_bar` (no-op for a plain iterable)."""
+    """Close a bar made by :func:`iter_with_progress` (no-op for a plain iterable)."""
     if hasattr(bar, "close"):
         bar.close()
