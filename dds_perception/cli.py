@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("dds_perception.models.summary", "list the model zoo: parameters, MACs, RF"),
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
+    "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
     "kitti2bag": ("dds_perception.ros.kitti2bag", "convert KITTI frames into a ROS 2 bag (10 Hz)"),
     "replay": ("dds_perception.ros.replay", "run a bag through the detector: AP + latency"),
     "evaluate-bag": ("dds_perception.ros.evaluate_bag", "AP of a recorded /detections bag"),
