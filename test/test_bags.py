@@ -298,3 +298,31 @@ def test_bags_writer_rejects_a_second_type_on_a_topic(tmp_path) -> None:
         writer.write("/t", m.string_msg("a", classes), 1)
         writer.write("/t", m.header_msg(1, "x", classes), 2)
     assert not path.exists()
+
+
+def test_bags_replay_launch_file_matches_the_bag_layout() -> None:
+    """Static check (no ROS here): the launch file parses, declares described arguments, starts
+    this package's detector_node on the kitti2bag image topic and records /detections."""
+    import ast
+
+    path = REPO / "launch" / "kitti_replay.launch.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    constants = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id == "IMAGE_TOPIC"
+    }
+    assert constants["IMAGE_TOPIC"] == bag.IMAGE_TOPIC
+    assert bag.COMPRESSED_TOPIC == bag.IMAGE_TOPIC + "/compressed"
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)}
+    assert {"detector_node", "dds_perception", "dds_detector", bag.DETECTIONS_TOPIC} <= strings
+    assert {"bag", "output", "params_file", "weights", "device", "use_compressed"} <= strings
+    arguments = next(
+        n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "ARGUMENTS"
+    )
+    for entry in arguments.elts:
+        description = entry.elts[2]
+        assert isinstance(description, ast.Constant) and description.value.strip()
+    compile(tree, str(path), "exec")  # valid Python for the ROS 2 launch loader
