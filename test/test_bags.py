@@ -336,3 +336,18 @@ def test_bags_conversion_is_byte_for_byte_deterministic(sample_root, tmp_path, s
         kitti2bag.convert(sample_root, path, limit=2, storage=storage, progress=False)
         runs.append({p.name: p.read_bytes() for p in path.iterdir()})
     assert runs[0] == runs[1]
+
+
+def test_bags_failure_while_closing_leaves_no_bag(tmp_path, monkeypatch) -> None:
+    from rosbags.rosbag2 import Writer
+
+    def broken_close(self):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Writer, "close", broken_close)
+    classes = m.rosbags_classes()
+    path = tmp_path / "full_disk"
+    writer = bag.BagWriter(path, classes=classes)
+    with pytest.raises(OSError, match="No space left"), writer:
+        writer.write("/t", m.string_msg("a", classes), 1)
+    assert list(tmp_path.iterdir()) == []

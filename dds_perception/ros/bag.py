@@ -127,11 +127,17 @@ class BagWriter:
         writer, self._writer = self._writer, None
         stack, self._stack = self._stack, None
         assert stack is not None
+        if exc_type is not None:
+            with contextlib.suppress(Exception):
+                writer.abort()  # release the storage file; no index, no metadata.yaml
+            stack.__exit__(exc_type, exc, tb)  # removes the temporary bag
+            return
         try:
-            if exc_type is None:
-                writer.close()  # writes the index and metadata.yaml
-        finally:
-            stack.__exit__(exc_type, exc, tb)  # renames on success, removes on failure
+            writer.close()  # writes the index and metadata.yaml
+        except BaseException as error:
+            stack.__exit__(type(error), error, error.__traceback__)
+            raise
+        stack.__exit__(None, None, None)  # renames the finished bag onto its name
 
 
 # --------------------------------------------------------------------------------------------

@@ -81,19 +81,8 @@ def latency_summary(values: Sequence[float]) -> dict[str, float | None]:
 
 def run_pipeline(pipeline: Any, msg: Any) -> Any:
     """Call the pipeline on an Image's raw buffer or a CompressedImage's bytes (it decodes)."""
-    data = np.frombuffer(msg.data, dtype=np.uint8) if len(msg.data) else np.empty(0, np.uint8)
-    if m.is_compressed(msg):
-        if "compresseddepth" in str(msg.format).lower():
-            raise ImageDecodeError(f"unsupported CompressedImage format {msg.format!r}")
-        return pipeline(data, "compressed")
-    return pipeline(
-        data,
-        str(msg.encoding),
-        height=int(msg.height),
-        width=int(msg.width),
-        step=int(msg.step),
-        is_bigendian=bool(msg.is_bigendian),
-    )
+    data, encoding, keywords = m.pipeline_args(msg)
+    return pipeline(data, encoding, **keywords)
 
 
 def evaluation_classes(class_names: Iterable[str]) -> tuple[str, ...]:
