@@ -351,3 +351,21 @@ def test_bags_failure_while_closing_leaves_no_bag(tmp_path, monkeypatch) -> None
     with pytest.raises(OSError, match="No space left"), writer:
         writer.write("/t", m.string_msg("a", classes), 1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bags_kitti_testing_folder_without_labels(sample_root, tmp_path) -> None:
+    testing = tmp_path / "kitti" / "testing"
+    for sub in ("image_2", "calib"):
+        (testing / sub).mkdir(parents=True)
+        for frame_id in ("000000", "000001"):
+            ext = ".png" if sub == "image_2" else ".txt"
+            shutil.copy(sample_root / "training" / sub / f"{frame_id}{ext}", testing / sub)
+    out = tmp_path / "test_bag"
+    counts = kitti2bag.convert(testing, out, progress=False)
+    assert counts == {bag.IMAGE_TOPIC: 2, bag.CAMERA_INFO_TOPIC: 2, bag.FRAME_ID_TOPIC: 2}
+    with bag.BagReader(out) as reader:
+        frames = list(bag.read_kitti_frames(reader))
+    assert [(f.kitti_id, f.labels, f.ground_truth) for f in frames] == [
+        ("000000", None, None),
+        ("000001", None, None),
+    ]
