@@ -16,6 +16,8 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("dds_perception.models.summary", "list the model zoo: parameters, MACs, RF"),
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
+    "make-scenes": ("dds_perception.data.scenes", "write generated KITTI-format road scenes"),
+    "anchors": ("dds_perception.data.anchor_stats", "anchor sizes/ratios from KITTI car boxes"),
     "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
     "kitti2bag": ("dds_perception.ros.kitti2bag", "convert KITTI frames into a ROS 2 bag (10 Hz)"),
     "replay": ("dds_perception.ros.replay", "run a bag through the detector: AP + latency"),
