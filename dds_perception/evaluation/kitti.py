@@ -384,6 +384,8 @@ def _evaluate_class(table: _Table, cls: str, level: int) -> PrecisionCurve:
     recall = np.zeros(len(thresholds), dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         if len(thresholds):
+            # tp + fp is 0 only if a threshold's own detection went to ignored ground truth in
+            # the second pass; the C++ divides 0 by 0 there, we take precision 0
             denom = tp + fp
             precision[: len(thresholds)] = np.where(denom > 0, tp / np.maximum(denom, 1), 0.0)
             recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)

@@ -4,7 +4,7 @@ Only label and result files (no images): KITTI-like class mix, truncation, occlu
 sizes, detections as jittered ground truth (some duplicated, some missed) plus background false
 positives, all rounded to the precision of the file format so files and memory agree.
 
-    python -m dds_perception.evaluation.synthetic OUT_DIR [--frames 3769] [--seed 0]
+    python -m dds_perception.evaluation.synthetic OUT_DIR [--frames 3769] [--seed 0] [--clutter 0]
 
 writes ``OUT_DIR/label_2`` and ``OUT_DIR/results`` (one ``NNNNNN.txt`` per frame).
 """
@@ -38,9 +38,13 @@ _DETECTED_AS = {"Car": "Car", "Van": "Car", "Pedestrian": "Pedestrian",
 
 
 def generate(
-    n_frames: int = 3769, seed: int = 0, objects_per_frame: float = 4.0
+    n_frames: int = 3769, seed: int = 0, objects_per_frame: float = 4.0, clutter: int = 0
 ) -> tuple[dict[str, list[KittiObject]], dict[str, list[KittiObject]]]:
-    """Return ``(ground_truth, detections)`` keyed by 6-digit frame id."""
+    """Return ``(ground_truth, detections)`` keyed by 6-digit frame id.
+
+    ``clutter`` adds that many low-score Car detections per frame, half of them loosely around
+    ground truth (like a detector's output before a score threshold), to time the worst case.
+    """
     rng = np.random.default_rng(seed)
     names = [c[0] for c in _CLASS_MIX]
     probs = np.array([c[1] for c in _CLASS_MIX])
@@ -79,6 +83,15 @@ def generate(
             y1 = rng.uniform(100.0, max(101.0, IMAGE_H - h))
             cls = str(rng.choice(["Car", "Car", "Pedestrian", "Cyclist"]))
             dets.append(_det(cls, np.array((x1, y1, x1 + w, y1 + h)), rng.uniform(0.01, 0.6)))
+        for k in range(clutter):
+            if labels and k % 2 == 0:
+                x1, y1, x2, y2 = labels[rng.integers(len(labels))].bbox
+                w, h = x2 - x1, y2 - y1
+                box = np.array((x1, y1, x2, y2)) + rng.normal(0, 0.08, 4) * np.array([w, h, w, h])
+            else:
+                x1, y1 = rng.uniform(0.0, IMAGE_W - 80.0), rng.uniform(100.0, IMAGE_H - 50.0)
+                box = np.array((x1, y1, x1 + 80.0, y1 + 50.0))
+            dets.append(_det("Car", box, rng.uniform(0.0, 0.5)))
         gt[frame_id] = labels
         dt[frame_id] = dets
     return gt, dt
@@ -114,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--frames", type=int, default=3769)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clutter", type=int, default=0, help="extra low-score dets per frame")
     args = parser.parse_args(argv)
-    gt, dt = generate(args.frames, args.seed)
+    gt, dt = generate(args.frames, args.seed, clutter=args.clutter)
     write_set(args.out_dir, gt, dt)
     n_gt = sum(len(v) for v in gt.values())
     n_dt = sum(len(v) for v in dt.values())
