@@ -187,6 +187,7 @@ def test_bags_evaluate_bag_cli(sample, tmp_path, cli) -> None:
               str(out / "detections"), check=False)  # fmt: skip
     assert bad.returncode == 1 and "no topic /kitti/labels" in bad.stderr
     assert "examples:" in cli("evaluate-bag", "--help").stdout
+    assert "examples:" in cli("replay", "--help").stdout
 
 
 def test_bags_replay_counts_unsupported_encodings(sample, tmp_path) -> None:

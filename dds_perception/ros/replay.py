@@ -281,6 +281,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--half", action="store_true", help="fp16 inference (CUDA)")
     parser.add_argument("--score-threshold", type=float, help="override the checkpoint's")
     parser.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="network input size (default: the checkpoint's)",
+    )
+    parser.add_argument(
         "--image-topic", help=f"default: {bag.IMAGE_TOPIC}, else {bag.COMPRESSED_TOPIC}"
     )
     parser.add_argument(
@@ -295,7 +302,11 @@ def run(args: argparse.Namespace) -> int:
 
     weights = args.weights or str(default_weights())
     pipeline = Pipeline.from_weights(
-        weights, device=args.device, half=args.half, score_threshold=args.score_threshold
+        weights,
+        device=args.device,
+        half=args.half,
+        score_threshold=args.score_threshold,
+        input_size=tuple(args.input_size) if args.input_size else None,
     )
     report = replay(
         args.bag,
