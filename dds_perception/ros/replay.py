@@ -273,6 +273,29 @@ def report_markdown(report: Mapping[str, Any], evaluation_md: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def bag_demo(
+    kitti_root: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    pipeline: Any,
+    *,
+    weights: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """KITTI folder -> bag -> replay, for ``make demo``: returns the replay report.
+
+    ``out_dir`` (replaced when it exists) receives ``kitti_bag/`` and ``replay/``.
+    """
+    import shutil
+
+    from dds_perception.ros.kitti2bag import convert
+
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    convert(kitti_root, out / "kitti_bag", progress=progress)
+    return replay(out / "kitti_bag", pipeline, out / "replay", weights=weights, progress=progress)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bag", type=Path, help="ROS 2 bag (e.g. from kitti2bag)")
     parser.add_argument("--weights", help="weights file (default: the shipped weights)")
