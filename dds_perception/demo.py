@@ -7,7 +7,8 @@ hard, AP_11 and AP_40), and draw a few annotated frames (ground truth green, Van
 detections red with their score).
 
 Outputs under --out: scenes/ (the generated KITTI folder), results/ (one NNNNNN.txt per frame),
-ap.json and ap.md, latency.json, frames/NNNNNN.png.
+ap.json and ap.md, latency.json, frames/NNNNNN.png, and bag/ (the scenes as a ROS 2 bag,
+replayed in-process: bag/replay/report.json with the same AP; skip with --no-bag).
 
 examples:
   dds-perception demo
