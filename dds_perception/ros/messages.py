@@ -146,6 +146,9 @@ class MessageClasses:
 
     def msgtype(self, msg: object) -> str:
         """The ROS 2 type name of a message instance, e.g. ``sensor_msgs/msg/Image``."""
+        typename = getattr(type(msg), "__msgtype__", None)  # rosbags classes carry it
+        if isinstance(typename, str):
+            return typename
         for name, typename in MSGTYPES.items():
             cls = getattr(self, name, None)
             if cls is not None and isinstance(msg, cls):
