@@ -111,6 +111,14 @@ def test_bags_round_trip_with_rosbags(bags, sample_root, storage, compressed) ->
     suffix = ".mcap" if storage == "mcap" else ".db3"
     assert sorted(p.name for p in path.iterdir()) == sorted(["metadata.yaml", path.name + suffix])
     assert not list(path.parent.glob(f".{path.name}.*"))  # no temporary left behind
+    # metadata that Humble's rosbag2 parses too: version 8, QoS profiles as a string
+    import yaml
+
+    info = yaml.safe_load((path / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert info["version"] == 8 and info["storage_identifier"] == storage
+    assert info["message_count"] == 5 * LIMIT
+    for topic in info["topics_with_message_count"]:
+        assert isinstance(topic["topic_metadata"]["offered_qos_profiles"], str)
     expected = _expected(sample_root)
     with bag.BagReader(path) as reader:
         assert reader.topics[bag.GROUND_TRUTH_TOPIC] == "vision_msgs/msg/Detection2DArray"

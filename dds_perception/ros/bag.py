@@ -44,6 +44,10 @@ LABELS_TOPIC = "/kitti/labels"
 FRAME_ID_TOPIC = "/kitti/frame_id"
 DETECTIONS_TOPIC = "/detections"
 
+# metadata.yaml version 8 (QoS profiles as a YAML string): Humble's rosbag2 cannot parse
+# version 9's QoS lists ("yaml-cpp: bad conversion"); Jazzy and later read both.
+METADATA_VERSION = 8
+
 CAMERA_FRAME = "camera"  # header.frame_id of every KITTI message
 START_NS = 1_000_000_000  # first frame at 1.0 s (a stamp of 0 reads as "unset" in ROS tools)
 PERIOD_NS = 100_000_000  # 10 Hz, KITTI's capture rate
@@ -98,7 +102,7 @@ class BagWriter:
         try:
             tmp = self._stack.enter_context(atomic_path(self.path))
             plugin = StoragePlugin.MCAP if self.storage == "mcap" else StoragePlugin.SQLITE3
-            self._writer = Writer(tmp, version=Writer.VERSION_LATEST, storage_plugin=plugin)
+            self._writer = Writer(tmp, version=METADATA_VERSION, storage_plugin=plugin)
             self._writer.open()
         except BaseException:
             self._stack.close()
