@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -377,3 +378,27 @@ def test_bags_kitti_testing_folder_without_labels(sample_root, tmp_path) -> None
         ("000000", None, None),
         ("000001", None, None),
     ]
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_bags_recorded_with_another_vision_msgs_layout(tmp_path, storage) -> None:
+    """A /detections bag recorded with vision_msgs 2.x (Foxy) carries its own definitions: the
+    reader decodes it with them (the hashes differ from ours) and the fields are read right."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+    from test_ros_messages import FOXY_VISION_MSGS
+
+    store = get_typestore(Stores.ROS2_FOXY)
+    for name, text in FOXY_VISION_MSGS.items():
+        store.register(get_types_from_msg(text, f"vision_msgs/msg/{name}"))
+    foxy = m.classes_from_typestore(store)
+    header = m.header_msg(bag.frame_stamp_ns(3), "camera", foxy)
+    detections = SimpleNamespace(boxes=[[10, 20, 50, 80]], scores=[0.75], class_names=["car"])
+    path = tmp_path / "foxy_detections"
+    with bag.BagWriter(path, storage=storage, classes=foxy) as writer:
+        writer.write(bag.DETECTIONS_TOPIC, m.detections_to_msg(detections, header, foxy), 7)
+    with bag.BagReader(path) as reader:
+        (item,) = reader.messages([bag.DETECTIONS_TOPIC])
+    assert item.msg.detections[0].results[0].id == "car"  # the 2.x field, not hypothesis
+    got = m.msg_to_detections(item.msg)
+    np.testing.assert_allclose(got.boxes, [[10, 20, 50, 80]])
+    assert (got.class_names, got.stamp_ns) == (["car"], bag.frame_stamp_ns(3))

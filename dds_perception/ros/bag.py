@@ -173,6 +173,7 @@ class BagReader:
         self.path = _bag_dir(path)
         self.classes = m.rosbags_classes(store)
         self._reader: Any = None
+        self._decoders: dict[int, Any] = {}  # connection id -> typestore that decodes it
 
     def __enter__(self) -> BagReader:
         from rosbags.rosbag2 import Reader, ReaderError
@@ -232,6 +233,46 @@ class BagReader:
             f"(topics: {listed})"
         )
 
+    def _typestore_for(self, connection: Any) -> Any:
+        """Our typestore, or one built from the bag's own definition when the type differs.
+
+        A bag records each type's definition (MCAP, and sqlite3 from Iron on) and its RIHS01 hash
+        (from Jazzy on). When the hash differs from ours (e.g. vision_msgs 3.x recorded on
+        Galactic) or the type is unknown to us, the bag's definition decodes it, so readers of
+        the fields (``msg_to_detections``) see the layout that was recorded.
+        """
+        store = self._decoders.get(connection.id)
+        if store is not None:
+            return store
+        from rosbags.interfaces import MessageDefinitionFormat
+        from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+        ours = self.classes.typestore
+        msgtype = connection.msgtype
+        known = msgtype in ours.types
+        definition = connection.msgdef
+        has_definition = definition.format == MessageDefinitionFormat.MSG and definition.data
+        if known and (not connection.digest or connection.digest == ours.hash_rihs01(msgtype)):
+            store = ours
+        elif has_definition:
+            try:
+                store = get_typestore(Stores.EMPTY)
+                store.register(get_types_from_msg(definition.data, msgtype))
+            except Exception as error:
+                raise BagError(
+                    f"{self.path}: topic {connection.topic}: cannot parse the recorded "
+                    f"definition of {msgtype}: {error}"
+                ) from None
+        elif known:
+            store = ours  # no definition recorded: assume the distribution's layout
+        else:
+            raise BagError(
+                f"{self.path}: topic {connection.topic}: unknown type {msgtype} and no "
+                f"definition recorded in the bag"
+            )
+        self._decoders[connection.id] = store
+        return store
+
     def messages(self, topics: Iterable[str]) -> Iterator[BagMessage]:
         """Deserialised messages of ``topics`` in log-time order."""
         wanted = list(dict.fromkeys(topics))
@@ -248,7 +289,9 @@ class BagReader:
             except Exception as error:  # truncated / corrupt storage while iterating
                 raise BagError(f"{self.path}: cannot read topic {topic}: {error}") from None
             try:
-                msg = self.classes.deserialize(raw, connection.msgtype)
+                msg = self._typestore_for(connection).deserialize_cdr(raw, connection.msgtype)
+            except BagError:
+                raise
             except Exception as error:
                 raise BagError(
                     f"{self.path}: topic {connection.topic}: cannot decode a "
