@@ -213,11 +213,15 @@ def test_bags_replay_counts_unsupported_encodings(sample, tmp_path) -> None:
         1,
     )
     assert frames_report["failed_by_reason"] == {"unsupported encoding '16UC1'": 1}
-    assert sorted(p.stem for p in (tmp_path / "out" / "results").iterdir()) == [
-        sample.ids[0],
-        sample.ids[2],
-    ]
-    assert report["evaluation"]["Car"]["easy"]["AP_40"] is not None
+    results = tmp_path / "out" / "results"
+    assert sorted(p.stem for p in results.iterdir()) == sample.ids[:3]
+    assert (results / f"{sample.ids[1]}.txt").read_text() == ""  # failed: no detections
+    assert (results / f"{sample.ids[0]}.txt").read_text() != ""
+    with bag.BagReader(tmp_path / "out" / "detections") as reader:
+        assert reader.message_count(bag.DETECTIONS_TOPIC) == 2  # none for the failed frame
+    labels = _label_dir_subset(SimpleNamespace(ids=sample.ids[:3], layout=sample.layout), tmp_path)
+    from_files = evaluate_folders(labels, results)
+    assert report["evaluation"] == json.loads(json.dumps(from_files.to_json()))
     with pytest.raises(bag.BagError, match="exists already"):
         replay.replay(mixed, detector, tmp_path / "out", progress=False)
 

@@ -4,7 +4,8 @@ Reads the bag in order (deterministic, unlike `ros2 bag play`), runs every image
 inference pipeline and writes into OUT:
   detections/             a bag with /detections (vision_msgs/Detection2DArray; every header
                           equals its image's header, log time = header stamp)
-  results/NNNNNN.txt      KITTI result files, named by the bag's /kitti/frame_id
+  results/NNNNNN.txt      KITTI result files, named by the bag's /kitti/frame_id (empty for a
+                          frame without detections or that failed to decode)
   report.json, report.md  AP (when the bag has /kitti/labels), latency per stage (mean, p50,
                           p95, max in ms) and frame counts; failed frames (e.g. an unsupported
                           encoding) are counted, not fatal
@@ -189,6 +190,9 @@ def replay(
                 except ImageDecodeError as error:
                     counts["failed"] += 1
                     failures[_failure_reason(frame.image, error)] += 1
+                    # an empty result file: the folder evaluates like the report (no detections)
+                    dt[name] = []
+                    kitti.write_label_file(results_dir / f"{name}.txt", [])
                     continue
                 end_to_end = (time.perf_counter() - start) * 1000.0
                 counts["processed"] += 1
