@@ -327,6 +327,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dds_perception.pipeline import Pipeline, default_weights
 
+    with bag.BagReader(args.bag) as reader:  # a bad bag fails before the model loads
+        reader.require(
+            args.image_topic or reader.first_topic(bag.IMAGE_TOPIC, bag.COMPRESSED_TOPIC)
+        )
     weights = args.weights or str(default_weights())
     pipeline = Pipeline.from_weights(
         weights,
