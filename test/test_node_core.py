@@ -49,10 +49,10 @@ class FakePipeline:
     pixel value, so a test knows which frame produced which output. ``block`` holds every call
     until ``release`` is set (deterministic bursts)."""
 
-    class_names = ["car"]
     device = "cpu"
 
     def __init__(self, block: bool = False) -> None:
+        self.class_names = ["car"]
         self.block = block
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -434,9 +434,8 @@ def test_node_update_params_at_run_time(classes):
     node = make_core(classes)
     params = node.update_params(score_threshold=0.8, nms_iou=0.3, max_detections=5)
     assert params.score_threshold == 0.8
-    assert (node.pipeline.score_threshold, node.pipeline.nms_iou, node.pipeline.max_detections) == (
-        0.8, 0.3, 5,
-    )  # fmt: skip
+    pipeline = node.pipeline
+    assert (pipeline.score_threshold, pipeline.nms_iou, pipeline.max_detections) == (0.8, 0.3, 5)
     with pytest.raises(ParameterError, match=r"score_threshold 1.2: must lie in \[0, 1\]"):
         node.update_params(score_threshold=1.2)
     with pytest.raises(ParameterError, match=r"device: cannot change while running"):

@@ -21,6 +21,7 @@ Example (any runtime)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -515,7 +516,7 @@ def stamp_seconds(header: Any) -> float:
 def make_header(classes: Any, seconds: float, frame_id: str = "") -> Any:
     """A std_msgs/Header of ``classes`` stamped ``seconds`` (e.g. "now" for label info)."""
     sec = int(seconds // 1)
-    nanosec = min(int(round((seconds - sec) * 1e9)), 999_999_999)
+    nanosec = min(round((seconds - sec) * 1e9), 999_999_999)
     return classes.Header(stamp=classes.Time(sec=sec, nanosec=nanosec), frame_id=frame_id)
 
 
@@ -546,8 +547,10 @@ def annotate(rgb: np.ndarray, detections: Any) -> np.ndarray:
     canvas = np.ascontiguousarray(rgb).copy()
     height, width = canvas.shape[:2]
     thickness = max(1, round(min(height, width) / 300))
-    for box, score, name in zip(detections.boxes, detections.scores, detections.class_names):
-        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    for box, score, name in zip(
+        detections.boxes, detections.scores, detections.class_names, strict=True
+    ):
+        x1, y1, x2, y2 = (round(float(v)) for v in box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 255, 0), thickness)
         cv2.putText(canvas, f"{name} {float(score):.2f}", (x1, max(y1 - 4, 10)),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, (0, 255, 0), thickness)  # fmt: skip
@@ -751,10 +754,8 @@ class DetectorCore:
         show, suppressed = self._failure_throttle()
         if show:
             stamp = ""
-            try:
+            with contextlib.suppress(Exception):  # the header itself may be the broken part
                 stamp = f" stamp {stamp_seconds(msg.header):.3f}"
-            except Exception:
-                pass
             more = f" ({suppressed} more failures since the last report)" if suppressed else ""
             self.logger.warning(f"frame{stamp} failed ({failed} so far): {text}{more}")
 
