@@ -32,7 +32,7 @@ def classes():
 def typestore():
     from dds_perception.ros import messages
 
-    return messages.typestore
+    return messages.rosbags_classes().typestore
 
 
 @dataclass
@@ -108,16 +108,34 @@ def ticking(step: float = 0.01):
     return lambda: next(counter) * step
 
 
-def image_msg(classes, value: int, *, sec: int = 100, nanosec: int = 0, frame_id="camera",
-              encoding="rgb8", width=8, height=6, step=None, data=None):  # fmt: skip
+def image_msg(
+    classes,
+    value: int,
+    *,
+    sec: int = 100,
+    nanosec: int = 0,
+    frame_id="camera",
+    encoding="rgb8",
+    width=8,
+    height=6,
+    step=None,
+    data=None,
+):
     """An Image whose pixels all equal ``value`` (rgb8 unless told)."""
     channels = {"rgb8": 3, "bgr8": 3, "mono8": 1, "rgba8": 4}.get(encoding, 3)
     step = width * channels if step is None else step
     if data is None:
         data = np.full(step * height, value, dtype=np.uint8)
     header = classes.Header(stamp=classes.Time(sec=sec, nanosec=nanosec), frame_id=frame_id)
-    return classes.Image(header=header, height=height, width=width, encoding=encoding,
-                         is_bigendian=0, step=step, data=data)  # fmt: skip
+    return classes.Image(
+        header=header,
+        height=height,
+        width=width,
+        encoding=encoding,
+        is_bigendian=0,
+        step=step,
+        data=data,
+    )
 
 
 def make_core(classes, pipeline=None, recorder=None, **params) -> DetectorCore:
@@ -246,8 +264,10 @@ def test_node_core_frame_to_detections_with_header(classes, typestore):
     assert label_info.header.stamp.sec == 100 and label_info.header.stamp.nanosec == 250_000_000
     (out,) = recorder.detections
     assert (out.header.stamp.sec, out.header.stamp.nanosec, out.header.frame_id) == (
-        100, 5, "cam_front",
-    )  # fmt: skip
+        100,
+        5,
+        "cam_front",
+    )
     (det,) = out.detections
     assert det.header.stamp.nanosec == 5 and det.header.frame_id == "cam_front"
     assert det.results[0].hypothesis.class_id == "car"

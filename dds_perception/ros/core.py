@@ -79,27 +79,35 @@ class DetectorParams:
     score_threshold: float = _param(
         0.3, "minimum detection score", low=0.0, high=1.0, runtime=True
     )
-    nms_iou: float = _param(0.5, "IoU above which NMS suppresses a box", low=0.0, high=1.0,
-                            runtime=True)  # fmt: skip
+    nms_iou: float = _param(
+        0.5, "IoU above which NMS suppresses a box", low=0.0, high=1.0, runtime=True
+    )
     max_detections: int = _param(
         100, "maximum detections per frame", low=1, high=10000, runtime=True
     )
     input_width: int = _param(
-        0, "network input width in px, a multiple of 32; 0 = from the weights file", low=0,
+        0,
+        "network input width in px, a multiple of 32; 0 = from the weights file",
+        low=0,
         high=8192,
-    )  # fmt: skip
+    )
     input_height: int = _param(
-        0, "network input height in px, a multiple of 32; 0 = from the weights file", low=0,
+        0,
+        "network input height in px, a multiple of 32; 0 = from the weights file",
+        low=0,
         high=8192,
-    )  # fmt: skip
+    )
     use_compressed: bool = _param(
         False, "subscribe sensor_msgs/CompressedImage on image_compressed_topic instead of Image"
     )
     reliability: str = _param("best_effort", "subscription QoS reliability", choices=RELIABILITIES)
     latency_budget_ms: float = _param(
-        100.0, "diagnostics WARN when p95 end-to-end latency exceeds it", low=0.001,
-        high=1.0e6, runtime=True,
-    )  # fmt: skip
+        100.0,
+        "diagnostics WARN when p95 end-to-end latency exceeds it",
+        low=0.001,
+        high=1.0e6,
+        runtime=True,
+    )
     publish_debug_image: bool = _param(
         True, "publish annotated frames on ~/debug_image while it has subscribers", runtime=True
     )
@@ -108,9 +116,11 @@ class DetectorParams:
         "image/compressed", "sensor_msgs/CompressedImage topic (with use_compressed)"
     )
     stats_window: int = _param(
-        100, "frames in the rolling latency / failure window of the diagnostics", low=2,
+        100,
+        "frames in the rolling latency / failure window of the diagnostics",
+        low=2,
         high=100000,
-    )  # fmt: skip
+    )
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
@@ -414,8 +424,9 @@ class RollingStats:
             return None
         values = np.fromiter(self._values, dtype=np.float64)
         p50, p95 = np.percentile(values, [50, 95])
-        return Summary(float(values.mean()), float(p50), float(p95), float(values.max()),
-                       int(values.size))  # fmt: skip
+        return Summary(
+            float(values.mean()), float(p50), float(p95), float(values.max()), int(values.size)
+        )
 
     def __len__(self) -> int:
         return len(self._values)
@@ -515,9 +526,9 @@ def stamp_seconds(header: Any) -> float:
 
 def make_header(classes: Any, seconds: float, frame_id: str = "") -> Any:
     """A std_msgs/Header of ``classes`` stamped ``seconds`` (e.g. "now" for label info)."""
-    sec = int(seconds // 1)
-    nanosec = min(round((seconds - sec) * 1e9), 999_999_999)
-    return classes.Header(stamp=classes.Time(sec=sec, nanosec=nanosec), frame_id=frame_id)
+    from dds_perception.ros.messages import header_msg
+
+    return header_msg(round(seconds * 1e9), frame_id, classes)
 
 
 def diagnostic_level(classes: Any, level: int) -> Any:
@@ -552,8 +563,15 @@ def annotate(rgb: np.ndarray, detections: Any) -> np.ndarray:
     ):
         x1, y1, x2, y2 = (round(float(v)) for v in box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 255, 0), thickness)
-        cv2.putText(canvas, f"{name} {float(score):.2f}", (x1, max(y1 - 4, 10)),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, (0, 255, 0), thickness)  # fmt: skip
+        cv2.putText(
+            canvas,
+            f"{name} {float(score):.2f}",
+            (x1, max(y1 - 4, 10)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.4 * thickness,
+            (0, 255, 0),
+            thickness,
+        )
     return canvas
 
 
@@ -624,8 +642,9 @@ class DetectorCore:
         """Publish the label info once and start the worker thread."""
         self.publish_label_info()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="dds_detector_worker",
-                                            daemon=True)  # fmt: skip
+            self._thread = threading.Thread(
+                target=self._run, name="dds_detector_worker", daemon=True
+            )
             self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -768,6 +787,10 @@ class DetectorCore:
         )
 
     def publish_label_info(self) -> None:
+        """Send the class names once (the runtime's publisher is transient-local)."""
+        if getattr(self.classes, "LabelInfo", None) is None:
+            self.logger.info("vision_msgs has no LabelInfo (< 4.x, e.g. Foxy): not publishing it")
+            return
         self.ports.publish_label_info(self.label_info_msg())
 
     # ------------------------------------------------------------------ diagnostics
