@@ -145,7 +145,7 @@ def _cv_bridge_decoder(classes: Any, logger: _RosLogger) -> Any:
 class DetectorNode(Node):
     """The ``dds_detector`` node: subscription -> :class:`core.DetectorCore` -> publishers."""
 
-    def __init__(self, *, pipeline_factory: Any = core.build_pipeline, **node_kwargs: Any) -> None:
+    def __init__(self, *, pipeline_factory: Any = None, **node_kwargs: Any) -> None:
         super().__init__(core.NODE_NAME, **node_kwargs)
         self.core: core.DetectorCore | None = None
         for spec in core.parameter_specs():
@@ -154,7 +154,8 @@ class DetectorNode(Node):
             **{name: self.get_parameter(name).value for name in core.parameter_names()}
         )  # ParameterError here: one clear message from main()
         log = _RosLogger(self.get_logger())
-        pipeline = pipeline_factory(params)  # missing/corrupt weights, unknown device: raises
+        # missing or corrupt weights, an unavailable device: raises here, before any topic
+        pipeline = (pipeline_factory or core.build_pipeline)(params)
         classes = messages.ros_classes()
 
         self._detections_pub = self.create_publisher(
@@ -226,9 +227,7 @@ class DetectorNode(Node):
 
     def _fill_diagnostics(self, stat: Any) -> Any:
         report = self.core.diagnostics()
-        from diagnostic_msgs.msg import DiagnosticStatus
-
-        stat.summary(core.diagnostic_level(DiagnosticStatus, report.level), report.message)
+        stat.summary(core.diagnostic_level(self.core.classes, report.level), report.message)
         for key, value in report.values:
             stat.add(key, value)
         return stat
