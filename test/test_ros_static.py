@@ -284,3 +284,21 @@ def test_ros_static_setup_installs_launch_config_models(monkeypatch):
     assert "detector_node = dds_perception.ros.node:main" in scripts
     # ros2 run looks for executables in lib/<package>
     assert "install_scripts=$base/lib/dds_perception" in (REPO / "setup.cfg").read_text()
+
+
+def test_ros_static_readme_parameter_table_matches_params():
+    """The README's parameter table lists every node parameter with its real default."""
+    from dds_perception.ros import core
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("<!-- section: node -->") : text.index("<!-- /section: node -->")]
+    rows = {
+        cells[0].strip("` "): cells[2].strip("` ")
+        for line in section.splitlines()
+        if line.startswith("| `") and len(cells := line.strip("|").split("|")) == 5
+    }
+    assert set(rows) == set(core.parameter_names())
+    for spec in core.parameter_specs():
+        default = str(spec.default).lower() if isinstance(spec.default, bool) else spec.default
+        assert spec.name in rows, f"README parameters table lacks {spec.name}"
+        assert rows[spec.name] == (str(default) or '""'), spec.name
