@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dds_perception.ros import core
+from dds_perception.ros import core, messages
 from dds_perception.ros.core import DetectorCore, DetectorParams, ParameterError, Ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,15 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def classes():
-    from dds_perception.ros import messages
-
     return messages.rosbags_classes()
 
 
 @pytest.fixture(scope="module")
 def typestore():
-    from dds_perception.ros import messages
-
     return messages.rosbags_classes().typestore
 
 
@@ -462,3 +458,60 @@ def test_node_update_params_at_run_time(classes):
         node.update_params(device="cuda:0", score_threshold=0.1)
     assert node.params.score_threshold == 0.8  # nothing applied from a refused change
     node.update_params(device="cpu")  # unchanged value: accepted (ROS re-sets all at times)
+
+
+# --------------------------------------------------------------------------- the real pipeline
+
+
+@pytest.fixture(scope="module")
+def real_pipeline():
+    """The real inference pipeline with the shipped weights (loaded once for the module)."""
+    pipeline_module = pytest.importorskip(
+        "dds_perception.pipeline", reason="the inference pipeline (issue 4) is not merged yet"
+    )
+    try:
+        pipeline_module.default_weights()
+    except FileNotFoundError as error:
+        pytest.skip(f"no shipped weights yet: {error}")
+    return core.build_pipeline(DetectorParams(device="cpu"))
+
+
+def test_node_core_real_pipeline_on_kitti_frames(classes, real_pipeline, kitti_sample):
+    """Real KITTI frames as rgb8, bgr8 and PNG messages through the core and the real pipeline:
+    the published boxes are the pipeline's own, in source pixels, under the image's header."""
+    path = sorted((kitti_sample / "training" / "image_2").glob("*.png"))[0]
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    height, width = rgb.shape[:2]
+    expected = real_pipeline(rgb)
+    header = classes.Header(stamp=classes.Time(sec=7, nanosec=42), frame_id="kitti_cam2")
+    frames = [
+        messages.rgb_to_image_msg(rgb, header, classes, "rgb8"),
+        messages.rgb_to_image_msg(rgb, header, classes, "bgr8"),
+        messages.compressed_image_msg(path.read_bytes(), "png", header, classes),
+    ]
+    recorder = Recorder()
+    node = DetectorCore(
+        real_pipeline,
+        DetectorParams(device="cpu"),
+        classes=classes,
+        ports=recorder.ports(),
+        logger=recorder,
+    )
+    for frame in frames:
+        assert node.process(frame) is not None
+    assert vars(node.counters)["processed"] == 3 and node.counters.failed == 0
+    for out in recorder.detections:
+        assert (out.header.stamp.sec, out.header.stamp.nanosec) == (7, 42)
+        assert out.header.frame_id == "kitti_cam2"
+        got = messages.msg_to_detections(out)
+        assert got.boxes.shape == expected.boxes.shape
+        np.testing.assert_allclose(got.boxes, expected.boxes, atol=1e-3)
+        np.testing.assert_allclose(got.scores, expected.scores, atol=1e-6)
+        if len(got):
+            assert (got.boxes[:, [0, 2]] >= -1).all() and (got.boxes[:, [0, 2]] <= width + 1).all()
+            assert (got.boxes[:, [1, 3]] >= -1).all() and (
+                got.boxes[:, [1, 3]] <= height + 1
+            ).all()
+    report = node.diagnostics().as_dict()
+    assert float(report["inference_ms_mean"]) > 0 and report["device"] == "cpu"
