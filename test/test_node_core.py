@@ -170,6 +170,8 @@ def test_node_params_file_matches_defaults():
         ({"score_threshold": 1.5}, r"score_threshold 1.5: must lie in \[0, 1\]"),
         ({"nms_iou": -0.1}, r"nms_iou -0.1: must lie in \[0, 1\]"),
         ({"max_detections": 0}, r"max_detections 0: must be positive"),
+        ({"max_detections": 20000}, r"max_detections 20000: must lie in \[1, 10000\]"),
+        ({"input_width": 9600, "input_height": 64}, r"input_width 9600: must lie in \[0, 8192\]"),
         ({"latency_budget_ms": 0}, r"latency_budget_ms 0.0: must be positive"),
         ({"reliability": "fast"}, r"reliability 'fast': use best_effort or reliable"),
         ({"score_threshold": "high"}, r"score_threshold 'high': expected float, got str"),

@@ -156,6 +156,11 @@ class DetectorParams:
         for name in ("image_topic", "image_compressed_topic"):
             if not getattr(self, name).strip():
                 raise ParameterError(f"{name}: must not be empty")
+        for spec in dataclasses.fields(self):  # the descriptor ranges, as ROS enforces them
+            low, high = spec.metadata["range"]
+            value = getattr(self, spec.name)
+            if low is not None and not low <= value <= high:
+                raise ParameterError(f"{spec.name} {value}: must lie in [{low}, {high}]")
 
     @property
     def subscribed_topic(self) -> str:
