@@ -198,6 +198,7 @@ def test_node_params_file_blocks_and_errors(tmp_path):
         "/**:\n  ros__parameters:\n    device: cpu\n    score_threshold: 0.2\n"
         "/robot/dds_detector:\n  ros__parameters:\n    score_threshold: 0.6\n"
         "    use_sim_time: false\n    diagnostic_updater.period: 0.5\n"
+        "    qos_overrides:\n      /parameter_events:\n        publisher:\n          depth: 5\n"
         "other_node:\n  ros__parameters:\n    whatever: 1\n"
     )
     params = core.load_params(path, overrides={"max_detections": 7})

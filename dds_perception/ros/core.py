@@ -257,6 +257,18 @@ def _node_block(document: Any, path: Path, node_name: str) -> dict[str, Any]:
     return {**wildcard, **specific}
 
 
+def _flatten(block: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """ROS parameter files may nest names (``a: {b: 1}`` is ``a.b``); return dotted names."""
+    flat: dict[str, Any] = {}
+    for key, value in block.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def load_params(
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -276,8 +288,8 @@ def load_params(
         raise ParameterError(f"{path}: not valid YAML: {error}") from None
     values = {
         name: value
-        for name, value in _node_block(document, path, node_name).items()
-        if not str(name).startswith(FOREIGN_PARAMETERS)
+        for name, value in _flatten(_node_block(document, path, node_name)).items()
+        if not name.startswith(FOREIGN_PARAMETERS)
     }
     values.update(overrides or {})
     unknown = sorted(set(values) - set(parameter_names()))
