@@ -253,6 +253,15 @@ class DetectorNode(Node):
         super().destroy_node()
 
 
+def _shutdown() -> None:
+    """rclpy.try_shutdown (Galactic and later), or its equivalent on Foxy."""
+    try_shutdown = getattr(rclpy, "try_shutdown", None)
+    if try_shutdown is not None:
+        try_shutdown()
+    elif rclpy.ok():
+        rclpy.shutdown()
+
+
 def main(args: list[str] | None = None) -> int:
     """Console script ``detector_node``: init, build the node, spin, clean up; exit status."""
     if rclpy is None:
@@ -283,7 +292,7 @@ def main(args: list[str] | None = None) -> int:
     finally:
         if node is not None:
             node.destroy_node()
-        rclpy.try_shutdown()
+        _shutdown()
     return status
 
 
