@@ -63,6 +63,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dds-perception = dds_perception.cli:main",
+            "detector_node = dds_perception.ros.node:main",
         ],
     },
 )

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare-backbones": ("dds_perception.engine.compare_backbones", "paper's backbone table"),
     "plot-accuracy": ("dds_perception.engine.plot_accuracy", "accuracy vs steps PNG"),
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
+    "detector_node": ("dds_perception.ros.node", "the ROS 2 detector node (needs rclpy)"),
     "make-scenes": ("dds_perception.data.scenes", "write generated KITTI-format road scenes"),
     "anchors": ("dds_perception.data.anchor_stats", "anchor sizes/ratios from KITTI car boxes"),
     "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
