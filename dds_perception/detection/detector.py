@@ -96,6 +96,16 @@ class RPNDetector(nn.Module):
         return anchors
 
     # ----------------------------------------------------------------------------- forward
+    def normalize(self, images: Tensor) -> Tensor:
+        """0-255 RGB images (N, 3, H, W), any dtype -> the network's normalised float input.
+
+        Training and evaluation use this; the pipeline applies the same constants with cv2.
+        """
+        scale = 255.0
+        mean = torch.tensor(self.config.mean, device=images.device).view(1, 3, 1, 1) * scale
+        std = torch.tensor(self.config.std, device=images.device).view(1, 3, 1, 1) * scale
+        return (images.float() - mean) / std
+
     def head_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Objectness logits (N, K), box deltas (N, K, 4) and anchors (K, 4)."""
         features = self.backbone.forward_features(images)
