@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
     "make-scenes": ("dds_perception.data.scenes", "write generated KITTI-format road scenes"),
     "anchors": ("dds_perception.data.anchor_stats", "anchor sizes/ratios from KITTI car boxes"),
+    "export": ("dds_perception.deploy.cli", "ONNX export with metadata, checked by ONNX Runtime"),
     "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
 }
 
