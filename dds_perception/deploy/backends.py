@@ -153,7 +153,10 @@ class OnnxRuntimeBackend(Backend):
     """An exported detector run by ONNX Runtime (``device``: ``cpu``, ``cuda[:N]`` or ``auto``).
 
     ``threads`` sets the intra-op thread count (default: torch's, so both backends are compared
-    under the same setting). Inputs go in as host arrays; ONNX Runtime copies them to the GPU.
+    under the same setting). ``spin`` lets idle worker threads busy-wait between operators (ONNX
+    Runtime's default: lower latency on an otherwise idle machine, but it burns CPU that other
+    processes, e.g. the rest of a ROS graph, may need; off by default here). Inputs go in as host
+    arrays; ONNX Runtime copies them to the GPU.
     """
 
     name = "onnxruntime"
@@ -164,6 +167,7 @@ class OnnxRuntimeBackend(Backend):
         *,
         device: str | torch.device = "cpu",
         threads: int | None = None,
+        spin: bool = False,
         info: OnnxModelInfo | None = None,
     ) -> None:
         ort = _import_onnxruntime()
@@ -206,6 +210,7 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own exception types

@@ -399,7 +399,10 @@ def validate_export(
         batches = [batch[i : i + 1] for i in range(batch.shape[0])]
     else:
         batches = [batch]
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     dtype = torch.float16 if half else torch.float32
     onnx_out, torch_out, fp32_out = [], [], []
     with torch.inference_mode():
