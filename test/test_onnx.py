@@ -221,6 +221,75 @@ def test_onnx_export_rejects_bad_options(weights, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+# ------------------------------------------------------------------------------ pipeline
+def assert_same_pipeline_detections(a, b, box_tol: float = 0.05) -> int:
+    assert len(a) == len(b), (len(a), len(b))
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=box_tol, rtol=0)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-4, rtol=0)
+    assert a.class_names == b.class_names and a.image_size == b.image_size
+    return len(a)
+
+
+def test_onnx_pipeline_same_detections(weights, exported, kitti_sample):
+    from dds_perception.pipeline import Pipeline
+
+    torch_pipe = Pipeline.from_weights(weights, device="cpu")
+    onnx_pipe = Pipeline.from_onnx(exported[0], device="cpu")
+    assert onnx_pipe.backend.name == "onnxruntime" and torch_pipe.backend.name == "torch"
+    counts = [
+        assert_same_pipeline_detections(torch_pipe(rgb), onnx_pipe(rgb))
+        for rgb in (street_scene(7), street_scene(8))
+    ]
+    for path in sorted((kitti_sample / "training" / "image_2").glob("*.png"))[3:5]:
+        png = path.read_bytes()  # the node's CompressedImage path: PNG bytes in
+        counts.append(
+            assert_same_pipeline_detections(torch_pipe(png, "png"), onnx_pipe(png, "png"))
+        )
+    assert all(0 < c < 100 for c in counts), counts
+    assert set(onnx_pipe(street_scene(7)).timings) == {
+        "decode", "preprocess", "inference", "postprocess",
+    }  # fmt: skip
+
+
+def test_onnx_pipeline_metadata_round_trip(weights, exported):
+    from dds_perception.pipeline import Pipeline
+
+    torch_pipe = Pipeline.from_weights(weights, device="cpu", warmup=False)
+    onnx_pipe = Pipeline.from_onnx(exported[0], device="cpu", warmup=False)  # the file alone
+    assert onnx_pipe.class_names == torch_pipe.class_names == ["car"]
+    assert onnx_pipe.input_size == torch_pipe.input_size == INPUT_SIZE
+    assert onnx_pipe.config.mean == torch_pipe.config.mean
+    assert onnx_pipe.config.std == torch_pipe.config.std
+    assert onnx_pipe._mean == torch_pipe._mean and onnx_pipe._inv_std == torch_pipe._inv_std
+    assert onnx_pipe.score_threshold == torch_pipe.score_threshold == 0.8
+    assert onnx_pipe.config.to_dict() == torch_pipe.config.to_dict()
+    assert onnx_pipe.device.type == "cpu" and not onnx_pipe.half
+    tuned = Pipeline.from_onnx(exported[0], device="cpu", score_threshold=0.9, warmup=False)
+    assert tuned.score_threshold == 0.9  # run-time settings still override the file
+    with pytest.raises(ValueError, match=r"exported for \(128, 416\); re-export"):
+        Pipeline.from_onnx(exported[0], device="cpu", input_size=(256, 832), warmup=False)
+    with pytest.raises(BackendError, match="backend torch needs a detector weights file"):
+        Pipeline.from_weights(exported[0], device="cpu", backend="torch", warmup=False)
+
+
+def test_onnx_pipeline_from_weights_backend(weights, monkeypatch, tmp_path, caplog):
+    from dds_perception.pipeline import Pipeline
+
+    monkeypatch.setenv("DDS_PERCEPTION_CACHE", str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="dds_perception"):
+        pipe = Pipeline.from_weights(weights, device="cpu", backend="onnxruntime", warmup=False)
+    cached = list(tmp_path.glob("detector-*-128x416-fp32-opset17.onnx"))
+    assert len(cached) == 1 and "exporting" in caplog.text
+    assert pipe.backend.path == cached[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dds_perception"):
+        again = Pipeline.from_weights(weights, device="cpu", backend="onnxruntime", warmup=False)
+    assert "using cached ONNX export" in caplog.text and again.backend.path == cached[0]
+    reference = Pipeline.from_weights(weights, device="cpu", warmup=False)
+    rgb = street_scene(9)
+    assert_same_pipeline_detections(reference(rgb), again(rgb))
+
+
 # ------------------------------------------------------------------------------ bad files
 def _edit_meta(src: Path, dst: Path, **changes) -> Path:
     proto = onnx.load(str(src))
@@ -286,7 +355,7 @@ def test_onnx_missing_cuda_provider(exported, caplog):
         pytest.skip("this onnxruntime has the CUDA provider; the missing-provider path is moot")
     with pytest.raises(BackendError, match=r"no CUDAExecutionProvider.*onnxruntime-gpu"):
         OnnxRuntimeBackend(path, device="cuda")
-    with caplog.at_level(logging.WARNING, logger="dds_perception"):
+    with caplog.at_level(logging.INFO, logger="dds_perception"):
         backend = OnnxRuntimeBackend(path, device="auto")
     assert backend.device.type == "cpu" and backend.providers == ["CPUExecutionProvider"]
     assert "running on the CPU" in caplog.text  # a fall-back is logged, never silent

@@ -182,10 +182,13 @@ class OnnxRuntimeBackend(Backend):
         text = str(device).strip().lower()
         if text == "auto":
             text = "cuda" if "CUDAExecutionProvider" in available else "cpu"
-            if text == "cpu":
-                log.warning(
-                    "onnxruntime: no CUDAExecutionProvider (available: %s); running on the CPU",
+            if text == "cpu":  # a warning where a GPU sits unused, a note otherwise
+                level = logging.WARNING if torch.cuda.is_available() else logging.INFO
+                log.log(
+                    level,
+                    "onnxruntime: no CUDAExecutionProvider (available: %s); running on the CPU%s",
                     ", ".join(available),
+                    f" although a GPU is present; {ORT_INSTALL}" if level > logging.INFO else "",
                 )
         try:
             self.device = torch.device(text)

@@ -350,6 +350,53 @@ def export_onnx(
     return export_detector(load_detector(weights, device="cpu"), out, source=weights, **options)
 
 
+def cache_dir() -> Path:
+    """Where on-the-fly exports go: ``$DDS_PERCEPTION_CACHE`` or ``~/.cache/dds_perception``."""
+    root = os.environ.get("DDS_PERCEPTION_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dds_perception"
+
+
+def cached_onnx(
+    weights: str | os.PathLike[str],
+    *,
+    input_size: tuple[int, int] | None = None,
+    half: bool = False,
+    opset: int = DEFAULT_OPSET,
+    directory: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The ONNX export of ``weights``, made (and validated) once and reused while it matches.
+
+    Named by the weights' SHA-256, input size, precision and opset, under :func:`cache_dir`; a
+    cached file whose metadata names other source weights is exported again. The TensorRT engine
+    built from it is cached beside it.
+    """
+    from dds_perception.utils.checkpoint import read_meta
+
+    digest = file_sha256(weights)
+    size = tuple(input_size) if input_size else tuple(read_meta(weights)["input_size"])
+    name = (
+        f"{Path(weights).stem}-{digest[:12]}-{size[0]}x{size[1]}-"
+        f"{'fp16' if half else 'fp32'}-opset{opset}.onnx"
+    )
+    path = Path(directory) if directory else cache_dir()
+    path = path / name
+    if path.is_file():
+        try:
+            info = read_onnx_info(path)
+            if (info.meta.get("source_weights") or {}).get("sha256") == digest:
+                log.info("using cached ONNX export %s", path)
+                return path
+            log.warning("cached ONNX %s was exported from other weights; exporting again", path)
+        except OnnxModelError as error:
+            log.warning("cached ONNX %s is unusable (%s); exporting again", path, error)
+    log.warning("exporting %s to ONNX (once) at %s", weights, path)
+    export_onnx(weights, path, input_size=input_size, half=half, opset=opset)
+    return path
+
+
 # ------------------------------------------------------------------------------ validation
 def _compare(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> dict:
     return {
@@ -450,6 +497,8 @@ __all__ = [
     "ExportReport",
     "ExportedNetwork",
     "OnnxModelError",
+    "cache_dir",
+    "cached_onnx",
     "export_detector",
     "export_onnx",
     "network_input",
