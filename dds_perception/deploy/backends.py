@@ -149,14 +149,78 @@ def _import_onnxruntime():
     return onnxruntime
 
 
+def ort_session(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    *,
+    threads: int | None = None,
+    spin: bool = False,
+) -> tuple[Any, torch.device, list[str]]:
+    """An ONNX Runtime session for any ONNX file: ``(session, device, active providers)``.
+
+    ``device`` ``cpu``, ``cuda[:N]`` (the CUDA provider is required: an error saying how to
+    install it when absent) or ``auto`` (CUDA when the provider exists, else the CPU, logged).
+    ``threads``: intra-op threads (default: torch's, so both are compared under one setting).
+    ``spin``: let idle worker threads busy-wait between operators (ONNX Runtime's own default;
+    lower latency on an idle machine, but it burns CPU that the rest of a ROS graph may need).
+    Shared by :class:`OnnxRuntimeBackend`, the export check and the benchmark.
+    """
+    ort = _import_onnxruntime()
+    available = ort.get_available_providers()
+    text = str(device).strip().lower()
+    if text == "auto":
+        text = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+        if text == "cpu":  # a warning where a GPU sits unused, a note otherwise
+            level = logging.WARNING if torch.cuda.is_available() else logging.INFO
+            log.log(
+                level,
+                "onnxruntime: no CUDAExecutionProvider (available: %s); running on the CPU%s",
+                ", ".join(available),
+                f" although a GPU is present; {ORT_INSTALL}" if level > logging.INFO else "",
+            )
+    try:
+        resolved = torch.device(text)
+    except RuntimeError:
+        raise BackendError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise BackendError(
+                f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (available: "
+                f"{', '.join(available)}); {ORT_INSTALL}"
+            )
+        wanted = "CUDAExecutionProvider"
+        providers: list[Any] = [
+            (wanted, {"device_id": resolved.index or 0}),
+            "CPUExecutionProvider",
+        ]
+    elif resolved.type == "cpu":
+        wanted = "CPUExecutionProvider"
+        providers = [wanted]
+    else:
+        raise BackendError(f"onnxruntime runs on cpu or cuda, not {device!r}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise BackendError(f"{path}: onnxruntime cannot load it ({error})") from None
+    active = session.get_providers()
+    if not active or active[0] != wanted:  # ORT drops to the CPU when CUDA libraries are missing
+        raise BackendError(
+            f"onnxruntime did not start {wanted} (session providers: {active}); the CUDA "
+            f"libraries it needs may be missing; {ORT_INSTALL}"
+        )
+    return session, resolved, list(active)
+
+
 class OnnxRuntimeBackend(Backend):
     """An exported detector run by ONNX Runtime (``device``: ``cpu``, ``cuda[:N]`` or ``auto``).
 
-    ``threads`` sets the intra-op thread count (default: torch's, so both backends are compared
-    under the same setting). ``spin`` lets idle worker threads busy-wait between operators (ONNX
-    Runtime's default: lower latency on an otherwise idle machine, but it burns CPU that other
-    processes, e.g. the rest of a ROS graph, may need; off by default here). Inputs go in as host
-    arrays; ONNX Runtime copies them to the GPU.
+    ``threads`` and ``spin``: see :func:`ort_session`. Inputs go in as host arrays (ONNX Runtime
+    copies them to the GPU with the CUDA provider).
     """
 
     name = "onnxruntime"
@@ -170,7 +234,6 @@ class OnnxRuntimeBackend(Backend):
         spin: bool = False,
         info: OnnxModelInfo | None = None,
     ) -> None:
-        ort = _import_onnxruntime()
         self.info = info or read_onnx_info(path)
         self.path = Path(path)
         self.config = self.info.config
@@ -178,53 +241,9 @@ class OnnxRuntimeBackend(Backend):
         self.input_dtype = torch.float16 if self.info.half else torch.float32
         self.input_device = torch.device("cpu")
         self.channels_last = False
-        available = ort.get_available_providers()
-        text = str(device).strip().lower()
-        if text == "auto":
-            text = "cuda" if "CUDAExecutionProvider" in available else "cpu"
-            if text == "cpu":  # a warning where a GPU sits unused, a note otherwise
-                level = logging.WARNING if torch.cuda.is_available() else logging.INFO
-                log.log(
-                    level,
-                    "onnxruntime: no CUDAExecutionProvider (available: %s); running on the CPU%s",
-                    ", ".join(available),
-                    f" although a GPU is present; {ORT_INSTALL}" if level > logging.INFO else "",
-                )
-        try:
-            self.device = torch.device(text)
-        except RuntimeError:
-            raise BackendError(
-                f"unknown device {device!r}: use auto, cpu, cuda or cuda:N"
-            ) from None
-        if self.device.type == "cuda":
-            if "CUDAExecutionProvider" not in available:
-                raise BackendError(
-                    f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (available: "
-                    f"{', '.join(available)}); {ORT_INSTALL}"
-                )
-            wanted = "CUDAExecutionProvider"
-            providers: list[Any] = [(wanted, {"device_id": self.device.index or 0})]
-            providers.append("CPUExecutionProvider")
-        elif self.device.type == "cpu":
-            wanted = "CPUExecutionProvider"
-            providers = [wanted]
-        else:
-            raise BackendError(f"onnxruntime runs on cpu or cuda, not {device!r}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or torch.get_num_threads())
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as error:  # onnxruntime raises its own exception types
-            raise BackendError(f"{path}: onnxruntime cannot load it ({error})") from None
-        active = self.session.get_providers()
-        if not active or active[0] != wanted:
-            raise BackendError(
-                f"onnxruntime did not start {wanted} (session providers: {active}); the CUDA "
-                f"libraries it needs may be missing; {ORT_INSTALL}"
-            )
-        self.providers = active
+        self.session, self.device, self.providers = ort_session(
+            path, device, threads=threads, spin=spin
+        )
         self._dtype = np.float16 if self.info.half else np.float32
         self._fixed_batch = None if self.info.dynamic_batch else int(self.info.input_shape[0])
 
@@ -270,27 +289,27 @@ def engine_path_for(onnx_path: str | os.PathLike[str], half: bool) -> Path:
     return onnx_path.with_name(f"{onnx_path.stem}.{'fp16' if half else 'fp32'}.engine")
 
 
-class TensorRTBackend(Backend):
-    """A TensorRT engine built from (or cached beside) an exported ``.onnx`` file.
+class TensorRTEngine:
+    """A TensorRT engine for any ONNX file with one input, built once and cached on disk.
 
-    ``half`` sets TensorRT's FP16 builder flag (the ONNX file stays fp32; TensorRT chooses fp16
-    kernels where they are faster). ``max_batch`` is the largest batch of the optimisation profile
-    for a ``--dynamic-batch`` export. The engine is specific to the GPU and TensorRT version that
-    built it: its cache key records both, and a mismatch rebuilds it (logged).
+    ``fp16`` sets TensorRT's FP16 builder flag (the ONNX stays fp32; TensorRT picks fp16 kernels
+    where they are faster). A dynamic batch dimension gets an optimisation profile up to
+    ``max_batch``. The engine is written to ``engine_path`` with a JSON key beside it (ONNX
+    SHA-256, TensorRT version, precision, GPU, profile); an engine whose key differs is stale: it
+    is rebuilt and the reason logged. ``engine(x)`` returns ``{output name: tensor}`` on the GPU.
+    Runs with the TensorRT 8.2-8.4 binding API (JetPack 4.6 / 5.0) and the 8.5+/10.x named-tensor
+    API. Used by :class:`TensorRTBackend` and the benchmark.
     """
-
-    name = "tensorrt"
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
         device: str | torch.device = "cuda",
-        half: bool = False,
+        fp16: bool = False,
         engine_path: str | os.PathLike[str] | None = None,
         workspace_mb: int = 1024,
         max_batch: int = 8,
-        info: OnnxModelInfo | None = None,
     ) -> None:
         self.trt = trt = _import_tensorrt()
         if not torch.cuda.is_available():
@@ -301,22 +320,19 @@ class TensorRTBackend(Backend):
         if self.device.type != "cuda":
             raise BackendError(f"backend tensorrt runs on cuda devices, not {device!r}")
         torch.cuda.set_device(self.device)
-        self.info = info or read_onnx_info(path)
         self.path = Path(path)
-        self.config = self.info.config
-        self.class_names = self.info.class_names
-        self.input_device = self.device
-        self.channels_last = False
-        self.fp16 = bool(half or self.info.half)
+        self.fp16 = bool(fp16)
         self.max_batch = int(max_batch)
         self.workspace_mb = int(workspace_mb)
         self.engine_path = Path(engine_path) if engine_path else engine_path_for(path, self.fp16)
+        self.input_name, self.input_shape, self.output_names = _onnx_io(self.path)
+        self.dynamic_batch = not isinstance(self.input_shape[0], int)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.major = int(trt.__version__.split(".")[0])
         self.engine = self._load_or_build()
         self.context = self.engine.create_execution_context()
         self._named_api = hasattr(self.engine, "num_io_tensors")  # TensorRT >= 8.5
-        self.input_dtype = self._torch_dtype(self._tensor_dtype(INPUT_NAME))
+        self.input_dtype = self._torch_dtype(self._tensor_dtype(self.input_name))
 
     # ------------------------------------------------------------------ engine cache
     def cache_key(self) -> dict[str, Any]:
@@ -327,7 +343,7 @@ class TensorRTBackend(Backend):
             "tensorrt": self.trt.__version__,
             "fp16": self.fp16,
             "gpu": f"{props.name} sm_{props.major}{props.minor}",
-            "max_batch": self.max_batch if self.info.dynamic_batch else None,
+            "max_batch": self.max_batch if self.dynamic_batch else None,
         }
 
     def _load_or_build(self):
@@ -363,7 +379,7 @@ class TensorRTBackend(Backend):
                 tmp.write_bytes(blob)
             write_json(key_path, key)
             log.info("tensorrt: engine cached at %s", self.engine_path)
-        except OSError as error:  # read-only share directory: keep it in memory only
+        except OSError as error:  # e.g. a read-only install share: keep it in memory only
             log.warning("tensorrt: cannot cache the engine at %s (%s)", self.engine_path, error)
         engine = self._deserialize(blob)
         if engine is None:
@@ -392,9 +408,8 @@ class TensorRTBackend(Backend):
         if not parser.parse(self.path.read_bytes()):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise BackendError(
-                f"{self.path}: TensorRT {trt.__version__} cannot parse it (opset "
-                f"{self.info.opset}): {errors}. TensorRT 8.2 (JetPack 4.6) needs "
-                "'dds-perception export --opset 13'"
+                f"{self.path}: TensorRT {trt.__version__} cannot parse it: {errors}. TensorRT 8.2 "
+                "(JetPack 4.6) needs 'dds-perception export --opset 13'"
             )
         config = builder.create_builder_config()
         workspace = self.workspace_mb << 20
@@ -408,10 +423,10 @@ class TensorRTBackend(Backend):
                     "tensorrt: this GPU has no fast fp16; building with the fp16 flag anyway"
                 )
             config.set_flag(trt.BuilderFlag.FP16)
-        if self.info.dynamic_batch:
+        if self.dynamic_batch:
             profile = builder.create_optimization_profile()
-            chw = (3, *self.info.input_size)
-            profile.set_shape(INPUT_NAME, (1, *chw), (1, *chw), (self.max_batch, *chw))
+            chw = tuple(int(v) for v in self.input_shape[1:])
+            profile.set_shape(self.input_name, (1, *chw), (1, *chw), (self.max_batch, *chw))
             config.add_optimization_profile(profile)
         blob = builder.build_serialized_network(network, config)
         if blob is None:
@@ -435,32 +450,32 @@ class TensorRTBackend(Backend):
             images = torch.from_numpy(images)
         x = images.to(self.device, self.input_dtype).contiguous()
         n = int(x.shape[0])
-        if not self.info.dynamic_batch and n != int(self.info.input_shape[0]):
+        if not self.dynamic_batch and n != int(self.input_shape[0]):
             raise BackendError(
-                f"{self.path} was exported for batch {self.info.input_shape[0]}, got {n}; "
+                f"{self.path} was exported for batch {self.input_shape[0]}, got {n}; "
                 "re-export with --dynamic-batch"
             )
-        if n > self.max_batch and self.info.dynamic_batch:
+        if self.dynamic_batch and n > self.max_batch:
             raise BackendError(f"batch {n} exceeds the engine's max_batch {self.max_batch}")
         stream = torch.cuda.current_stream(self.device)
         outputs: dict[str, torch.Tensor] = {}
         if self._named_api:
-            self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
-            self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
-            for name in OUTPUT_NAMES:
+            self.context.set_input_shape(self.input_name, tuple(x.shape))
+            self.context.set_tensor_address(self.input_name, x.data_ptr())
+            for name in self.output_names:
                 shape = tuple(self.context.get_tensor_shape(name))
                 dtype = self._torch_dtype(self.engine.get_tensor_dtype(name))
                 outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
                 self.context.set_tensor_address(name, outputs[name].data_ptr())
             ok = self.context.execute_async_v3(stream.cuda_stream)
-        else:  # TensorRT 8.2-8.4 binding API (JetPack 4.6 / 5.0)
+        else:  # TensorRT 8.2-8.4 binding API
             engine = self.engine
             bindings = [0] * engine.num_bindings
-            index = engine.get_binding_index(INPUT_NAME)
-            if self.info.dynamic_batch:
+            index = engine.get_binding_index(self.input_name)
+            if self.dynamic_batch:
                 self.context.set_binding_shape(index, tuple(x.shape))
             bindings[index] = x.data_ptr()
-            for name in OUTPUT_NAMES:
+            for name in self.output_names:
                 i = engine.get_binding_index(name)
                 shape = tuple(self.context.get_binding_shape(i))
                 dtype = self._torch_dtype(engine.get_binding_dtype(i))
@@ -469,13 +484,68 @@ class TensorRTBackend(Backend):
             ok = self.context.execute_async_v2(bindings, stream.cuda_stream)
         if not ok:
             raise BackendError(f"tensorrt: inference failed on {self.engine_path}")
-        return {name: outputs[name].float() for name in OUTPUT_NAMES}
+        return outputs
+
+
+def _onnx_io(path: Path) -> tuple[str, tuple[int | str, ...], list[str]]:
+    """(input name, input shape, output names) of a one-input ONNX file (weights not loaded)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:
+        raise BackendError(f"{path}: not a readable ONNX model ({error})") from None
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise BackendError(f"{path}: {len(inputs)} graph inputs; the engine runner takes one")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
+    return inputs[0].name, shape, [o.name for o in proto.graph.output]
+
+
+class TensorRTBackend(Backend):
+    """An exported detector run by a :class:`TensorRTEngine` (engine cached beside the ONNX).
+
+    ``half`` sets the fp16 builder flag; ``engine_path``, ``workspace_mb`` and ``max_batch`` go
+    to the engine.
+    """
+
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device: str | torch.device = "cuda",
+        half: bool = False,
+        info: OnnxModelInfo | None = None,
+        **engine_options: Any,
+    ) -> None:
+        _import_tensorrt()  # the install hint before anything else
+        self.info = info or read_onnx_info(path)
+        self.path = Path(path)
+        self.config = self.info.config
+        self.class_names = self.info.class_names
+        self.fp16 = bool(half or self.info.half)
+        self.engine = TensorRTEngine(path, device=device, fp16=self.fp16, **engine_options)
+        self.device = self.input_device = self.engine.device
+        self.input_dtype = self.engine.input_dtype
+        self.channels_last = False
+
+    @property
+    def engine_path(self) -> Path:
+        return self.engine.engine_path
+
+    def __call__(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        out = self.engine(images)
+        return {name: out[name].float() for name in OUTPUT_NAMES}
 
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
             "precision": "fp16" if self.fp16 else "fp32",
-            "tensorrt": self.trt.__version__,
+            "tensorrt": self.engine.trt.__version__,
             "engine": str(self.engine_path),
             "onnx": str(self.path),
         }

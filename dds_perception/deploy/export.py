@@ -39,6 +39,7 @@ from torch import nn
 
 from dds_perception.data.letterbox import letterbox_image
 from dds_perception.data.scenes import render_scene
+from dds_perception.deploy.backends import ort_session
 from dds_perception.deploy.onnx_meta import (
     ARCHITECTURE,
     INPUT_NAME,
@@ -180,6 +181,44 @@ def _anchor_meta(detector: RPNDetector, input_size: tuple[int, int], count: int)
     }
 
 
+def export_network(
+    network: nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+    dynamic_batch: bool = False,
+    input_names: Sequence[str] = (INPUT_NAME,),
+    output_names: Sequence[str] = OUTPUT_NAMES,
+) -> str:
+    """``torch.onnx`` export of any network with one input; returns the exporter used.
+
+    The detector export and the benchmark (``ssd300_vgg16`` under the same exporter and opset)
+    share it. No metadata and no validation here: see :func:`export_detector`.
+    """
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter {exporter!r}: use one of {EXPORTERS}")
+    if exporter == "auto":
+        exporter = "dynamo" if opset >= 18 else "torchscript"
+    if exporter == "dynamo" and opset < 18:
+        raise ExportError(f"the dynamo exporter needs opset >= 18, got {opset} (use torchscript)")
+    if not 9 <= opset <= 23:
+        raise ExportError(f"opset {opset}: supported range 9-23 (TensorRT 8.2 needs <= 13)")
+    with torch.inference_mode(False), torch.no_grad():
+        _torch_export(
+            network,
+            example,
+            Path(path),
+            opset=opset,
+            exporter=exporter,
+            dynamic_batch=dynamic_batch,
+            input_names=list(input_names),
+            output_names=list(output_names),
+        )
+    return exporter
+
+
 def _torch_export(
     network: nn.Module,
     example: torch.Tensor,
@@ -188,8 +227,10 @@ def _torch_export(
     opset: int,
     exporter: str,
     dynamic_batch: bool,
+    input_names: list[str],
+    output_names: list[str],
 ) -> None:
-    names = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES)}
+    names = {"input_names": input_names, "output_names": output_names}
     with warnings.catch_warnings():
         # the anchors are constants of the traced graph, which is what we want
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -199,7 +240,7 @@ def _torch_export(
         if exporter == "torchscript":
             axes = None
             if dynamic_batch:
-                axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+                axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
             torch.onnx.export(
                 network,
                 (example,),
@@ -249,8 +290,6 @@ def export_detector(
         exporter = "dynamo" if opset >= 18 else "torchscript"
     if exporter == "dynamo" and opset < 18:
         raise ExportError(f"the dynamo exporter needs opset >= 18, got {opset} (use torchscript)")
-    if not 9 <= opset <= 23:
-        raise ExportError(f"opset {opset}: supported range 9-23 (TensorRT 8.2 needs <= 13)")
     config = detector.config
     if input_size is not None:
         try:
@@ -306,15 +345,11 @@ def export_detector(
     start = time.perf_counter()
     with atomic_path(final) as tmp:
         try:
-            with torch.inference_mode(False), torch.no_grad():
-                _torch_export(
-                    network,
-                    example,
-                    tmp,
-                    opset=opset,
-                    exporter=exporter,
-                    dynamic_batch=dynamic_batch,
-                )
+            export_network(
+                network, example, tmp, opset=opset, exporter=exporter, dynamic_batch=dynamic_batch
+            )
+        except ExportError:
+            raise
         except Exception as error:  # exporter errors come in many types
             raise ExportError(f"torch.onnx ({exporter}, opset {opset}) failed: {error}") from error
         export_s = time.perf_counter() - start
@@ -446,10 +481,7 @@ def validate_export(
         batches = [batch[i : i + 1] for i in range(batch.shape[0])]
     else:
         batches = [batch]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, "cpu")[0]
     dtype = torch.float16 if half else torch.float32
     onnx_out, torch_out, fp32_out = [], [], []
     with torch.inference_mode():
@@ -500,6 +532,7 @@ __all__ = [
     "cache_dir",
     "cached_onnx",
     "export_detector",
+    "export_network",
     "export_onnx",
     "network_input",
     "street_scene",
