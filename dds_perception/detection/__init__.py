@@ -1,0 +1,1 @@
+"""Detection: anchors, RPN head, box coding, postprocessing, inference speed-ups."""
