@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("dds_perception.models.summary", "list the model zoo: parameters, MACs, RF"),
+    "bench": ("dds_perception.benchmarks.command", "benchmark backbones, detectors, pipeline"),
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
     "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
 }

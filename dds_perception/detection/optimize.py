@@ -8,6 +8,8 @@ What each one does (measured on/off by ``dds-perception bench``, section "speed-
   several convolutions (the pyramid block's dilated branches): each branch takes its slice.
 * ``channels_last``: NHWC memory layout. oneDNN (CPU) and cuDNN with fp16 run their convolution
   kernels natively in NHWC; in NCHW every convolution reorders its input and output.
+* ``merge_pyramid``: the pyramid block's adjacent depthwise branches with the same dilation
+  run as one depthwise convolution (:class:`MergedPyramidDepthwiseConv`, identical outputs).
 * ``inference_mode``: no autograd bookkeeping (the pipeline runs under
   ``torch.inference_mode()``).
 * ``compile``: ``torch.compile`` (inductor; on CPU it needs a C compiler), which fuses the
@@ -33,6 +35,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from dds_perception.models.pyramid import PyramidDepthwiseConv
 
 _BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, FrozenBatchNorm2d)
 _CAT = (torch.cat, torch.concat, torch.concatenate)
@@ -164,7 +168,7 @@ def _fold_sequential_pairs(model: nn.Module) -> int:
     return folded
 
 
-def fold_batchnorm(model: nn.Module, example: torch.Tensor | None = None) -> int:
+def fold_batchnorm(model: nn.Module, example: Any = None) -> int:
     """Fold eval-mode BatchNorm layers into the convolutions feeding them, in place.
 
     With ``example`` (an input the model accepts), one recorded forward pass finds every
@@ -233,6 +237,82 @@ def count_batchnorm(model: nn.Module) -> int:
     return sum(isinstance(m, _BN_TYPES) for m in model.modules())
 
 
+# --------------------------------------------------------------------------- pyramid branches
+class MergedPyramidDepthwiseConv(nn.Module):
+    """Inference form of :class:`PyramidDepthwiseConv`: adjacent equal-dilation branches merged.
+
+    A depthwise convolution filters each channel on its own, so K branches of C/K channels
+    that share one dilation are exactly one depthwise convolution over their channels with the
+    branch weights stacked. The paper's default tables repeat dilations in the deep stages
+    ({1,1,2,3} at stride 16, {1,1,1,2} at stride 32): 4 convolutions become 3 or 2, and the
+    split/concatenation disappears where a single dilation is left. Same outputs (per channel
+    the same 9 products are summed); not for ``fusion=True`` (branch k adds branch k-1).
+    """
+
+    def __init__(self, source: PyramidDepthwiseConv) -> None:
+        super().__init__()
+        if source.fusion:
+            raise OptimizeError("branches with hierarchical fusion cannot be merged")
+        groups: list[list[nn.Conv2d]] = []
+        for conv, dilation in zip(source.branches, source.dilations, strict=True):
+            if groups and groups[-1][0].dilation[0] == dilation:
+                groups[-1].append(conv)
+            else:
+                groups.append([conv])
+        self.split_sizes = [sum(c.out_channels for c in group) for group in groups]
+        self.branches = nn.ModuleList(_stack_depthwise(group) for group in groups)
+        self.bn = source.bn
+        self.act = source.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.branches) == 1:
+            y = self.branches[0](x)
+        else:
+            parts = torch.split(x, self.split_sizes, dim=1)
+            y = torch.cat([conv(p) for conv, p in zip(self.branches, parts, strict=True)], 1)
+        return self.act(self.bn(y))
+
+
+def _stack_depthwise(convs: list[nn.Conv2d]) -> nn.Conv2d:
+    if len(convs) == 1:
+        return convs[0]
+    first = convs[0]
+    channels = sum(c.out_channels for c in convs)
+    merged = nn.Conv2d(
+        channels,
+        channels,
+        kernel_size=first.kernel_size,
+        stride=first.stride,
+        padding=first.padding,
+        dilation=first.dilation,
+        groups=channels,
+        bias=first.bias is not None,
+    ).to(device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        merged.weight.copy_(torch.cat([c.weight for c in convs]))
+        if first.bias is not None:
+            merged.bias.copy_(torch.cat([c.bias for c in convs]))
+    return merged
+
+
+def merge_pyramid_branches(model: nn.Module) -> int:
+    """Replace every pyramid depthwise stage by its merged form, in place; return how many.
+
+    Stages without two adjacent equal dilations are left as they are, and so are stages with
+    hierarchical fusion. Apply after :func:`fold_batchnorm` (folding needs the branches as the
+    recorded pass saw them, and merged convolutions keep the folded biases).
+    """
+    merged = 0
+    for module in list(model.modules()):
+        if not isinstance(module, PyramidDepthwiseConv) or module.fusion:
+            continue
+        if not any(a == b for a, b in zip(module.dilations, module.dilations[1:], strict=False)):
+            continue
+        _replace_module(model, module, MergedPyramidDepthwiseConv(module))
+        merged += 1
+    return merged
+
+
 # --------------------------------------------------------------------------- one entry point
 @dataclass(frozen=True)
 class InferenceOptions:
@@ -244,6 +324,7 @@ class InferenceOptions:
     """
 
     fold_bn: bool = True
+    merge_pyramid: bool = True
     channels_last: bool | None = None
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
@@ -260,7 +341,7 @@ def optimize_for_inference(
     device: torch.device | str = "cpu",
     half: bool = False,
     *,
-    example: torch.Tensor | None = None,
+    example: Any = None,
     options: InferenceOptions | None = None,
     inplace: bool = False,
 ) -> nn.Module:
@@ -278,10 +359,12 @@ def optimize_for_inference(
         model = copy.deepcopy(model)
     model.eval().requires_grad_(False)
     if options.fold_bn:
-        if example is not None:
+        if isinstance(example, torch.Tensor):
             first = next(model.parameters(), None)
             example = example.to(first.device if first is not None else "cpu").float()
         fold_batchnorm(model, example)
+    if options.merge_pyramid:
+        merge_pyramid_branches(model)
     model.to(device)
     if half:
         model.half()
