@@ -15,8 +15,11 @@ from collections.abc import Sequence
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("dds_perception.models.summary", "list the model zoo: parameters, MACs, RF"),
+    "train-detector": ("dds_perception.engine.train_detector", "train the car detector (RPN)"),
     "bench": ("dds_perception.benchmarks.command", "benchmark backbones, detectors, pipeline"),
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
+    "make-scenes": ("dds_perception.data.scenes", "write generated KITTI-format road scenes"),
+    "anchors": ("dds_perception.data.anchor_stats", "anchor sizes/ratios from KITTI car boxes"),
     "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
 }
 
