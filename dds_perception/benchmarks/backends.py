@@ -219,15 +219,15 @@ class OnnxRuntimeBackend:
                     torch.onnx.export(wrapped, (example,), str(path), dynamo=True, verbose=False)
                 except Exception as error:  # the dynamo exporter cannot trace some models
                     notes.append(f"dynamo export failed ({type(error).__name__}); TorchScript")
-                    torch.onnx.export(wrapped, (example,), str(path), dynamo=False, opset_version=17)
+                    torch.onnx.export(
+                        wrapped, (example,), str(path), dynamo=False, opset_version=17
+                    )
             session_options = ort.SessionOptions()
             threads = settings.threads or torch.get_num_threads()
             session_options.intra_op_num_threads = threads
             session_options.inter_op_num_threads = 1
             session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            provider = (
-                "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-            )
+            provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
             session = ort.InferenceSession(
                 str(path), sess_options=session_options, providers=[provider]
             )

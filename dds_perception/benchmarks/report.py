@@ -113,7 +113,9 @@ def _detectors(section: dict[str, Any]) -> list[str]:
     for run in section["runs"]:
         m = info.get(run["name"], {})
         if "error" in run:
-            body.append([run["name"], run["backend"], run["settings"], "-", "-", "-", run["error"], "-"])
+            body.append(
+                [run["name"], run["backend"], run["settings"], "-", "-", "-", run["error"], "-"]
+            )
             continue
         body.append(
             [
@@ -124,7 +126,8 @@ def _detectors(section: dict[str, Any]) -> list[str]:
                 _m(m.get("params", 0)),
                 _g(m.get("macs", 0)),
                 _ms(run["network_ms"]),
-                f"**{run['ratio_to_ssd300_vgg16']:.2f}x**" if run["name"] == OURS
+                f"**{run['ratio_to_ssd300_vgg16']:.2f}x**"
+                if run["name"] == OURS
                 else f"{run.get('ratio_to_ssd300_vgg16', float('nan')):.2f}x",
             ]
         )
@@ -138,8 +141,16 @@ def _detectors(section: dict[str, Any]) -> list[str]:
         "measured interleaved; the ratio is SSD300-VGG16's median / the model's median.",
         "",
         *_table(
-            ["model", "backend", "settings", "input HxW", "params (M)", "GMACs", "network ms",
-             "speed vs ssd300_vgg16"],
+            [
+                "model",
+                "backend",
+                "settings",
+                "input HxW",
+                "params (M)",
+                "GMACs",
+                "network ms",
+                "speed vs ssd300_vgg16",
+            ],
             body,
         ),
         "",
@@ -178,7 +189,9 @@ def _memory(rows: list[dict[str, Any]]) -> list[str]:
             r["what"],
             f"{r['peak_rss_mb']:.0f}",
             f"{r['peak_rss_delta_mb']:.0f}",
-            "-" if r.get("cuda_peak_allocated_mb") is None else f"{r['cuda_peak_allocated_mb']:.0f}",
+            "-"
+            if r.get("cuda_peak_allocated_mb") is None
+            else f"{r['cuda_peak_allocated_mb']:.0f}",
             r["method"],
         ]
         for r in rows
@@ -187,8 +200,14 @@ def _memory(rows: list[dict[str, Any]]) -> list[str]:
         "## Memory (default settings, one inference)",
         "",
         *_table(
-            ["model", "what", "peak RSS MiB", "added by the call MiB", "CUDA peak alloc MiB",
-             "method"],
+            [
+                "model",
+                "what",
+                "peak RSS MiB",
+                "added by the call MiB",
+                "CUDA peak alloc MiB",
+                "method",
+            ],
             body,
         ),
         "",
@@ -228,8 +247,7 @@ def _speedups(section: dict[str, Any]) -> list[str]:
         "All rows were measured interleaved in one pool.",
         "",
         *_table(
-            ["variant", "meaning", f"{OURS} ms", "gain", f"{REFERENCE} ms", "gain",
-             "speed ratio"],
+            ["variant", "meaning", f"{OURS} ms", "gain", f"{REFERENCE} ms", "gain", "speed ratio"],
             body,
         ),
         "",
@@ -245,9 +263,7 @@ def _profile(section: dict[str, Any]) -> list[str]:
     categories: list[str] = []
     for data in section.values():
         categories += [c for c in data["share"] if c not in categories]
-    body = [
-        [c, *(f"{section[k]['share'].get(c, 0.0):.1%}" for k in section)] for c in categories
-    ]
+    body = [[c, *(f"{section[k]['share'].get(c, 0.0):.1%}" for k in section)] for c in categories]
     body.append(["ms per call (profiled)", *(f"{section[k]['ms_per_call']:.1f}" for k in section)])
     lines += _table(["operator category", *section.keys()], body)
     return [*lines, ""]
@@ -258,7 +274,9 @@ def _target(target: dict[str, Any]) -> list[str]:
         return []
     best = target["best"]
     verdict = "REACHED" if target["reached"] else "NOT reached"
-    body = [[r["source"], r["backend"], r["settings"], f"{r['ratio']:.2f}x"] for r in target["ratios"]]
+    body = [
+        [r["source"], r["backend"], r["settings"], f"{r['ratio']:.2f}x"] for r in target["ratios"]
+    ]
     return [
         f"## Target: {OURS} >= {target['target_ratio']:.0f}x faster than {REFERENCE}",
         "",
@@ -359,10 +377,16 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
         table = speedups["table"]
         fig, ax = plt.subplots(figsize=(8, 4))
         y = range(len(table))
-        ax.barh([i - 0.2 for i in y], [e[f"{OURS}_ms"] for e in table], 0.4, label=OURS,
-                color="C3")
-        ax.barh([i + 0.2 for i in y], [e[f"{REFERENCE}_ms"] for e in table], 0.4,
-                label=REFERENCE, color="C0")
+        ax.barh(
+            [i - 0.2 for i in y], [e[f"{OURS}_ms"] for e in table], 0.4, label=OURS, color="C3"
+        )
+        ax.barh(
+            [i + 0.2 for i in y],
+            [e[f"{REFERENCE}_ms"] for e in table],
+            0.4,
+            label=REFERENCE,
+            color="C0",
+        )
         ax.set_yticks(list(y), [e["variant"] for e in table], fontsize=7)
         ax.set_xlabel("latency (ms, median)")
         ax.legend(fontsize=7)

@@ -61,6 +61,9 @@ class BenchConfig:
     compile: bool = True  # measure torch.compile in the speed-up study (slow to compile)
     weights: Path | None = None  # pipeline weights (None: the shipped weights, else untrained)
     frame_image: Path | None = None  # a real frame for the pipeline (None: generated)
+    # network input sizes of torchvision detectors (None: what their transform makes of the
+    # frame); --quick shrinks them to the smallest sizes they run at
+    torchvision_inputs: dict[str, tuple[int, int]] | None = None
     profile: bool = True
     quick: bool = False
     sections: tuple[str, ...] = (
@@ -77,12 +80,18 @@ class BenchConfig:
     def quick_config(cls, **changes: Any) -> BenchConfig:
         """Tiny sizes and few repeats: the whole bench in seconds (for tests, not for numbers)."""
         values: dict[str, Any] = {
-            "warmup": 1,
+            "warmup": 0,
             "repeats": 2,
+            "threads": 1,  # OpenMP barriers stall under load from other processes
             "backbone_size": 64,
             "backbone_batch": 2,
             "frame": (60, 190),
             "our_input": (64, 192),
+            "torchvision_inputs": {
+                "ssd300_vgg16": (268, 268),  # the smallest its valid-padded extras accept
+                "ssdlite320_mobilenet_v3_large": (128, 128),
+                "fasterrcnn_mobilenet_v3_large_320_fpn": (64, 192),
+            },
             "compile": False,
             "quick": True,
         }
@@ -96,6 +105,15 @@ class BenchConfig:
         for key in ("weights", "frame_image"):
             data[key] = None if data[key] is None else str(data[key])
         return data
+
+
+def _detector(name: str, config: BenchConfig) -> Candidate:
+    candidate = detector_candidate(name, config.frame, config.our_input)
+    size = (config.torchvision_inputs or {}).get(name)
+    if size is not None:
+        candidate.input_size = tuple(size)
+        candidate.description += f" (--quick: run at {size[1]}x{size[0]})"
+    return candidate
 
 
 def _settings_default(config: BenchConfig) -> Settings:
@@ -188,7 +206,7 @@ def _detector_candidates(config: BenchConfig) -> dict[str, Candidate]:
     names = list(config.detectors)
     if REFERENCE not in names:
         names.append(REFERENCE)  # the ratios need it
-    return {n: detector_candidate(n, config.frame, config.our_input) for n in names}
+    return {n: _detector(n, config) for n in names}
 
 
 def _ratio_rows(
@@ -310,7 +328,7 @@ def _build_pipeline(config: BenchConfig) -> tuple[Any, str]:
             weights, device=config.device, half=config.half, input_size=config.our_input
         )
         return pipeline, str(weights)
-    candidate = detector_candidate(OURS, config.frame, config.our_input)
+    candidate = _detector(OURS, config)
     pipeline = Pipeline(candidate.network, device=config.device, half=config.half)
     return pipeline, "untrained (no weights file)"
 
@@ -420,7 +438,7 @@ def bench_speedups(config: BenchConfig) -> dict[str, Any]:
     and keeps the rest, so the difference is that switch's own contribution. ``plain`` is
     eager PyTorch with none of them; ``compile`` is torch.compile on top of the default.
     """
-    models = {n: detector_candidate(n, config.frame, config.our_input) for n in (OURS, REFERENCE)}
+    models = {n: _detector(n, config) for n in (OURS, REFERENCE)}
     default = _settings_default(config)
     variants: list[tuple[str, str, Settings]] = [
         ("plain", "none of the speed-ups", Settings.plain().with_(threads=config.threads)),
@@ -505,9 +523,7 @@ def _is_depthwise(shapes: Sequence[Any]) -> bool:
         return False
 
 
-def profile_network(
-    network: nn.Module, prepared: Prepared, repeats: int = 3
-) -> dict[str, Any]:
+def profile_network(network: nn.Module, prepared: Prepared, repeats: int = 3) -> dict[str, Any]:
     """Self CPU time per operator category and the top operators, over ``repeats`` calls."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -527,9 +543,7 @@ def profile_network(
             (c for c, test in _CATEGORIES if test(event.key, event.input_shapes)), "other"
         )
         totals[category] = totals.get(category, 0.0) + us
-    top = sorted(
-        prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True
-    )[:10]
+    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
     return {
         "ms_per_call": round(grand / repeats / 1e3, 3),
         "share": {c: round(v / grand, 4) for c, v in sorted(totals.items(), key=lambda i: -i[1])},
@@ -546,7 +560,7 @@ def profile_network(
 
 def bench_profile(config: BenchConfig) -> dict[str, Any]:
     """Where our detector's time goes, plain eager against the pipeline's default."""
-    candidate = detector_candidate(OURS, config.frame, config.our_input)
+    candidate = _detector(OURS, config)
     result = {}
     for label, settings in (
         ("plain", Settings.plain().with_(threads=config.threads)),

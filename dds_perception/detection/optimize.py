@@ -26,6 +26,7 @@ exactly once. That works for any module structure, including Python control flow
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -154,7 +155,7 @@ def _fold_sequential_pairs(model: nn.Module) -> int:
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
         names = list(seq._modules)
-        for first, second in zip(names, names[1:], strict=False):
+        for first, second in itertools.pairwise(names):
             conv, bn = seq._modules[first], seq._modules[second]
             if (
                 _is_plain_conv(conv)
@@ -181,6 +182,8 @@ def fold_batchnorm(model: nn.Module, example: Any = None) -> int:
         raise OptimizeError("fold_batchnorm needs model.eval(): training-mode BN cannot fold")
     if example is None:
         return _fold_sequential_pairs(model)
+    if count_batchnorm(model) == 0:
+        return 0
 
     recorder = _FlowRecorder()
     handles = []
@@ -328,6 +331,8 @@ class InferenceOptions:
     channels_last: bool | None = None
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    # inductor freezing: constant-folds the (frozen) weights and prepacks them for oneDNN
+    compile_freezing: bool = True
 
     def resolved(self, device: torch.device, half: bool) -> InferenceOptions:
         """The options with ``channels_last=None`` decided for this device."""
@@ -371,7 +376,10 @@ def optimize_for_inference(
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
     if options.compile:
-        model = torch.compile(model, mode=options.compile_mode, dynamic=False)
+        inductor = {"freezing": True} if options.compile_freezing else None
+        if options.compile_mode is not None and inductor:
+            raise OptimizeError("compile_mode and compile_freezing cannot be combined")
+        model = torch.compile(model, mode=options.compile_mode, dynamic=False, options=inductor)
     return model
 
 
