@@ -16,6 +16,10 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("dds_perception.models.summary", "list the model zoo: parameters, MACs, RF"),
     "train-detector": ("dds_perception.engine.train_detector", "train the car detector (RPN)"),
+    "train-classifier": ("dds_perception.engine.train_classifier", "train a Caltech classifier"),
+    "evaluate-classifier": ("dds_perception.engine.evaluate_classifier", "classifier top-1/5"),
+    "compare-backbones": ("dds_perception.engine.compare_backbones", "paper's backbone table"),
+    "plot-accuracy": ("dds_perception.engine.plot_accuracy", "accuracy vs steps PNG"),
     "bench": ("dds_perception.benchmarks.command", "benchmark backbones, detectors, pipeline"),
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
     "make-scenes": ("dds_perception.data.scenes", "write generated KITTI-format road scenes"),

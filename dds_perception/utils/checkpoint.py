@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError as SafetensorsError
 from safetensors.torch import load_file, save_file
 
 from dds_perception.utils.io import atomic_path
@@ -74,7 +74,7 @@ def load_weights(
     meta = read_meta(path)
     try:
         tensors = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, RuntimeError) as error:
+    except (SafetensorsError, OSError, RuntimeError) as error:
         raise CheckpointError(f"{path}: corrupt or truncated weights ({error})") from None
     return tensors, meta
 
