@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate-classifier": ("dds_perception.engine.evaluate_classifier", "classifier top-1/5"),
     "compare-backbones": ("dds_perception.engine.compare_backbones", "paper's backbone table"),
     "plot-accuracy": ("dds_perception.engine.plot_accuracy", "accuracy vs steps PNG"),
+    "bench": ("dds_perception.benchmarks.command", "benchmark backbones, detectors, pipeline"),
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
     "make-scenes": ("dds_perception.data.scenes", "write generated KITTI-format road scenes"),
     "anchors": ("dds_perception.data.anchor_stats", "anchor sizes/ratios from KITTI car boxes"),
