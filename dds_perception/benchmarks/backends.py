@@ -3,22 +3,18 @@
 A backend turns ``(module, example input, device, half, settings)`` into a :class:`Prepared`
 network: a zero-argument callable that runs the network once on the prepared input, plus what
 preparing it cost. ``torch`` applies :func:`dds_perception.detection.optimize.
-optimize_for_inference` under the given :class:`Settings`; ``onnxruntime`` exports the network
-with ``torch.onnx`` and runs it with ONNX Runtime's CPU (or CUDA) execution provider.
-
-Issue 10 owns the deployment backends of the pipeline (ONNX Runtime, TensorRT); the
-``onnxruntime`` entry here is the bench's own side experiment on the bare network. Another
-backend is added with :func:`register_backend` and then appears under ``--backend``.
+optimize_for_inference` under the given :class:`Settings`; ``onnxruntime`` and ``tensorrt``
+(:mod:`.deploy_backends`, issue 10) export the network as ``dds-perception export`` does and run
+it as the pipeline's backends do. Another backend is added with :func:`register_backend` and
+then appears under ``--backend``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -180,68 +176,6 @@ class _TupleOutputs(nn.Module):
         return tuple(_flatten_outputs(self.module(x)))
 
 
-class OnnxRuntimeBackend:
-    """``torch.onnx`` export + ONNX Runtime (side experiment; issue 10 owns the real backend)."""
-
-    name = "onnxruntime"
-
-    def unavailable(self, device: torch.device, half: bool) -> str | None:
-        try:
-            import onnxruntime
-        except ImportError:
-            return "onnxruntime is not installed (pip install 'dds_perception[onnx]')"
-        if half:
-            return "the bench's ONNX Runtime experiment exports fp32 only"
-        wanted = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-        if wanted not in onnxruntime.get_available_providers():
-            return f"{wanted} not in {onnxruntime.get_available_providers()}"
-        return None
-
-    def prepare(
-        self,
-        module: nn.Module,
-        example: torch.Tensor,
-        *,
-        device: torch.device,
-        half: bool,
-        settings: Settings,
-    ) -> Prepared:
-        import numpy as np
-        import onnxruntime as ort
-
-        start = time.perf_counter()
-        notes: list[str] = []
-        wrapped = _TupleOutputs(module).eval()
-        with tempfile.TemporaryDirectory(prefix="dds_bench_onnx_") as tmp:
-            path = Path(tmp) / "model.onnx"
-            with torch.no_grad():
-                try:
-                    torch.onnx.export(wrapped, (example,), str(path), dynamo=True, verbose=False)
-                except Exception as error:  # the dynamo exporter cannot trace some models
-                    notes.append(f"dynamo export failed ({type(error).__name__}); TorchScript")
-                    torch.onnx.export(
-                        wrapped, (example,), str(path), dynamo=False, opset_version=17
-                    )
-            session_options = ort.SessionOptions()
-            threads = settings.threads or torch.get_num_threads()
-            session_options.intra_op_num_threads = threads
-            session_options.inter_op_num_threads = 1
-            session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-            session = ort.InferenceSession(
-                str(path), sess_options=session_options, providers=[provider]
-            )
-        feed = {session.get_inputs()[0].name: np.ascontiguousarray(example.cpu().numpy())}
-        prepare_s = time.perf_counter() - start
-
-        def run() -> Any:
-            return session.run(None, feed)
-
-        return Prepared(
-            run=run, prepare_s=prepare_s, first_call_s=_timed_first_call(run), notes=notes
-        )
-
-
 BACKENDS: dict[str, Backend] = {}
 
 
@@ -259,4 +193,9 @@ def get_backend(name: str) -> Backend:
 
 
 register_backend(TorchBackend())
-register_backend(OnnxRuntimeBackend())
+
+# the deployment backends (issue 10): the export and runtime settings of the pipeline's backends
+from dds_perception.benchmarks.deploy_backends import OnnxRuntimeBench, TensorRTBench  # noqa: E402
+
+register_backend(OnnxRuntimeBench())
+register_backend(TensorRTBench())

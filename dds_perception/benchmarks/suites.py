@@ -254,11 +254,15 @@ def bench_detectors(config: BenchConfig) -> dict[str, Any]:
                     prepared[name] = _prepare(candidate, backend, settings, config)
                 except BenchError as error:
                     errors[name] = str(error)
-            timings = measure_interleaved(
-                {n: p.run for n, p in prepared.items()},
-                warmup=config.warmup,
-                repeats=config.repeats,
-                device=config.device,
+            timings = (
+                measure_interleaved(
+                    {n: p.run for n, p in prepared.items()},
+                    warmup=config.warmup,
+                    repeats=config.repeats,
+                    device=config.device,
+                )
+                if prepared  # a backend unavailable here (e.g. tensorrt without a GPU)
+                else {}
             )
             rows = _ratio_rows(
                 timings,

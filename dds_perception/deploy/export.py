@@ -1,12 +1,14 @@
 """Export the detector network to ONNX, carry its metadata, and check it with ONNX Runtime.
 
 What is exported: backbone + RPN head + box decoding, i.e. the eval ``forward`` of
-:class:`~dds_perception.detection.detector.RPNDetector`, with BatchNorm folded into the
-convolutions. Input ``images`` (N, 3, H, W): the letterboxed RGB frame normalised as
-``(pixel - 255 * mean) / (255 * std)`` (the pipeline's preprocessing, unchanged). Outputs
-``scores`` (N, K) car probabilities and ``boxes`` (N, K, 4) x1, y1, x2, y2 in network-input pixels,
-one row per anchor. Score threshold, NMS and top-k stay in the shared pipeline postprocess
-(``torchvision.ops.batched_nms``), so every backend's detections go through the same code.
+:class:`~dds_perception.detection.detector.RPNDetector`, after the pipeline's graph-level
+speed-ups (``detection.optimize``: BatchNorm folded into the convolutions, equal-dilation
+pyramid branches merged; identical outputs). Input ``images`` (N, 3, H, W): the letterboxed RGB
+frame normalised as ``(pixel - 255 * mean) / (255 * std)`` (the pipeline's preprocessing,
+unchanged). Outputs ``scores`` (N, K) car probabilities and ``boxes`` (N, K, 4) x1, y1, x2, y2
+in network-input pixels, one row per anchor. Score threshold, NMS and top-k stay in the shared
+pipeline postprocess (``torchvision.ops.batched_nms``), so every backend's detections go
+through the same code.
 
 Exporters: torch's ``dynamo=True`` exporter needs opset >= 18; the TorchScript exporter serves
 opsets 9-20 and is the one that reaches old runtimes (TensorRT 8.2 on a Jetson TX2 parses opset
@@ -51,7 +53,7 @@ from dds_perception.deploy.onnx_meta import (
     set_metadata,
 )
 from dds_perception.detection.detector import RPNDetector
-from dds_perception.detection.fuse import fuse_conv_bn
+from dds_perception.detection.optimize import InferenceOptions, optimize_for_inference
 from dds_perception.detection.postprocess import PostprocessParams, postprocess
 from dds_perception.detection.weights import load_detector
 from dds_perception.utils.io import atomic_path
@@ -299,10 +301,18 @@ def export_detector(
     size = tuple(config.input_size)
     detector = detector.eval().cpu()
     detector.config = config
-    fuse_conv_bn(detector)
+    batch = 2 if dynamic_batch else 1
+    # the pipeline's graph-level speed-ups (BN folded, equal-dilation pyramid branches merged);
+    # the layout ones (channels_last, compile) are the runtime's business
+    optimize_for_inference(
+        detector,
+        "cpu",
+        example=torch.zeros(1, 3, *size),
+        options=InferenceOptions(channels_last=False, compile=False),
+        inplace=True,
+    )
     dtype = torch.float16 if half else torch.float32
     network = ExportedNetwork(detector).to(dtype).eval()
-    batch = 2 if dynamic_batch else 1
     example = torch.zeros(batch, 3, *size, dtype=dtype)
     with torch.inference_mode():
         count = int(network(example)[0].shape[1])
