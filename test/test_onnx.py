@@ -290,6 +290,40 @@ def test_onnx_pipeline_from_weights_backend(weights, monkeypatch, tmp_path, capl
     assert_same_pipeline_detections(reference(rgb), again(rgb))
 
 
+# ------------------------------------------------------------------------------ bench
+def test_onnx_bench_backends(weights):
+    from dds_perception.benchmarks.backends import Settings, get_backend
+    from dds_perception.detection import load_detector
+
+    cpu = torch.device("cpu")
+    bench = get_backend("onnxruntime")
+    assert bench.unavailable(cpu, False) is None
+    assert "CUDA only" in bench.unavailable(cpu, True)
+    # a torchvision-style network (what ssd300_vgg16 goes through): BN folded, exported, run
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=2, dilation=2),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 1),
+    ).eval()
+    torch.nn.init.uniform_(net[1].running_var, 0.5, 2.0)
+    x = torch.randn(1, 3, 32, 48)
+    prepared = bench.prepare(net, x, device=cpu, half=False, settings=Settings(threads=1))
+    (out,) = prepared.run()
+    np.testing.assert_allclose(out, net(x).detach().numpy(), atol=1e-5, rtol=0)
+    # our detector goes through export_detector: its check lands in the notes
+    detector = load_detector(weights)
+    x = network_input(street_scene(3), detector, INPUT_SIZE)
+    prepared = bench.prepare(detector, x, device=cpu, half=False, settings=Settings(threads=1))
+    assert "onnxruntime vs torch max |diff| scores" in prepared.notes[0]
+    scores, _boxes = prepared.run()
+    with torch.inference_mode():
+        ref = detector(x)["scores"].numpy()
+    np.testing.assert_allclose(scores, ref, atol=1e-4, rtol=0)
+    reason = get_backend("tensorrt").unavailable(cpu, False)
+    assert reason == (TRT_SKIP or "TensorRT runs on CUDA devices only (use --device cuda)")
+
+
 # ------------------------------------------------------------------------------ bad files
 def _edit_meta(src: Path, dst: Path, **changes) -> Path:
     proto = onnx.load(str(src))
