@@ -296,7 +296,9 @@ class TensorRTEngine:
     where they are faster). A dynamic batch dimension gets an optimisation profile up to
     ``max_batch``. The engine is written to ``engine_path`` with a JSON key beside it (ONNX
     SHA-256, TensorRT version, precision, GPU, profile); an engine whose key differs is stale: it
-    is rebuilt and the reason logged. ``engine(x)`` returns ``{output name: tensor}`` on the GPU.
+    is rebuilt and the reason logged. An ``engine_path`` given explicitly without a key beside it
+    (e.g. built with ``trtexec --saveEngine``) is used as it is when it deserializes.
+    ``engine(x)`` returns ``{output name: tensor}`` on the GPU.
     Runs with the TensorRT 8.2-8.4 binding API (JetPack 4.6 / 5.0) and the 8.5+/10.x named-tensor
     API. Used by :class:`TensorRTBackend` and the benchmark.
     """
@@ -325,6 +327,7 @@ class TensorRTEngine:
         self.max_batch = int(max_batch)
         self.workspace_mb = int(workspace_mb)
         self.engine_path = Path(engine_path) if engine_path else engine_path_for(path, self.fp16)
+        self._user_engine = engine_path is not None
         self.input_name, self.input_shape, self.output_names = _onnx_io(self.path)
         self.dynamic_batch = not isinstance(self.input_shape[0], int)
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -361,6 +364,21 @@ class TensorRTEngine:
                     return engine
                 log.warning(
                     "tensorrt: cached engine %s does not load; rebuilding", self.engine_path
+                )
+            elif cached is None and self._user_engine:  # e.g. built by trtexec on the device
+                engine = self._deserialize(self.engine_path.read_bytes())
+                if engine is not None:
+                    log.warning(
+                        "tensorrt: using %s as given (no cache key beside it: it must have been "
+                        "built from %s for this GPU)",
+                        self.engine_path,
+                        self.path.name,
+                    )
+                    return engine
+                log.warning(
+                    "tensorrt: %s does not load with TensorRT %s; rebuilding",
+                    self.engine_path,
+                    self.trt.__version__,
                 )
             else:
                 changed = (
