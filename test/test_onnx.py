@@ -210,6 +210,19 @@ def test_onnx_dynamo_exporter(weights, tmp_path):
     assert report.validation["detections_torch"] == report.validation["detections_onnx"]
 
 
+@pytest.mark.parametrize("channels", [1, 6])
+def test_onnx_decomposed_prelu_is_exact(channels):
+    from dds_perception.deploy.export import DecomposedPReLU, decompose_prelu
+
+    prelu = torch.nn.PReLU(channels)
+    torch.nn.init.uniform_(prelu.weight, -1.5, 1.5)  # negative and > 1 slopes too
+    x = torch.randn(2, 6, 5, 7) * 3
+    x[0, :, 0, 0] = 0.0
+    torch.testing.assert_close(DecomposedPReLU(prelu)(x), prelu(x), atol=0, rtol=0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.Sequential(prelu))
+    assert decompose_prelu(model) == 1 and isinstance(model[1][0], DecomposedPReLU)
+
+
 def test_onnx_export_rejects_bad_options(weights, tmp_path):
     with pytest.raises(ExportError, match="dynamo exporter needs opset >= 18"):
         export_onnx(weights, tmp_path / "x.onnx", opset=13, exporter="dynamo")
