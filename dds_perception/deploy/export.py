@@ -64,7 +64,10 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 EXPORTERS = ("auto", "dynamo", "torchscript")
 # max |onnxruntime - torch| accepted right after export, per precision
-TOLERANCE = {"fp32": {"scores": 1e-3, "boxes": 0.05}, "fp16": {"scores": 2e-2, "boxes": 2.0}}
+# fp16 boxes: 0.5 % of the input's longer side (6 px at 1248): fp16 keeps 11 significant bits,
+# and ONNX Runtime and torch accumulate the 17 layers' fp16 rounding differently
+TOLERANCE = {"fp32": {"scores": 1e-3, "boxes": 0.05}, "fp16": {"scores": 2e-2, "boxes": 0.005}}
+RELATIVE_BOX_TOLERANCE = {"fp32": False, "fp16": True}
 PAD_VALUE = 114
 
 
@@ -541,12 +544,15 @@ def validate_export(
     cat = lambda outs: tuple(np.concatenate([o[i] for o in outs]) for i in range(2))  # noqa: E731
     onnx_all, torch_all = cat(onnx_out), cat(torch_out)
     precision = "fp16" if half else "fp32"
+    tolerance = dict(TOLERANCE[precision])
+    if RELATIVE_BOX_TOLERANCE[precision]:
+        tolerance["boxes"] = round(tolerance["boxes"] * max(size), 3)
     result: dict[str, Any] = {
         "runtime": f"{ort.__version__} CPUExecutionProvider",
         "frames": int(batch.shape[0]),
         "sources": sources,
         **_compare(onnx_all, torch_all),
-        "tolerance": TOLERANCE[precision],
+        "tolerance": tolerance,
         "detections_torch": _count_detections(detector.config, *torch_all),
         "detections_onnx": _count_detections(detector.config, *onnx_all),
     }
@@ -558,10 +564,10 @@ def validate_export(
             "detections_fp16": result["detections_onnx"],
         }
     for key in ("scores", "boxes"):
-        if result[f"{key}_max_abs_diff"] > TOLERANCE[precision][key]:
+        if result[f"{key}_max_abs_diff"] > tolerance[key]:
             raise ExportError(
                 f"{path}: onnxruntime differs from torch by {result[f'{key}_max_abs_diff']:.3g} "
-                f"in {key} (tolerance {TOLERANCE[precision][key]:g}); export not kept"
+                f"in {key} (tolerance {tolerance[key]:g}); export not kept"
             )
     return result
 
