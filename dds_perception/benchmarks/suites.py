@@ -81,7 +81,7 @@ class BenchConfig:
         """Tiny sizes and few repeats: the whole bench in seconds (for tests, not for numbers)."""
         values: dict[str, Any] = {
             "warmup": 0,
-            "repeats": 2,
+            "repeats": 1,
             "threads": 1,  # OpenMP barriers stall under load from other processes
             "backbone_size": 64,
             "backbone_batch": 2,
