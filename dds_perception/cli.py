@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-scenes": ("dds_perception.data.scenes", "write generated KITTI-format road scenes"),
     "anchors": ("dds_perception.data.anchor_stats", "anchor sizes/ratios from KITTI car boxes"),
     "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
+    "kitti2bag": ("dds_perception.ros.kitti2bag", "convert KITTI frames into a ROS 2 bag (10 Hz)"),
+    "replay": ("dds_perception.ros.replay", "run a bag through the detector: AP + latency"),
+    "evaluate-bag": ("dds_perception.ros.evaluate_bag", "AP of a recorded /detections bag"),
 }
 
 
