@@ -152,11 +152,15 @@ def test_bench_quick_markdown_and_plots(quick_bench: Path) -> None:
         assert (quick_bench / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_rejects_bad_options(cli, tmp_path: Path) -> None:
-    result = cli("bench", "--half", "--quick", "--out", str(tmp_path), check=False)
-    assert result.returncode == 1 and "--half needs --device cuda" in result.stderr
-    result = cli("bench", "--quick", "--backend", "nope", "--out", str(tmp_path), check=False)
-    assert result.returncode == 1 and "unknown backend 'nope'" in result.stderr
+def test_bench_rejects_bad_options(tmp_path: Path, capsys) -> None:
+    from dds_perception.cli import main
+
+    assert main(["bench", "--half", "--quick", "--out", str(tmp_path)]) == 1
+    assert "--half needs --device cuda" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--backend", "nope", "--out", str(tmp_path)]) == 1
+    assert "unknown backend 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--repeats", "0", "--out", str(tmp_path)]) == 1
+    assert "--repeats must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
 
 
