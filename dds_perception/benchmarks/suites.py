@@ -441,6 +441,7 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
     ("inference_mode", "autograd on (plain call)", True),
     ("fold_bn", "BatchNorm kept as separate layers", False),
     ("merge_pyramid", "one depthwise conv per branch (4 per pyramid stage)", False),
+    ("split_pyramid", "torch.split of the expanded map (copies in NHWC)", False),
     ("channels_last", "NCHW layout", True),
     ("mkldnn", "oneDNN off (ATen's own convolutions)", True),
     ("threads", "1 intra-op thread", True),
