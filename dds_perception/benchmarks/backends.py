@@ -213,7 +213,11 @@ class OnnxRuntimeBackend:
 
         start = time.perf_counter()
         notes: list[str] = []
-        wrapped = _TupleOutputs(module).eval()
+        # the same graph rewrites as the torch backend (BN folding, pyramid branches); layout
+        # and compilation are ONNX Runtime's own business
+        options = replace(settings.options, channels_last=False, compile=False)
+        network = optimize_for_inference(module, "cpu", example=example, options=options)
+        wrapped = _TupleOutputs(network).eval()
         with tempfile.TemporaryDirectory(prefix="dds_bench_onnx_") as tmp:
             path = Path(tmp) / "model.onnx"
             with torch.no_grad():
