@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "anchors": ("dds_perception.data.anchor_stats", "anchor sizes/ratios from KITTI car boxes"),
     "export": ("dds_perception.deploy.cli", "ONNX export with metadata, checked by ONNX Runtime"),
     "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
+    "kitti2bag": ("dds_perception.ros.kitti2bag", "convert KITTI frames into a ROS 2 bag (10 Hz)"),
+    "replay": ("dds_perception.ros.replay", "run a bag through the detector: AP + latency"),
+    "evaluate-bag": ("dds_perception.ros.evaluate_bag", "AP of a recorded /detections bag"),
 }
 
 

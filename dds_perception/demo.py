@@ -7,7 +7,8 @@ hard, AP_11 and AP_40), and draw a few annotated frames (ground truth green, Van
 detections red with their score).
 
 Outputs under --out: scenes/ (the generated KITTI folder), results/ (one NNNNNN.txt per frame),
-ap.json and ap.md, latency.json, frames/NNNNNN.png.
+ap.json and ap.md, latency.json, frames/NNNNNN.png, and bag/ (the scenes as a ROS 2 bag,
+replayed in-process: bag/replay/report.json with the same AP; skip with --no-bag).
 
 examples:
   dds-perception demo
@@ -62,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--draw-threshold", type=float, default=0.5, help="score above which boxes are drawn"
     )
     parser.add_argument("--draw", type=int, default=4, help="number of annotated frames")
+    parser.add_argument(
+        "--no-bag",
+        action="store_true",
+        help="skip the ROS 2 bag round (scenes -> bag -> in-process replay -> AP, latency)",
+    )
 
 
 def annotate(
@@ -153,4 +159,19 @@ def run(args: argparse.Namespace) -> int:
         + ", ".join(f"{stage} {latency[stage]['mean_ms']:.1f}" for stage in timings)
     )
     print(f"annotated frames: {frames_dir}; results: {results}; AP: {out / 'ap.json'}")
+    if not args.no_bag:
+        _bag_round(scenes, out / "bag", pipeline, evaluation.to_json(), weights)
     return 0
+
+
+def _bag_round(scenes: Path, out: Path, pipeline: Pipeline, file_ap: dict, weights: Path) -> None:
+    """The same scenes as a ROS 2 bag, replayed in-process: the AP must not change."""
+    from dds_perception.ros.replay import bag_demo
+
+    report = bag_demo(scenes, out, pipeline, weights=str(weights))
+    print((out / "replay" / "report.md").read_text(encoding="utf-8"), end="")
+    same = report["evaluation"] == file_ap
+    print(
+        f"bag {out / 'kitti_bag'} replayed: AP {'equals' if same else 'DIFFERS FROM'} the "
+        f"label files' AP; report: {out / 'replay' / 'report.json'}"
+    )

@@ -20,11 +20,12 @@ from dds_perception.benchmarks.memory import measure_peak_memory
 from dds_perception.benchmarks.timing import measure, measure_interleaved, summarize
 from dds_perception.detection.optimize import (
     InferenceOptions,
-    MergedPyramidDepthwiseConv,
+    SplitPyramidBlock,
     count_batchnorm,
     fold_batchnorm,
     merge_pyramid_branches,
     optimize_for_inference,
+    split_pyramid_producers,
 )
 from dds_perception.models import get_model, list_models
 
@@ -117,7 +118,15 @@ def test_bench_quick_json_has_every_section(quick_bench: Path) -> None:
 
     variants = [e["variant"] for e in data["speedups"]["table"]]
     assert variants[:2] == ["plain", "default"]
-    for switch in ("inference_mode", "fold_bn", "merge_pyramid", "channels_last", "mkldnn"):
+    for switch in (
+        "inference_mode",
+        "fold_bn",
+        "merge_pyramid",
+        "split_pyramid",
+        "channels_last",
+        "mkldnn",
+        "threads",
+    ):
         assert f"{switch}=off" in variants
     for entry in data["speedups"]["table"]:
         assert entry["ratio"] > 0
@@ -152,11 +161,15 @@ def test_bench_quick_markdown_and_plots(quick_bench: Path) -> None:
         assert (quick_bench / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_rejects_bad_options(cli, tmp_path: Path) -> None:
-    result = cli("bench", "--half", "--quick", "--out", str(tmp_path), check=False)
-    assert result.returncode == 1 and "--half needs --device cuda" in result.stderr
-    result = cli("bench", "--quick", "--backend", "nope", "--out", str(tmp_path), check=False)
-    assert result.returncode == 1 and "unknown backend 'nope'" in result.stderr
+def test_bench_rejects_bad_options(tmp_path: Path, capsys) -> None:
+    from dds_perception.cli import main
+
+    assert main(["bench", "--half", "--quick", "--out", str(tmp_path)]) == 1
+    assert "--half needs --device cuda" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--backend", "nope", "--out", str(tmp_path)]) == 1
+    assert "unknown backend 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--repeats", "0", "--out", str(tmp_path)]) == 1
+    assert "--repeats must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
 
 
@@ -187,7 +200,14 @@ def test_bench_optimize_detector_keeps_outputs(use_layer13: bool) -> None:
         fast = optimize_for_inference(model, "cpu", example=x)
         got = fast(x.contiguous(memory_format=torch.channels_last))
     assert count_batchnorm(fast) == 0
-    assert any(isinstance(m, MergedPyramidDepthwiseConv) for m in fast.modules())
+    # equal dilations merged ({1,1,2,3} -> 3 branches, {1,1,1,2} -> 2), then all 17 pyramid
+    # blocks read per-branch producers; layer 1 took over the stem
+    assert sum(isinstance(m, SplitPyramidBlock) for m in fast.modules()) == 17
+    assert isinstance(fast.backbone.features[0], nn.Identity)
+    branches = sorted(
+        {len(m.branches) for m in fast.modules() if isinstance(m, SplitPyramidBlock)}
+    )
+    assert branches == [2, 3, 4]
     assert count_batchnorm(model) > 0  # the original is untouched (inplace=False)
     torch.testing.assert_close(got["scores"], expected["scores"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got["boxes"], expected["boxes"], atol=1e-2, rtol=1e-4)
@@ -215,6 +235,24 @@ def test_bench_fold_torchvision_detectors(name: str) -> None:
     assert count_batchnorm(folded) == 0
     for a, b in zip(_flat(got), _flat(expected), strict=True):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_bench_split_pyramid_is_exact_after_folding() -> None:
+    """Splitting the producers changes no dot product (NHWC vs NCHW kernels: rounding only)."""
+    model = get_model("dds_mobilenet_v2", num_classes=0).eval()
+    _randomize_bn(model)
+    for m in model.modules():
+        if isinstance(m, nn.PReLU):
+            m.weight.data.uniform_(0.0, 0.5)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fold_batchnorm(model, x)
+        expected = model(x)
+        merge_pyramid_branches(model)
+        assert split_pyramid_producers(model) == 17
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5)
 
 
 def test_bench_merge_pyramid_is_exact() -> None:

@@ -50,7 +50,9 @@ class Settings:
     def plain(cls) -> Settings:
         """Plain eager PyTorch as a user writes it first: ``model.eval()(x)``, nothing else."""
         return cls(
-            options=InferenceOptions(fold_bn=False, channels_last=False, merge_pyramid=False),
+            options=InferenceOptions(
+                fold_bn=False, channels_last=False, merge_pyramid=False, split_pyramid=False
+            ),
             inference_mode=False,
         )
 

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--half", action="store_true", help="fp16 (CUDA only)")
     parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes, 2 repeats: seconds, numbers meaningless"
+        "--quick", action="store_true", help="tiny sizes, 1 repeat: seconds, numbers meaningless"
     )
     parser.add_argument(
         "--backend",

@@ -23,6 +23,7 @@ import copy
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +45,24 @@ from dds_perception.deploy.backends import (
 )
 from dds_perception.deploy.export import DEFAULT_OPSET, export_detector, export_network
 from dds_perception.detection.detector import RPNDetector
-from dds_perception.detection.optimize import InferenceOptions, optimize_for_inference
+from dds_perception.detection.optimize import optimize_for_inference
 
 
 def _export(
     module: nn.Module, example: torch.Tensor, path: Path, half: bool, settings: Settings
 ) -> tuple[list[str], list[str]]:
     """Export ``module`` for ``example`` to ``path``; return (output names, notes)."""
-    options = InferenceOptions(
-        fold_bn=settings.options.fold_bn,
-        merge_pyramid=settings.options.merge_pyramid,
-        channels_last=False,
-        compile=False,
-    )
+    # the torch backend's graph rewrites; layout and compilation are the runtime's business
+    options = replace(settings.options, channels_last=False, compile=False)
     if isinstance(module, RPNDetector):
         detector = copy.deepcopy(module).eval()
         report = export_detector(
-            detector, path, input_size=tuple(example.shape[-2:]), half=half, opset=DEFAULT_OPSET
+            detector,
+            path,
+            input_size=tuple(example.shape[-2:]),
+            half=half,
+            opset=DEFAULT_OPSET,
+            options=options,
         )
         v = report.validation
         note = (

@@ -61,7 +61,7 @@ def _environment(results: dict[str, Any]) -> list[str]:
         "products only)",
     ]
     if cfg.get("quick"):
-        lines.append("- **--quick run: tiny sizes and 2 repeats; the numbers mean nothing**")
+        lines.append("- **--quick run: tiny sizes and 1 repeat; the numbers mean nothing**")
     return [*lines, ""]
 
 

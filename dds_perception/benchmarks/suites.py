@@ -75,13 +75,15 @@ class BenchConfig:
         "profile",
     )
     progress: Callable[[str], None] = field(default=lambda message: None, repr=False)
+    # built networks and measurements shared between the sections of one run
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def quick_config(cls, **changes: Any) -> BenchConfig:
         """Tiny sizes and few repeats: the whole bench in seconds (for tests, not for numbers)."""
         values: dict[str, Any] = {
             "warmup": 0,
-            "repeats": 2,
+            "repeats": 1,
             "threads": 1,  # OpenMP barriers stall under load from other processes
             "backbone_size": 64,
             "backbone_batch": 2,
@@ -101,6 +103,7 @@ class BenchConfig:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("progress")
+        data.pop("cache")
         data["device"] = str(self.device)
         for key in ("weights", "frame_image"):
             data[key] = None if data[key] is None else str(data[key])
@@ -108,11 +111,16 @@ class BenchConfig:
 
 
 def _detector(name: str, config: BenchConfig) -> Candidate:
+    """The named detector, built once per run (preparing a backend copies it)."""
+    key = f"detector:{name}"
+    if key in config.cache:
+        return config.cache[key]
     candidate = detector_candidate(name, config.frame, config.our_input)
     size = (config.torchvision_inputs or {}).get(name)
     if size is not None:
         candidate.input_size = tuple(size)
         candidate.description += f" (--quick: run at {size[1]}x{size[0]})"
+    config.cache[key] = candidate
     return candidate
 
 
@@ -142,9 +150,9 @@ def _prepare(
 
 
 def _free(*objects: Any) -> None:
+    """Drop prepared networks (the caller's names go out of scope) and CUDA's cached blocks."""
     del objects
-    gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
 
@@ -274,6 +282,10 @@ def bench_detectors(config: BenchConfig) -> dict[str, Any]:
             for row in rows:
                 row["prepare_s"] = round(prepared[row["name"]].prepare_s, 3)
                 row["notes"] = prepared[row["name"]].notes
+            if backend == "torch" and label == "optimized" and "memory" in config.sections:
+                config.cache["memory"] = [
+                    _memory_row(name, p, config) for name, p in prepared.items()
+                ]
             rows += [
                 {"name": n, "backend": backend, "settings": label, "error": e}
                 for n, e in errors.items()
@@ -284,16 +296,26 @@ def bench_detectors(config: BenchConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- memory
+def _memory_row(name: str, prepared: Prepared, config: BenchConfig) -> dict[str, Any]:
+    config.progress(f"memory: {name}")
+    gc.collect()
+    peak = measure_peak_memory(prepared.run, device=config.device)
+    return {"name": name, "what": "network, batch 1, default settings", **peak.to_json()}
+
+
 def bench_memory(config: BenchConfig) -> list[dict[str, Any]]:
-    """Peak RSS (and CUDA peak allocated) of one batch-1 inference per detector."""
+    """Peak RSS (and CUDA peak allocated) of one batch-1 inference per detector.
+
+    Measured on the networks the detectors section prepared (torch backend, default
+    settings) when that section ran; prepared here otherwise.
+    """
+    if "memory" in config.cache:
+        return config.cache["memory"]
     rows = []
     settings = _settings_default(config)
     for name, candidate in _detector_candidates(config).items():
-        config.progress(f"memory: {name}")
-        gc.collect()
         prepared = _prepare(candidate, "torch", settings, config)
-        peak = measure_peak_memory(prepared.run, device=config.device)
-        rows.append({"name": name, "what": "network, batch 1", **peak.to_json()})
+        rows.append(_memory_row(name, prepared, config))
         _free(prepared)
     return rows
 
@@ -423,6 +445,7 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
     ("inference_mode", "autograd on (plain call)", True),
     ("fold_bn", "BatchNorm kept as separate layers", False),
     ("merge_pyramid", "one depthwise conv per branch (4 per pyramid stage)", False),
+    ("split_pyramid", "torch.split of the expanded map (copies in NHWC)", False),
     ("channels_last", "NCHW layout", True),
     ("mkldnn", "oneDNN off (ATen's own convolutions)", True),
     ("threads", "1 intra-op thread", True),
@@ -572,7 +595,8 @@ def bench_profile(config: BenchConfig) -> dict[str, Any]:
     ):
         config.progress(f"profile: {label}")
         prepared = _prepare(candidate, "torch", settings, config)
-        result[label] = profile_network(candidate.network, prepared, repeats=3)
+        repeats = 1 if config.quick else 3
+        result[label] = profile_network(candidate.network, prepared, repeats=repeats)
         _free(prepared)
     return result
 

@@ -31,7 +31,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -315,12 +315,15 @@ def export_detector(
     validate: bool = True,
     validation_images: Sequence[str | os.PathLike[str]] = (),
     source: str | os.PathLike[str] | None = None,
+    options: InferenceOptions | None = None,
 ) -> ExportReport:
     """Export ``detector`` to ``out`` (atomically) and validate it; see the module docstring.
 
     ``input_size`` (height, width) overrides the config's (multiples of 32); ``half`` exports
     fp16 weights and input (outputs stay fp32); ``source`` is the weights file whose SHA-256 goes
-    into the metadata. Raises :class:`ExportError` when the export or its validation fails.
+    into the metadata; ``options`` the graph speed-ups applied first (default: the pipeline's;
+    layout and compilation are always off). ``detector`` is modified in place. Raises
+    :class:`ExportError` when the export or its validation fails.
     """
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter {exporter!r}: use one of {EXPORTERS}")
@@ -344,7 +347,7 @@ def export_detector(
         detector,
         "cpu",
         example=torch.zeros(1, 3, *size),
-        options=InferenceOptions(channels_last=False, compile=False),
+        options=replace(options or InferenceOptions(), channels_last=False, compile=False),
         inplace=True,
     )
     decompose_prelu(detector)

@@ -35,9 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torchvision.ops import Conv2dNormActivation
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from dds_perception.models.pyramid import PyramidDepthwiseConv
+from dds_perception.models.pyramid import PyramidDepthwiseConv, PyramidInvertedResidual
 
 _BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, FrozenBatchNorm2d)
 _CAT = (torch.cat, torch.concat, torch.concatenate)
@@ -316,6 +317,138 @@ def merge_pyramid_branches(model: nn.Module) -> int:
     return merged
 
 
+# --------------------------------------------------------------------------- split producers
+def _conv_slice(conv: nn.Conv2d, start: int, stop: int) -> nn.Conv2d:
+    """The output channels ``start:stop`` of a (groups=1) convolution, as a convolution."""
+    part = nn.Conv2d(
+        conv.in_channels,
+        stop - start,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        part.weight.copy_(conv.weight[start:stop])
+        if conv.bias is not None:
+            part.bias.copy_(conv.bias[start:stop])
+    return part
+
+
+def _act_slice(act: nn.Module, start: int, stop: int) -> nn.Module:
+    if isinstance(act, nn.PReLU) and act.num_parameters > 1:
+        part = nn.PReLU(stop - start).to(device=act.weight.device, dtype=act.weight.dtype)
+        with torch.no_grad():
+            part.weight.copy_(act.weight[start:stop])
+        return part
+    return act  # a shared-slope PReLU or a parameter-free activation applies to any slice
+
+
+def _folded_producer(module: nn.Module) -> tuple[nn.Conv2d, nn.Module] | None:
+    """(conv, activation) of a folded Conv2dNormActivation [conv, Identity, act], else None."""
+    if not isinstance(module, Conv2dNormActivation) or len(module) != 3:
+        return None
+    conv, norm, act = module
+    if not _is_plain_conv(conv) or conv.groups != 1 or not isinstance(norm, nn.Identity):
+        return None
+    return conv, act
+
+
+class SplitPyramidBlock(nn.Module):
+    """Inference form of a pyramid block whose producer writes one tensor per dilation group.
+
+    In NHWC (channels_last) memory a channel slice is not contiguous, so ``torch.split`` before
+    the dilated branches costs one copy of the expanded map per branch, and the pyramid stage
+    then costs several times MobileNetV2's single depthwise convolution (measured by the bench).
+    Here the producer (the block's 1x1 expansion, or the stem for the expansion-1 block) is
+    split by output channels instead: convolution k computes exactly the channels of branch k
+    (the same dot products), so every branch reads a contiguous tensor and nothing is copied
+    before the concatenation. Needs folded BatchNorm (:func:`fold_batchnorm`).
+    """
+
+    def __init__(
+        self,
+        producer: tuple[nn.Conv2d, nn.Module],
+        pyramid: nn.Module,
+        tail: nn.Module,
+        residual: bool,
+    ) -> None:
+        super().__init__()
+        conv, act = producer
+        sizes = [branch.out_channels for branch in pyramid.branches]
+        if sum(sizes) != conv.out_channels:
+            raise OptimizeError(f"branches cover {sum(sizes)} of {conv.out_channels} channels")
+        bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+        self.produce = nn.ModuleList(_conv_slice(conv, a, b) for a, b in bounds)
+        self.produce_act = nn.ModuleList(_act_slice(act, a, b) for a, b in bounds)
+        self.branches = pyramid.branches
+        self.branch_act = nn.ModuleList(_act_slice(pyramid.act, a, b) for a, b in bounds)
+        self.tail = tail
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [
+            branch_act(branch(produce_act(produce(x))))
+            for produce, produce_act, branch, branch_act in zip(
+                self.produce, self.produce_act, self.branches, self.branch_act, strict=True
+            )
+        ]
+        y = self.tail(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+        return x + y if self.residual else y
+
+
+def _splittable_pyramid(module: nn.Module) -> bool:
+    return (
+        isinstance(module, PyramidDepthwiseConv | MergedPyramidDepthwiseConv)
+        and not getattr(module, "fusion", False)
+        and isinstance(module.bn, nn.Identity)
+        and len(module.branches) > 1
+    )
+
+
+def split_pyramid_producers(model: nn.Module) -> int:
+    """Rewrite pyramid blocks into :class:`SplitPyramidBlock`, in place; return how many.
+
+    A block with a 1x1 expansion is rewritten on its own. The expansion-1 block (paper layer 1)
+    takes its producer from the conv block before it in the same ``nn.Sequential`` (the stem),
+    which then becomes ``nn.Identity`` so that layer indices (feature taps) stay as they were;
+    that happens only when the producer's output is not tapped and the block has no residual.
+    Apply after :func:`fold_batchnorm` (and after :func:`merge_pyramid_branches`).
+    """
+    rewritten = 0
+    for parent in list(model.modules()):
+        taps = set(getattr(parent, "taps", {}).values())
+        for seq in (
+            [parent.features]
+            if isinstance(getattr(parent, "features", None), nn.Sequential)
+            else []
+        ):
+            for index in range(1, len(seq)):
+                block = seq[index]
+                if not isinstance(block, PyramidInvertedResidual) or block.use_res_connect:
+                    continue
+                first = block.conv[0]
+                producer = _folded_producer(seq[index - 1])
+                if _splittable_pyramid(first) and producer and index - 1 not in taps:
+                    tail = nn.Sequential(*list(block.conv)[1:])
+                    seq[index] = SplitPyramidBlock(producer, first, tail, residual=False)
+                    seq[index - 1] = nn.Identity()
+                    rewritten += 1
+    for block in list(model.modules()):
+        if not isinstance(block, PyramidInvertedResidual) or len(block.conv) < 3:
+            continue
+        producer = _folded_producer(block.conv[0])
+        if producer is None or not _splittable_pyramid(block.conv[1]):
+            continue
+        tail = nn.Sequential(*list(block.conv)[2:])
+        new = SplitPyramidBlock(producer, block.conv[1], tail, block.use_res_connect)
+        _replace_module(model, block, new)
+        rewritten += 1
+    return rewritten
+
+
 # --------------------------------------------------------------------------- one entry point
 @dataclass(frozen=True)
 class InferenceOptions:
@@ -328,6 +461,7 @@ class InferenceOptions:
 
     fold_bn: bool = True
     merge_pyramid: bool = True
+    split_pyramid: bool = True
     channels_last: bool | None = None
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
@@ -370,6 +504,8 @@ def optimize_for_inference(
         fold_batchnorm(model, example)
     if options.merge_pyramid:
         merge_pyramid_branches(model)
+    if options.split_pyramid and options.fold_bn:
+        split_pyramid_producers(model)
     model.to(device)
     if half:
         model.half()
