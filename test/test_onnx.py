@@ -303,6 +303,36 @@ def test_onnx_pipeline_from_weights_backend(weights, monkeypatch, tmp_path, capl
     assert_same_pipeline_detections(reference(rgb), again(rgb))
 
 
+def test_onnx_replay_backend(weights, exported, tmp_path, capsys):
+    """``replay --backend onnxruntime`` on a real bag: the same KITTI results as torch."""
+    from dds_perception.cli import main
+    from dds_perception.data import kitti
+    from dds_perception.data.scenes import generate_kitti_scenes
+    from dds_perception.ros import kitti2bag
+
+    root = generate_kitti_scenes(tmp_path / "scenes", 2, seed=11, val_fraction=0)
+    kitti2bag.convert(root, tmp_path / "bag", progress=False)
+    results = {}
+    for name, args in {
+        "torch": ["--weights", str(weights)],
+        "onnx": ["--weights", str(exported[0]), "--backend", "onnxruntime"],
+    }.items():
+        out = tmp_path / name
+        code = main(["replay", str(tmp_path / "bag"), *args, "--device", "cpu", "--out",
+                     str(out), "--annotate", "0", "--quiet"])  # fmt: skip
+        assert code == 0
+        files = sorted((out / "results").glob("*.txt"))
+        results[name] = {f.name: kitti.read_label_file(f) for f in files}
+    capsys.readouterr()
+    assert results["torch"].keys() == results["onnx"].keys() and len(results["torch"]) == 2
+    for frame, objects in results["torch"].items():
+        other = results["onnx"][frame]
+        assert len(objects) == len(other)
+        for a, b in zip(objects, other, strict=True):
+            np.testing.assert_allclose(a.bbox, b.bbox, atol=0.02)  # files hold 2 decimals
+    assert sum(len(v) for v in results["onnx"].values()) > 0
+
+
 # ------------------------------------------------------------------------------ bench
 def test_onnx_bench_backends(weights):
     from dds_perception.benchmarks.backends import Settings, get_backend
