@@ -9,7 +9,7 @@ examples:
   # full-resolution KITTI input (384x1248, the checkpoint's), opset 17, validated on CPU
   dds-perception export --weights models/dds_detector_synthetic.safetensors --out model.onnx
 
-  # validate on real frames instead of the generated street scenes
+  # validate on real frames instead of the generated road scenes
   dds-perception export --weights W.safetensors --out model.onnx \\
       --validate-images ../shared/data/kitti_sample/training/image_2/0000*.png
 
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=(),
         metavar="IMAGE",
-        help="frames for the ONNX Runtime check (default: generated street scenes)",
+        help="frames for the ONNX Runtime check (default: generated road scenes)",
     )
     parser.add_argument(
         "--no-validate", action="store_true", help="skip the ONNX Runtime check (not advised)"

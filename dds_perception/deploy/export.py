@@ -19,7 +19,7 @@ convolutions (``Conv`` with ``group`` and ``dilations``), PReLU and the decoding
 ``Clip``) without custom operators.
 
 Right after export the file is run with ONNX Runtime on the CPU against PyTorch on real-looking
-frames (given images, or a generated street scene): the maximum absolute difference of scores and
+frames (given images, or a generated road scene): the maximum absolute difference of scores and
 boxes is reported, written into the file's metadata, and an export whose difference exceeds the
 tolerance is refused (the file is not kept).
 """
