@@ -438,7 +438,7 @@ class TensorRTEngine:
         else:
             config.max_workspace_size = workspace
         if self.fp16:
-            if not builder.platform_has_fast_fp16:
+            if not getattr(builder, "platform_has_fast_fp16", True):  # gone in newer TRT
                 log.warning(
                     "tensorrt: this GPU has no fast fp16; building with the fp16 flag anyway"
                 )
