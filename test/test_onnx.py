@@ -108,7 +108,7 @@ def detect(backend, rgb: np.ndarray):
     out = backend(x)
     params = PostprocessParams(config.score_threshold, config.nms_iou, config.max_detections)
     ((boxes, scores, _),) = postprocess(
-        out["scores"].float(), out["boxes"].float(), params, tuple(config.input_size)
+        out["scores"].float().cpu(), out["boxes"].float().cpu(), params, tuple(config.input_size)
     )
     lb = letterbox_params(rgb.shape[:2], config.input_size)
     return boxes_to_source(boxes.numpy(), lb), scores.numpy()
@@ -471,14 +471,15 @@ def test_tensorrt_engine_matches_onnxruntime(exported, tmp_path, half, caplog):
     key = json.loads(engine.with_name(engine.name + ".json").read_text())
     assert key["onnx_sha256"] == file_sha256(path) and key["fp16"] is half
     ort_backend = OnnxRuntimeBackend(path, device="cpu")
+    # TensorRT computes fp32 convolutions in TF32 on Ampere and newer GPUs by default
+    box_tol, score_tol = (4.0, 2e-2) if half else (0.5, 5e-3)
     for seed in (1, 2):
         rgb = street_scene(seed)
-        tol = (2.0, 2e-2) if half else (0.05, 1e-3)
-        a, b = detect(ort_backend, rgb), detect(backend, rgb)
-        if half:
-            assert abs(len(a[1]) - len(b[1])) <= 1
-        else:
-            assert_same_detections(a, b, *tol)
+        (boxes_a, scores_a), (boxes_b, scores_b) = detect(ort_backend, rgb), detect(backend, rgb)
+        assert abs(len(scores_a) - len(scores_b)) <= 1  # a box may cross the threshold
+        if len(scores_a) == len(scores_b):
+            np.testing.assert_allclose(boxes_a, boxes_b, atol=box_tol, rtol=0)
+            np.testing.assert_allclose(scores_a, scores_b, atol=score_tol, rtol=0)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dds_perception"):
         TensorRTBackend(path, half=half)
@@ -489,6 +490,11 @@ def test_tensorrt_engine_matches_onnxruntime(exported, tmp_path, half, caplog):
     with caplog.at_level(logging.INFO, logger="dds_perception"):
         TensorRTBackend(path, half=half)
     assert "stale (tensorrt changed); rebuilding" in caplog.text
+    from dds_perception.pipeline import Pipeline
+
+    pipe = Pipeline.from_onnx(path, backend="tensorrt", half=half)  # the cached engine
+    detections = pipe(street_scene(1))
+    assert pipe.device.type == "cuda" and detections.class_names == ["car"] * len(detections)
 
 
 # ------------------------------------------------------------------------------ cli
