@@ -56,6 +56,8 @@ setup(
     extras_require={
         "dds": DDS_REQUIRES,
         "onnx": ONNX_REQUIRES,
+        # x86_64 + CUDA 12; on a Jetson TensorRT comes with JetPack (python3-libnvinfer)
+        "tensorrt": [*ONNX_REQUIRES, "tensorrt>=8.6"],
         "test": TEST_REQUIRES,
         "dev": [*TEST_REQUIRES, "pytest-xdist>=3"],
     },

@@ -14,6 +14,7 @@ examples:
   dds-perception demo
   dds-perception demo --out /tmp/demo --frames 60 --seed 7 --device cpu
   dds-perception demo --weights runs/det_synth/model.safetensors --draw 8
+  dds-perception demo --backend onnxruntime --device cpu          # the exported network
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help="scene generator seed")
     parser.add_argument("--weights", type=Path, default=None, help="default: shipped weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        help="network backend (onnxruntime/tensorrt: the weights are exported once to ONNX, "
+        "or pass an exported .onnx as --weights)",
+    )
     parser.add_argument(
         "--score-threshold",
         type=float,
@@ -88,9 +96,12 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     weights = Path(args.weights) if args.weights else default_weights()
-    pipeline = Pipeline.from_weights(weights, device=args.device)
+    pipeline = Pipeline.from_weights(weights, device=args.device, backend=args.backend)
     pipeline.score_threshold = args.score_threshold
-    print(f"weights: {weights} ({pipeline.device}, input {pipeline.input_size})")
+    print(
+        f"weights: {weights} ({pipeline.backend.name} on {pipeline.device}, "
+        f"input {pipeline.input_size})"
+    )
 
     scenes = out / "scenes"
     generate_kitti_scenes(scenes, args.frames, seed=args.seed, val_fraction=0, overwrite=True)

@@ -15,6 +15,7 @@ examples:
   dds-perception kitti2bag ../shared/data/kitti_sample sample_bag
   dds-perception replay sample_bag --weights models/dds_rpn_car.safetensors --out replay_out
   dds-perception replay camera_bag --image-topic /camera/image_raw/compressed --out live_eval
+  dds-perception replay sample_bag --weights model.onnx --backend onnxruntime --out replay_onnx
 """
 
 from __future__ import annotations
@@ -306,6 +307,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     parser.add_argument("--half", action="store_true", help="fp16 inference (CUDA)")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        help="network backend (a .safetensors file is exported to ONNX once; or an .onnx file)",
+    )
     parser.add_argument("--score-threshold", type=float, help="override the checkpoint's")
     parser.add_argument(
         "--input-size",
@@ -336,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
         weights,
         device=args.device,
         half=args.half,
+        backend=args.backend,
         score_threshold=args.score_threshold,
         input_size=tuple(args.input_size) if args.input_size else None,
     )
