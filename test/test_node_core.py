@@ -498,6 +498,7 @@ def test_node_build_pipeline_arguments(monkeypatch, tmp_path):
     assert args == (shipped,)
     assert kwargs == {
         "device": "cpu",
+        "backend": "torch",
         "half": False,
         "score_threshold": 0.6,
         "nms_iou": 0.5,
