@@ -15,9 +15,10 @@ Example::
         print(box, score)  # x1, y1, x2, y2 in source pixels
     print(detections.timings)  # ms: decode, preprocess, inference, postprocess
 
-CPU speed: BatchNorm is folded into the convolutions at load, the network runs channels_last, the
-letterboxed frame is normalised by cv2 into a preallocated HWC float buffer that is already the
-channels_last layout (no copy), and the canvas padding is rewritten only when the geometry changes.
+CPU speed: at load BatchNorm is folded into the convolutions and the pyramid blocks' dilated
+branches are merged into one dense depthwise kernel each (``detection.fuse``); the letterboxed
+frame is normalised by cv2 into a preallocated HWC float buffer (already the channels_last layout,
+used as is on CUDA), and the canvas padding is rewritten only when the geometry changes.
 """
 
 from __future__ import annotations
@@ -120,8 +121,12 @@ class Pipeline:
         )
         self.pre_nms_top_k = config.pre_nms_top_k
         self.min_box_size = config.min_box_size
-        # channels_last: measured ~3x faster on CPU for these depthwise-separable nets
-        self.channels_last = True if channels_last is None else bool(channels_last)
+        # channels_last on CUDA; on CPU, once the pyramid branches are merged into dense
+        # depthwise kernels, the contiguous layout measured ~18 % faster (1247 vs 1519 ms at
+        # 384x1248 on the shared 2-core machine), so it is the CPU default
+        if channels_last is None:
+            channels_last = self.device.type == "cuda"
+        self.channels_last = bool(channels_last)
         model = model.eval()
         fuse_conv_bn(model)
         model = model.to(self.device)
