@@ -153,5 +153,7 @@ def test_detection_training_recipe_file_and_errors(tmp_path, scenes):
 
 def test_detection_shipped_recipe_file_parses():
     args = parse_args(["--config", str(REPO / "config" / "train" / "detector_synthetic.yaml")])
-    assert args.model == "dds_mobilenet_v2"
+    config = detector_config_from_args(args)
+    assert config.use_layer13 and config.input_size == (128, 416)
+    assert len(config.level_sizes()[0]) == 3  # the three smallest anchors on layer13
     assert json.dumps(vars(args), default=str)

@@ -15,8 +15,8 @@ and AP_40). Validation runs on the main process over the whole validation split.
 A run folder holds ``args.yaml`` (resolved arguments), ``metrics.jsonl`` (one JSON object per
 line: ``train`` every ``--log-every-steps``, ``epoch``, ``eval``), ``checkpoint.pt`` (atomic, after
 every epoch; ``--resume`` continues exactly: model, optimizer, scheduler, scaler, epoch, step,
-every RNG state), ``eval.md`` (latest AP table), and at the end ``model.safetensors``
-(self-describing detector weights) and ``summary.json``.
+every process's RNG and loader-generator states), ``eval.md`` (latest AP table), and at the end
+``model.safetensors`` (self-describing detector weights) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ from dds_perception.engine.common import (
     check_finite,
     check_resume_matches,
     cleanup_distributed,
+    close_bar,
+    gather_objects,
     init_distributed,
     iter_with_progress,
     load_checkpoint,
@@ -336,6 +338,7 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{float(loss):.3f}")
         if max_steps and count >= max_steps:
             break
+    close_bar(bar)
     seconds = time.perf_counter() - start
     stats = {k: v / max(count, 1) for k, v in totals.items()}
     stats["images_per_s"] = images_seen * ctx.world_size / max(seconds, 1e-9)
@@ -548,9 +551,17 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         detector.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["loader_generator"])
-        restore_rng_state(state["rng"])
+        if state["scaler"]:  # empty when saved without AMP (e.g. a CPU run resumed on CUDA)
+            scaler.load_state_dict(state["scaler"])
+        streams = state["random_streams"]  # one per process: [RNG states, loader generator]
+        if len(streams) != ctx.world_size:
+            raise TrainingError(
+                f"cannot resume exactly from {resume_path}: written by {len(streams)} "
+                f"process(es), this run has {ctx.world_size}"
+            )
+        rng, loader_state = streams[ctx.rank]
+        restore_rng_state(rng)
+        generator.set_state(loader_state)
         start_epoch, step, last_eval = state["epoch"], state["step"], state.get("last_eval")
         metrics.truncate_after(step)
         if ctx.is_main:
@@ -615,6 +626,8 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         last_epoch = epoch + 1 == args.epochs
         if (args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0) or last_epoch:
             last_eval = run_eval(epoch, step)
+        # every process's random streams, so each continues its own after --resume
+        streams = gather_objects([capture_rng_state(), generator.get_state()], ctx)
         if ctx.is_main:
             save_checkpoint(
                 checkpoint_path,
@@ -623,8 +636,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
-                    "loader_generator": generator.get_state(),
-                    "rng": capture_rng_state(),
+                    "random_streams": streams,
                     "epoch": epoch + 1,
                     "step": step,
                     "last_eval": last_eval,
