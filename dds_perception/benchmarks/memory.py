@@ -3,11 +3,17 @@
 CPU: on Linux the kernel's high-water mark of the resident set (``VmHWM``) is reset by writing
 ``5`` to ``/proc/self/clear_refs``, so the peak of *this* piece of work is read exactly. Where
 that is not possible (other systems, restricted /proc), a background thread samples the RSS
-with psutil every millisecond instead, and the result says which method gave it.
+with psutil every millisecond instead, and the result says which method gave it. Freed heap
+memory is first returned to the OS (glibc ``malloc_trim``); otherwise the activations of a call
+fit into pages an earlier call left mapped and the call seems to add nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -72,12 +78,22 @@ class _Sampler(threading.Thread):
         return max(self.peak, self.process.memory_info().rss)
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so that memory an earlier
+    call freed but kept mapped does not hide what this call needs."""
+    gc.collect()
+    # not glibc (no malloc_trim): the "added" numbers may then read low
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 def measure_peak_memory(
     fn: Callable[[], Any], *, device: torch.device | str = "cpu", calls: int = 1
 ) -> MemoryPeak:
     """Run ``fn`` ``calls`` times and return the peak CPU RSS (and CUDA memory) it reached."""
     device = torch.device(device)
     process = psutil.Process()
+    _release_free_heap()
     before = process.memory_info().rss
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -8,6 +8,7 @@ measured in this one process, on one device, with one thread count.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -452,10 +453,13 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
 )
 
 
-def _switch_off(settings: Settings, switch: str) -> Settings:
+def _switch_off(settings: Settings, switch: str) -> tuple[Settings, str | None]:
+    """The settings with ``switch`` off, and what "off" means when it depends on the run."""
     if switch == "threads":
-        return settings.with_(threads=1)
-    return settings.with_(**{switch: False})
+        current = settings.threads or torch.get_num_threads()
+        other = 1 if current > 1 else (os.cpu_count() or 2)
+        return settings.with_(threads=other), f"{other} intra-op thread(s) instead of {current}"
+    return settings.with_(**{switch: False}), None
 
 
 def bench_speedups(config: BenchConfig) -> dict[str, Any]:
@@ -474,7 +478,8 @@ def bench_speedups(config: BenchConfig) -> dict[str, Any]:
     for switch, off_meaning, _ in SWITCHES:
         if config.device.type == "cuda" and switch in ("mkldnn", "threads"):
             continue
-        variants.append((f"{switch}=off", off_meaning, _switch_off(default, switch)))
+        off, meaning = _switch_off(default, switch)
+        variants.append((f"{switch}=off", meaning or off_meaning, off))
     if config.compile:
         variants.append(("compile", "torch.compile (inductor) on top of default", default))
     prepared: dict[str, Prepared] = {}
