@@ -1,6 +1,7 @@
 """Install dds_perception as a ROS 2 ament_python package or as a plain pip package."""
 
 from glob import glob
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -35,7 +36,7 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     description="Lightweight pyramid-dilated MobileNetV2 vehicle detector for ROS 2",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
@@ -61,6 +62,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dds-perception = dds_perception.cli:main",
+            "detector_node = dds_perception.ros.node:main",
         ],
     },
 )

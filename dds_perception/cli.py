@@ -16,6 +16,8 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("dds_perception.models.summary", "list the model zoo: parameters, MACs, RF"),
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
+    "detector_node": ("dds_perception.ros.node", "the ROS 2 detector node (needs rclpy)"),
+    "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
 }
 
 

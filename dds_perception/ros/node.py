@@ -1,0 +1,312 @@
+"""Run the dds_detector ROS 2 node (rclpy): camera images in, vision_msgs/Detection2DArray out.
+
+Examples:
+  ros2 run dds_perception detector_node --ros-args -r image:=/camera/image_raw -p device:=cpu
+  ros2 launch dds_perception detector.launch.py image_topic:=/camera/image_raw
+  dds-perception detector_node --ros-args --params-file config/detector.yaml
+  ros2 topic echo /detections
+
+This is the only module that imports rclpy. It declares the parameters (descriptions and ranges
+from ``core.DetectorParams``), creates the subscription, publishers and diagnostic_updater, and
+hands every frame to :class:`dds_perception.ros.core.DetectorCore`, which does the work on its
+own thread (the newest frame wins). Without rclpy it prints how to get it (a sourced ROS 2
+install) or to use the Cyclone DDS runtime instead, and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from dds_perception.ros import core, messages
+
+try:  # rclpy exists only on a ROS 2 machine; --help and the CLI table work without it
+    import rclpy
+    from rclpy.node import Node
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    try:
+        from rclpy.executors import ExternalShutdownException
+    except ImportError:  # Foxy: no such exception; nothing to catch
+
+        class ExternalShutdownException(Exception):
+            """Stand-in for rclpy releases that lack it (never raised)."""
+
+    ROS_IMPORT_ERROR: Exception | None = None
+except ImportError as error:  # pragma: no cover - exercised on machines without ROS 2
+    rclpy = None
+    Node = object
+    ROS_IMPORT_ERROR = error
+
+
+class _RosLogger:
+    """rclpy's logger behind the ``info``/``warning``/``error`` names the core uses."""
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+
+    def info(self, message: str) -> None:
+        self._logger.info(message)
+
+    def warning(self, message: str) -> None:
+        (getattr(self._logger, "warning", None) or self._logger.warn)(message)
+
+    def error(self, message: str) -> None:
+        self._logger.error(message)
+
+
+def _descriptor(spec: Any) -> Any:
+    """A ParameterDescriptor with the field's description, range and read-only flag."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+    meta = spec.metadata
+    kwargs: dict[str, Any] = {
+        "name": spec.name,
+        "description": meta["description"],
+        "read_only": not meta["runtime"],
+    }
+    if meta["choices"]:
+        kwargs["additional_constraints"] = "one of: " + ", ".join(meta["choices"])
+    low, high = meta["range"]
+    if low is not None and str(spec.type) == "float":
+        kwargs["floating_point_range"] = [
+            FloatingPointRange(from_value=float(low), to_value=float(high), step=0.0)
+        ]
+    elif low is not None and str(spec.type) == "int":
+        kwargs["integer_range"] = [IntegerRange(from_value=int(low), to_value=int(high), step=1)]
+    return ParameterDescriptor(**kwargs)
+
+
+def _image_qos(reliability: str) -> Any:
+    """Sensor-data QoS: keep last 1, volatile, best effort (default) or reliable."""
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST,
+        depth=1,
+        reliability=(
+            ReliabilityPolicy.RELIABLE
+            if reliability == "reliable"
+            else ReliabilityPolicy.BEST_EFFORT
+        ),
+        durability=DurabilityPolicy.VOLATILE,
+    )
+
+
+def _cv_bridge_decoder(classes: Any, logger: _RosLogger) -> Any:
+    """cv_bridge's image conversion, or None when it cannot be used here.
+
+    cv_bridge on Humble is built against NumPy 1.x: under NumPy 2 it fails to import or fails on
+    first use (``_ARRAY_API not found``), so errors of every kind are caught, and a probe frame
+    must decode to exactly what the project's own conversion gives before cv_bridge is used.
+    Raw frames are checked with the project's geometry rules first (cv_bridge trusts ``step``).
+    """
+    try:
+        from cv_bridge import CvBridge
+
+        bridge = CvBridge()
+    except Exception as error:  # ImportError, or NumPy ABI errors of several kinds
+        logger.info(
+            f"cv_bridge not usable ({type(error).__name__}: {error}); using the "
+            "project's image conversions"
+        )
+        return None
+
+    def decode(msg: Any) -> Any:
+        if messages.is_compressed(msg):
+            return bridge.compressed_imgmsg_to_cv2(msg, "rgb8")
+        from dds_perception.data.images import raw_to_array
+
+        raw_to_array(msg.data, str(msg.encoding), int(msg.height), int(msg.width), int(msg.step))
+        return bridge.imgmsg_to_cv2(msg, "rgb8")
+
+    import numpy as np
+
+    probe_rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    header = messages.header_msg(0, "probe", classes)
+    try:
+        probes = [
+            messages.rgb_to_image_msg(probe_rgb, header, classes, enc)
+            for enc in ("rgb8", "bgr8", "mono8")
+        ]
+        same = all(np.array_equal(decode(p), messages.image_msg_to_rgb(p)) for p in probes)
+    except Exception as error:
+        logger.info(
+            f"cv_bridge failed its self-test ({type(error).__name__}: {error}); using "
+            "the project's image conversions"
+        )
+        return None
+    if not same:
+        logger.info("cv_bridge decodes differently from the project's conversions; using those")
+        return None
+    logger.info("decoding images with cv_bridge")
+    return decode
+
+
+class DetectorNode(Node):
+    """The ``dds_detector`` node: subscription -> :class:`core.DetectorCore` -> publishers."""
+
+    def __init__(self, *, pipeline_factory: Any = None, **node_kwargs: Any) -> None:
+        super().__init__(core.NODE_NAME, **node_kwargs)
+        self.core: core.DetectorCore | None = None
+        for spec in core.parameter_specs():
+            self.declare_parameter(spec.name, spec.default, _descriptor(spec))
+        params = core.DetectorParams(
+            **{name: self.get_parameter(name).value for name in core.parameter_names()}
+        )  # ParameterError here: one clear message from main()
+        log = _RosLogger(self.get_logger())
+        # missing or corrupt weights, an unavailable device: raises here, before any topic
+        pipeline = (pipeline_factory or core.build_pipeline)(params)
+        classes = messages.ros_classes()
+
+        self._detections_pub = self.create_publisher(
+            classes.Detection2DArray,
+            "detections",
+            QoSProfile(
+                history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE
+            ),
+        )
+        self._label_pub = None
+        if classes.LabelInfo is not None:  # vision_msgs 4.x (not Foxy's 2.x)
+            self._label_pub = self.create_publisher(
+                classes.LabelInfo,
+                "label_info",
+                QoSProfile(
+                    history=HistoryPolicy.KEEP_LAST,
+                    depth=1,
+                    reliability=ReliabilityPolicy.RELIABLE,
+                    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                ),
+            )
+        self._debug_pub = self.create_publisher(
+            classes.Image,
+            "~/debug_image",
+            QoSProfile(
+                history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE
+            ),
+        )
+        ports = core.Ports(
+            publish_detections=self._detections_pub.publish,
+            publish_label_info=self._label_pub.publish if self._label_pub else core._discard,
+            publish_debug_image=self._debug_pub.publish,
+            debug_image_wanted=lambda: self._debug_pub.get_subscription_count() > 0,
+        )
+        self.core = core.DetectorCore(
+            pipeline,
+            params,
+            classes=classes,
+            ports=ports,
+            clock=lambda: self.get_clock().now().nanoseconds * 1e-9,
+            logger=log,
+            decoder=_cv_bridge_decoder(classes, log),
+            node_name=self.get_name(),
+        )
+        image_type = classes.CompressedImage if params.use_compressed else classes.Image
+        self._subscription = self.create_subscription(
+            image_type, params.subscribed_topic, self.core.submit, _image_qos(params.reliability)
+        )
+        self._updater = self._make_updater(str(self.core.device))
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.core.start()
+        log.info(
+            f"subscribed to {self._subscription.topic_name} ({image_type.__name__}, "
+            f"{params.reliability}); device {self.core.device}; publishing "
+            f"{self._detections_pub.topic_name}"
+        )
+
+    def _make_updater(self, hardware_id: str) -> Any:
+        import diagnostic_updater
+
+        try:
+            updater = diagnostic_updater.Updater(self, period=1.0)
+        except TypeError:  # older releases: no period argument and no timer of their own
+            updater = diagnostic_updater.Updater(self)
+            self.create_timer(1.0, updater.update)
+        updater.setHardwareID(hardware_id)
+        updater.add(core.DIAGNOSTIC_TASK, self._fill_diagnostics)
+        return updater
+
+    def _fill_diagnostics(self, stat: Any) -> Any:
+        report = self.core.diagnostics()
+        stat.summary(core.diagnostic_level(self.core.classes, report.level), report.message)
+        for key, value in report.values:
+            stat.add(key, value)
+        return stat
+
+    def _on_set_parameters(self, parameters: list[Any]) -> Any:
+        from rcl_interfaces.msg import SetParametersResult
+
+        names = set(core.parameter_names())
+        changes = {p.name: p.value for p in parameters if p.name in names}
+        if self.core is None or not changes:
+            return SetParametersResult(successful=True)
+        try:
+            self.core.update_params(**changes)
+        except core.ParameterError as error:
+            return SetParametersResult(successful=False, reason=str(error))
+        self.get_logger().info(f"parameters updated: {changes}")
+        return SetParametersResult(successful=True)
+
+    def destroy_node(self) -> None:
+        if self.core is not None:
+            self.core.stop()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Console script ``detector_node``: init, build the node, spin, clean up; exit status."""
+    if rclpy is None:
+        print(
+            f"detector_node: error: rclpy is not importable ({ROS_IMPORT_ERROR}). Source a ROS 2 "
+            "install (source /opt/ros/humble/setup.bash), or run the node on the project's "
+            "Cyclone DDS runtime without ROS 2.",
+            file=sys.stderr,
+        )
+        return 1
+    rclpy.init(args=args)
+    node = None
+    status = 0
+    try:
+        node = DetectorNode()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass  # Ctrl-C or a shutdown from outside (launch): not an error
+    except (ValueError, OSError) as error:  # bad configuration: one clear line, non-zero exit
+        print(f"{core.NODE_NAME}: error: {error}", file=sys.stderr)
+        status = 1
+    except Exception as error:
+        if type(error).__module__.startswith("rclpy"):  # e.g. a parameter out of its range
+            print(f"{core.NODE_NAME}: error: {type(error).__name__}: {error}", file=sys.stderr)
+            status = 1
+        else:
+            raise
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return status
+
+
+# ----------------------------------------------------------------------- dds-perception command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``dds-perception detector_node [--ros-args ...]``: the ROS arguments go to rclpy."""
+    parser.add_argument(
+        "--ros-args",
+        dest="ros_args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        metavar="ARG",
+        help="ROS arguments to the end of the line, e.g. --ros-args -p device:=cpu "
+        "-r image:=/camera/image_raw --params-file config/detector.yaml",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry of the ``dds-perception detector_node`` command."""
+    ros_args = ["--ros-args", *args.ros_args] if args.ros_args else []
+    return main(["detector_node", *ros_args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

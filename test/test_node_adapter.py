@@ -1,0 +1,382 @@
+"""The rclpy adapter (ros/node.py) run against recording stand-ins of rclpy, rcl_interfaces and
+diagnostic_updater, because no ROS 2 can be installed here. The stand-ins only record what the
+node asks for (parameters with descriptors, QoS, topics, publications); the node's own code, the
+core, the pipeline interface and rosbags' message classes are real. On a ROS machine,
+test_node_launch.py runs the same node against real rclpy.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import sys
+import types
+from types import SimpleNamespace
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from test_node_core import FakePipeline, image_msg  # the same stand-in pipeline and frames
+
+from dds_perception.ros import core, messages
+
+
+class _Record:
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+
+class _Publisher:
+    def __init__(self, msg_type, topic, qos):
+        self.msg_type, self.topic_name, self.qos = msg_type, topic, qos
+        self.sent: list = []
+        self.subscribers = 0
+
+    def publish(self, msg):
+        self.sent.append(msg)
+
+    def get_subscription_count(self):
+        return self.subscribers
+
+
+class _Logger:
+    def __init__(self):
+        self.lines: list[tuple[str, str]] = []
+
+    def info(self, text):
+        self.lines.append(("info", text))
+
+    def warning(self, text):
+        self.lines.append(("warning", text))
+
+    def error(self, text):
+        self.lines.append(("error", text))
+
+
+class _Node:
+    """Records what rclpy.node.Node would be asked; parameter overrides as from --ros-args."""
+
+    overrides: ClassVar[dict] = {}
+
+    def __init__(self, name, **_kwargs):
+        self._name = name
+        self.params, self.descriptors = {}, {}
+        self.publishers, self.subscriptions, self.timers = {}, [], []
+        self.param_callbacks: list = []
+        self.logger = _Logger()
+        self.destroyed = False
+
+    def declare_parameter(self, name, value, descriptor):
+        self.params[name] = self.overrides.get(name, value)
+        self.descriptors[name] = descriptor
+        return SimpleNamespace(value=self.params[name])
+
+    def get_parameter(self, name):
+        return SimpleNamespace(value=self.params[name])
+
+    def get_logger(self):
+        return self.logger
+
+    def get_name(self):
+        return self._name
+
+    def get_clock(self):
+        return SimpleNamespace(now=lambda: SimpleNamespace(nanoseconds=100_250_000_000))
+
+    def create_publisher(self, msg_type, topic, qos):
+        self.publishers[topic] = _Publisher(msg_type, topic, qos)
+        return self.publishers[topic]
+
+    def create_subscription(self, msg_type, topic, callback, qos):
+        sub = SimpleNamespace(msg_type=msg_type, topic_name=topic, callback=callback, qos=qos)
+        self.subscriptions.append(sub)
+        return sub
+
+    def create_timer(self, period, callback):
+        self.timers.append((period, callback))
+
+    def add_on_set_parameters_callback(self, callback):
+        self.param_callbacks.append(callback)
+
+    def destroy_node(self):
+        self.destroyed = True
+
+
+class _Updater:
+    def __init__(self, node, period=1.0):
+        self.node, self.period, self.tasks, self.hardware_id = node, period, [], ""
+
+    def setHardwareID(self, hwid):
+        self.hardware_id = hwid
+
+    def add(self, name, callback):
+        self.tasks.append((name, callback))
+
+
+class _Stat:
+    """diagnostic_updater.DiagnosticStatusWrapper's summary/add."""
+
+    def __init__(self):
+        self.level, self.message, self.values = None, "", []
+
+    def summary(self, level, message):
+        self.level, self.message = level, message
+
+    def add(self, key, value):
+        self.values.append((key, value))
+
+
+def _standins() -> dict[str, types.ModuleType]:
+    modules = {
+        name: types.ModuleType(name)
+        for name in (
+            "rclpy",
+            "rclpy.node",
+            "rclpy.qos",
+            "rclpy.executors",
+            "rcl_interfaces",
+            "rcl_interfaces.msg",
+            "diagnostic_updater",
+        )
+    }
+    rclpy = modules["rclpy"]
+    rclpy.calls = []
+    rclpy.init = lambda args=None: rclpy.calls.append(("init", args))
+    rclpy.spin = lambda node: rclpy.calls.append(("spin", node))
+    rclpy.try_shutdown = lambda: rclpy.calls.append(("shutdown",))
+    modules["rclpy.node"].Node = _Node
+    qos = modules["rclpy.qos"]
+    qos.QoSProfile = _Record
+    qos.HistoryPolicy = enum.Enum("HistoryPolicy", "KEEP_LAST KEEP_ALL")
+    qos.ReliabilityPolicy = enum.Enum("ReliabilityPolicy", "RELIABLE BEST_EFFORT")
+    qos.DurabilityPolicy = enum.Enum("DurabilityPolicy", "VOLATILE TRANSIENT_LOCAL")
+    modules["rclpy.executors"].ExternalShutdownException = type(
+        "ExternalShutdown", (Exception,), {}
+    )
+    msg = modules["rcl_interfaces.msg"]
+    for name in ("ParameterDescriptor", "FloatingPointRange", "IntegerRange"):
+        setattr(msg, name, type(name, (_Record,), {}))
+    msg.SetParametersResult = type("SetParametersResult", (_Record,), {})
+    modules["diagnostic_updater"].Updater = _Updater
+    return modules
+
+
+@pytest.fixture
+def node_module(monkeypatch):
+    """ros/node.py imported against the stand-ins (and re-imported without them afterwards)."""
+    modules = _standins()
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "cv_bridge", None)  # as on a machine without cv_bridge
+    monkeypatch.setattr(messages, "ros_classes", messages.rosbags_classes)
+    monkeypatch.setattr(_Node, "overrides", {})
+    import dds_perception.ros.node as node_module
+
+    module = importlib.reload(node_module)
+    yield module
+    monkeypatch.undo()
+    importlib.reload(node_module)
+
+
+def _make(node_module, **overrides):
+    _Node.overrides = {"device": "cpu", **overrides}
+    pipeline = FakePipeline()
+    node = node_module.DetectorNode(pipeline_factory=lambda params: pipeline)
+    return node, pipeline
+
+
+def test_node_adapter_declares_parameters_with_descriptors(node_module):
+    node, _ = _make(node_module)
+    try:
+        assert list(node.descriptors) == core.parameter_names()
+        score = node.descriptors["score_threshold"]
+        assert score.description and not score.read_only
+        (limits,) = score.floating_point_range
+        assert (limits.from_value, limits.to_value) == (0.0, 1.0)
+        (limits,) = node.descriptors["max_detections"].integer_range
+        assert (limits.from_value, limits.to_value) == (1, 10000)
+        assert node.descriptors["weights"].read_only  # needs a restart
+        assert "cuda:N" in node.descriptors["device"].additional_constraints
+    finally:
+        node.destroy_node()
+
+
+def test_node_adapter_topics_qos_and_publishing(node_module):
+    qos = sys.modules["rclpy.qos"]
+    node, _ = _make(node_module)
+    try:
+        (sub,) = node.subscriptions
+        assert sub.topic_name == "image" and sub.msg_type.__name__.endswith("Image")
+        assert (sub.qos.depth, sub.qos.history) == (1, qos.HistoryPolicy.KEEP_LAST)
+        assert sub.qos.reliability == qos.ReliabilityPolicy.BEST_EFFORT
+        label = node.publishers["label_info"]
+        assert label.qos.durability == qos.DurabilityPolicy.TRANSIENT_LOCAL
+        assert [c.class_name for c in label.sent[0].class_map] == ["car"]  # once, at start-up
+
+        sub.callback(image_msg(messages.rosbags_classes(), 7, sec=100, frame_id="cam"))
+        assert node.core.wait_idle(10)
+        (out,) = node.publishers["detections"].sent
+        assert out.header.frame_id == "cam" and out.header.stamp.sec == 100
+        assert node.publishers["~/debug_image"].sent == []  # nobody subscribed
+        node.publishers["~/debug_image"].subscribers = 1
+        sub.callback(image_msg(messages.rosbags_classes(), 7, sec=101, frame_id="cam"))
+        assert node.core.wait_idle(10)
+        assert len(node.publishers["~/debug_image"].sent) == 1
+
+        (name, fill) = node._updater.tasks[0]
+        assert name == "detector" and node._updater.hardware_id == "cpu"
+        stat = fill(_Stat())
+        assert stat.level == core.OK and dict(stat.values)["frames_processed"] == "2"
+        assert ("info", "decoding images with cv_bridge") not in node.logger.lines
+    finally:
+        node.destroy_node()
+    assert node.core._thread is None  # destroy_node stopped the worker
+
+
+def test_node_adapter_compressed_and_reliable(node_module):
+    qos = sys.modules["rclpy.qos"]
+    node, _ = _make(node_module, use_compressed=True, reliability="reliable")
+    try:
+        (sub,) = node.subscriptions
+        assert sub.topic_name == "image/compressed"
+        assert sub.msg_type.__name__.endswith("CompressedImage")
+        assert sub.qos.reliability == qos.ReliabilityPolicy.RELIABLE
+    finally:
+        node.destroy_node()
+
+
+def test_node_adapter_parameter_callback(node_module):
+    node, pipeline = _make(node_module)
+    try:
+        (callback,) = node.param_callbacks
+        param = SimpleNamespace
+        result = callback([param(name="score_threshold", value=0.65)])
+        assert result.successful and pipeline.score_threshold == 0.65
+        result = callback([param(name="nms_iou", value=1.5)])
+        assert not result.successful and "nms_iou 1.5: must lie in [0, 1]" in result.reason
+        result = callback([param(name="device", value="cuda:1")])
+        assert not result.successful and "cannot change while running" in result.reason
+        assert callback([param(name="diagnostic_updater.period", value=2.0)]).successful
+    finally:
+        node.destroy_node()
+
+
+def test_node_adapter_main_bad_configuration_exits_1(node_module, capsys):
+    _Node.overrides = {"device": "tpu"}
+    assert node_module.main(["detector_node"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.strip() == "dds_detector: error: device 'tpu': unknown device; use auto, cpu, "
+        "cuda or cuda:N"
+    )
+    rclpy = sys.modules["rclpy"]
+    assert rclpy.calls[0][0] == "init" and rclpy.calls[-1] == ("shutdown",)
+
+
+def test_node_adapter_main_spins_and_cleans_up(node_module, monkeypatch):
+    _Node.overrides = {"device": "cpu"}
+    pipeline = FakePipeline()
+    monkeypatch.setattr(core, "build_pipeline", lambda params: pipeline)
+    rclpy = sys.modules["rclpy"]
+
+    def spin(node):
+        rclpy.calls.append(("spin", node))
+        raise KeyboardInterrupt  # Ctrl-C while spinning
+
+    rclpy.spin = spin
+    assert node_module.main(["detector_node"]) == 0
+    kinds = [call[0] for call in rclpy.calls]
+    assert kinds == ["init", "spin", "shutdown"]
+    assert rclpy.calls[1][1].destroyed
+
+
+def test_node_adapter_without_rclpy_gives_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "rclpy", None)
+    import dds_perception.ros.node as node_module
+
+    module = importlib.reload(node_module)
+    try:
+        assert module.main([]) == 1
+        assert "rclpy is not importable" in capsys.readouterr().err
+    finally:
+        monkeypatch.undo()
+        importlib.reload(node_module)
+
+
+def test_node_adapter_cli_help_without_ros(cli):
+    result = cli("detector_node", "--help")
+    assert "--ros-args" in result.stdout and "ros2 launch dds_perception" in result.stdout
+    result = cli("detector_node", "--ros-args", "-p", "device:=cpu", check=False)
+    assert result.returncode == 1 and "rclpy is not importable" in result.stderr
+
+
+def test_node_adapter_debug_pixels_are_real(node_module):
+    """The debug image published by the node decodes back to the frame with boxes drawn."""
+    node, _ = _make(node_module)
+    try:
+        node.publishers["~/debug_image"].subscribers = 1
+        node.subscriptions[0].callback(
+            image_msg(messages.rosbags_classes(), 20, width=64, height=48)
+        )
+        assert node.core.wait_idle(10)
+        (debug,) = node.publishers["~/debug_image"].sent
+        pixels = messages.image_msg_to_rgb(debug)
+        assert pixels.shape == (48, 64, 3) and (pixels[40, 5] == 20).all()
+        assert (pixels[2, 25] == np.array([0, 255, 0])).all()
+    finally:
+        node.destroy_node()
+
+
+def test_node_adapter_cv_bridge_broken_by_numpy2_falls_back(node_module, monkeypatch):
+    """cv_bridge built against NumPy 1.x imports under NumPy 2 but fails on first use."""
+    bridge_module = types.ModuleType("cv_bridge")
+
+    class CvBridge:
+        def imgmsg_to_cv2(self, msg, desired_encoding="passthrough"):
+            raise AttributeError("_ARRAY_API not found")
+
+        compressed_imgmsg_to_cv2 = imgmsg_to_cv2
+
+    bridge_module.CvBridge = CvBridge
+    monkeypatch.setitem(sys.modules, "cv_bridge", bridge_module)
+    node, pipeline = _make(node_module)
+    try:
+        assert any("cv_bridge failed its self-test" in text for _, text in node.logger.lines)
+        node.subscriptions[0].callback(image_msg(messages.rosbags_classes(), 33))
+        assert node.core.wait_idle(10)
+        assert pipeline.seen == [33] and node.core.counters.failed == 0
+    finally:
+        node.destroy_node()
+
+
+def test_node_adapter_uses_working_cv_bridge(node_module, monkeypatch):
+    """A working cv_bridge (here: one answering like the real one) decodes the frames."""
+    bridge_module = types.ModuleType("cv_bridge")
+    calls = []
+
+    class CvBridge:
+        def imgmsg_to_cv2(self, msg, desired_encoding="passthrough"):
+            assert desired_encoding == "rgb8"
+            calls.append(msg.encoding)
+            return messages.image_msg_to_rgb(msg)
+
+        compressed_imgmsg_to_cv2 = imgmsg_to_cv2
+
+    bridge_module.CvBridge = CvBridge
+    monkeypatch.setitem(sys.modules, "cv_bridge", bridge_module)
+    node, pipeline = _make(node_module)
+    try:
+        assert ("info", "decoding images with cv_bridge") in node.logger.lines
+        calls.clear()
+        node.subscriptions[0].callback(image_msg(messages.rosbags_classes(), 44))
+        assert node.core.wait_idle(10)
+        assert calls == ["rgb8"] and pipeline.seen == [44]
+        # a wrong step is refused before cv_bridge would read rows from the wrong offsets
+        bad = image_msg(messages.rosbags_classes(), 44, step=5)
+        node.subscriptions[0].callback(bad)
+        assert node.core.wait_idle(10)
+        assert node.core.counters.failed == 1 and calls == ["rgb8"]
+    finally:
+        node.destroy_node()
