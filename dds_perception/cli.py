@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("dds_perception.models.summary", "list the model zoo: parameters, MACs, RF"),
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
     "detector_node": ("dds_perception.ros.node", "the ROS 2 detector node (needs rclpy)"),
+    "node": ("dds_perception.ros.dds.node", "the detector node on Cyclone DDS, without ROS 2"),
+    "play": ("dds_perception.ros.dds.play", "publish a bag's topics over DDS (ROS 2 wire format)"),
+    "record": ("dds_perception.ros.dds.record", "record DDS/ROS 2 topics into a ROS 2 bag"),
     "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
 }
 
