@@ -225,6 +225,15 @@ class DdsRuntime:
             _Subscription(self.name(ros_name), msgtype, reader, condition, callback, raw)
         )
 
+    def publisher_count(self, ros_name: str) -> int:
+        """Writers matched right now by this runtime's subscription(s) of ``ros_name``."""
+        dds_name = self.name(ros_name)
+        return sum(
+            int(sub.reader.get_subscription_matched_status().current_count)
+            for sub in self._subscriptions
+            if sub.topic == dds_name
+        )
+
     # -------------------------------------------------------------- dispatching
     def start(self) -> None:
         """Start the dispatcher thread (idempotent)."""
