@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "play": ("dds_perception.ros.dds.play", "publish a bag's topics over DDS (ROS 2 wire format)"),
     "record": ("dds_perception.ros.dds.record", "record DDS/ROS 2 topics into a ROS 2 bag"),
     "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
+    "kitti2bag": ("dds_perception.ros.kitti2bag", "convert KITTI frames into a ROS 2 bag (10 Hz)"),
+    "replay": ("dds_perception.ros.replay", "run a bag through the detector: AP + latency"),
+    "evaluate-bag": ("dds_perception.ros.evaluate_bag", "AP of a recorded /detections bag"),
 }
 
 

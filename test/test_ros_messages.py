@@ -332,3 +332,15 @@ def test_ros_label_info_and_stamps() -> None:
     assert info.threshold == 0.25
     with pytest.raises(m.MessageError, match="negative stamp"):
         m.header_msg(-1, "cam", classes)
+
+
+def test_ros_pipeline_args_hand_the_raw_buffer_over() -> None:
+    classes = m.rosbags_classes()
+    header = m.header_msg(0, "cam", classes)
+    msg = m.rgb_to_image_msg(_rgb(4, 5), header, classes, "bgr8", step=16)
+    data, encoding, keywords = m.pipeline_args(msg)
+    assert encoding == "bgr8" and data.size == 4 * 16
+    assert keywords == {"height": 4, "width": 5, "step": 16, "is_bigendian": False}
+    png = m.rgb_to_compressed_msg(_rgb(4, 5), header, classes)
+    data, encoding, keywords = m.pipeline_args(png)
+    assert (encoding, keywords, data.tobytes()) == ("compressed", {}, bytes(png.data))

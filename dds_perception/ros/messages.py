@@ -486,20 +486,29 @@ def image_msg_to_rgb(msg: Any) -> np.ndarray:
     ``png`` or ``rgb8; jpeg compressed bgr8``). Raises :class:`ImageDecodeError` when the frame
     cannot be decoded (unsupported encoding, wrong step, truncated or empty buffer).
     """
+    data, encoding, keywords = pipeline_args(msg)
+    return to_rgb(data, encoding, **keywords)
+
+
+def pipeline_args(msg: Any) -> tuple[np.ndarray, str, dict[str, Any]]:
+    """``(buffer, encoding, keywords)`` to call the inference pipeline on an image message
+    without decoding it here: ``pipeline(buffer, encoding, **keywords)``.
+
+    The pipeline then decodes (and times the decode) itself: a raw Image goes in with its
+    ``height``/``width``/``step``/``is_bigendian``, a CompressedImage as ``"compressed"`` bytes.
+    """
     data = np.frombuffer(msg.data, dtype=np.uint8) if len(msg.data) else np.empty(0, np.uint8)
     if is_compressed(msg):
-        fmt = str(msg.format).lower()
-        if "compresseddepth" in fmt:
+        if "compresseddepth" in str(msg.format).lower():
             raise ImageDecodeError(f"unsupported CompressedImage format {msg.format!r}")
-        return to_rgb(data, "compressed")
-    return to_rgb(
-        data,
-        str(msg.encoding),
-        height=int(msg.height),
-        width=int(msg.width),
-        step=int(msg.step),
-        is_bigendian=bool(msg.is_bigendian),
-    )
+        return data, "compressed", {}
+    keywords = {
+        "height": int(msg.height),
+        "width": int(msg.width),
+        "step": int(msg.step),
+        "is_bigendian": bool(msg.is_bigendian),
+    }
+    return data, str(msg.encoding), keywords
 
 
 def rgb_to_encoding(rgb: np.ndarray, encoding: str) -> np.ndarray:
