@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -159,11 +160,11 @@ class DdsDetectorNode:
             except Exception as error:  # diagnostics must never take the node down
                 self.log.warning(f"diagnostics not published: {error}")
 
-    def close(self, timeout: float = 0.5) -> None:
+    def close(self, timeout: float = 0.4) -> None:
         """Stop taking frames, let the frame in work finish (up to ``timeout``), leave DDS."""
-        self.runtime.stop_dispatch(timeout)
+        self.runtime.stop_dispatch(0.3)  # its wait wakes every 0.1 s
         self.core.stop(timeout)
-        self.runtime.close(timeout)
+        self.runtime.close(0.2)
         c = self.core.counters
         self.log.info(
             f"stopped: {c.received} frames received, {c.processed} processed, "
@@ -209,4 +210,19 @@ def run(args: argparse.Namespace) -> int:
     finally:
         node.close()
     log.info("shut down cleanly")
-    return 0
+    fast_exit(0)
+    return 0  # not reached
+
+
+def fast_exit(status: int) -> None:
+    """Flush and leave now, skipping the interpreter's teardown.
+
+    Tearing down torch, torchvision and OpenCV takes seconds on a small CPU (2.5 s measured on
+    the 2-core development machine), which would break the promise to stop within a second of
+    SIGTERM. Everything the node owns is released by then (DDS entities deleted, worker
+    stopped) and it writes no files, so nothing is lost.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -64,10 +64,17 @@ def msgtype_from_dds(type_name: str) -> str:
 
 
 def discover(
-    runtime: Any, topics: list[str], timeout: float, stop: threading.Event
+    runtime: Any,
+    topics: list[str],
+    timeout: float,
+    stop: threading.Event,
+    *,
+    required: list[str] | None = None,
 ) -> dict[str, list[Any]]:
-    """The publications (DcpsEndpoint samples) of each DDS topic in ``topics``, waiting until
-    every topic has at least one or ``timeout`` passes (then TimeoutError naming the topics)."""
+    """The publications (DcpsEndpoint samples) seen for each DDS topic in ``topics``, waiting
+    until every topic of ``required`` (default: all) has one, or TimeoutError naming them after
+    ``timeout`` s. Topics not required get what discovery found meanwhile (maybe nothing)."""
+    required = topics if required is None else required
     from cyclonedds.builtin import BuiltinDataReader, BuiltinTopicDcpsPublication
     from cyclonedds.internal import InvalidSample
 
@@ -78,7 +85,7 @@ def discover(
         for sample in reader.take(N=256):
             if not isinstance(sample, InvalidSample) and sample.topic_name in found:
                 found[sample.topic_name].append(sample)
-        missing = [t for t, pubs in found.items() if not pubs]
+        missing = [t for t in required if not found[t]]
         if not missing or stop.is_set():
             return found
         if time.monotonic() > deadline:
@@ -123,7 +130,10 @@ def record(args: argparse.Namespace, stop: threading.Event) -> dict[str, int]:
     received: queue.Queue[tuple[str, int, Any]] = queue.Queue()
     with rt.DdsRuntime(domain=args.domain_id) as runtime:
         names = {runtime.name(topic): (topic, msgtype) for topic, msgtype in requested}
-        publications = discover(runtime, list(names), args.discovery_timeout, stop)
+        untyped = [name for name, (_, msgtype) in names.items() if msgtype is None]
+        publications = discover(
+            runtime, list(names), args.discovery_timeout, stop, required=untyped
+        )
         if stop.is_set():
             return {}
         for dds_name, (topic, msgtype) in names.items():

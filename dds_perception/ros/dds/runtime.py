@@ -287,7 +287,10 @@ class DdsRuntime:
         """Stop the dispatcher and delete the participant with its readers and writers.
 
         cyclonedds deletes an entity when its Python object is finalised; deleting the
-        participant now (instead of at garbage collection) lets peers see the writers leave.
+        participant now (instead of at garbage collection) tells peers at once that its writers
+        left. Deleting a reliable writer waits for its readers' acknowledgements up to Cyclone's
+        writer linger duration (1 s), so the deletion runs on a helper thread that is given
+        ``timeout`` s; a process that exits meanwhile loses nothing.
         """
         self.stop_dispatch(timeout)
         for sub in self._subscriptions:
@@ -296,7 +299,10 @@ class DdsRuntime:
         self._topics.clear()
         participant, self.participant = self.participant, None
         if participant is not None:
-            participant.__del__()  # dds_delete: recursive, children included
+            # dds_delete: recursive, children included
+            deleter = threading.Thread(target=participant.__del__, name="dds_delete", daemon=True)
+            deleter.start()
+            deleter.join(timeout)
 
     def __enter__(self) -> DdsRuntime:
         return self
