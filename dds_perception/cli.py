@@ -15,11 +15,18 @@ from collections.abc import Sequence
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("dds_perception.models.summary", "list the model zoo: parameters, MACs, RF"),
+    "train-detector": ("dds_perception.engine.train_detector", "train the car detector (RPN)"),
+    "train-classifier": ("dds_perception.engine.train_classifier", "train a Caltech classifier"),
+    "evaluate-classifier": ("dds_perception.engine.evaluate_classifier", "classifier top-1/5"),
+    "compare-backbones": ("dds_perception.engine.compare_backbones", "paper's backbone table"),
+    "plot-accuracy": ("dds_perception.engine.plot_accuracy", "accuracy vs steps PNG"),
     "demo": ("dds_perception.demo", "the main job: detect vehicles end to end and report AP"),
     "detector_node": ("dds_perception.ros.node", "the ROS 2 detector node (needs rclpy)"),
     "node": ("dds_perception.ros.dds.node", "the detector node on Cyclone DDS, without ROS 2"),
     "play": ("dds_perception.ros.dds.play", "publish a bag's topics over DDS (ROS 2 wire format)"),
     "record": ("dds_perception.ros.dds.record", "record DDS/ROS 2 topics into a ROS 2 bag"),
+    "make-scenes": ("dds_perception.data.scenes", "write generated KITTI-format road scenes"),
+    "anchors": ("dds_perception.data.anchor_stats", "anchor sizes/ratios from KITTI car boxes"),
     "evaluate": ("dds_perception.evaluation.cli", "KITTI 2D AP (AP_11, AP_40), devkit semantics"),
     "kitti2bag": ("dds_perception.ros.kitti2bag", "convert KITTI frames into a ROS 2 bag (10 Hz)"),
     "replay": ("dds_perception.ros.replay", "run a bag through the detector: AP + latency"),

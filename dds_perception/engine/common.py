@@ -1,0 +1,339 @@
+"""Training plumbing shared by the classifier and detector recipes.
+
+- Distributed setup from ``torchrun``'s environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``);
+  one plain process when those are absent.
+- YAML recipe files that set an argument parser's defaults: command-line options still win, an
+  unknown key is an error naming the key and the file (:func:`config_defaults` /
+  :func:`resolve_args`).
+- Automatic mixed precision on CUDA (``autocast`` + ``GradScaler``).
+- RNG state capture and restore, so a resumed run draws the same random numbers.
+- Atomic checkpoints through :mod:`dds_perception.utils.checkpoint`.
+- A JSON-lines metrics writer and a non-finite-loss stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dds_perception.utils.checkpoint import load_training_state, save_training_state
+from dds_perception.utils.io import atomic_open
+from dds_perception.utils.runtime import resolve_device
+
+
+class ConfigError(ValueError):
+    """A recipe file is unreadable or holds an unknown key or a bad value."""
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (non-finite loss, resume mismatch, existing run folder)."""
+
+
+# ------------------------------------------------------------------------------ distributed
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process runs: rank, world size, device; ``is_main`` writes the outputs."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistributedContext:
+    """Join the process group described by torchrun's variables, or run as one process.
+
+    Under torchrun each process takes GPU ``LOCAL_RANK`` (NCCL) when CUDA is used, or runs on the
+    CPU with the Gloo backend.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext(device=resolve_device(device))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = resolve_device(device)
+    if chosen.type == "cuda":
+        chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
+    return DistributedContext(rank, world_size, local_rank, chosen)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistributedContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], ctx: DistributedContext) -> list[float]:
+    """Sum ``values`` over all processes (identity in a single process)."""
+    if not ctx.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+# ------------------------------------------------------------------------------ config files
+
+
+class ConfigDefault:
+    """A parser default that a recipe file may replace (an explicit option never is)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:  # shown by %(default)s in --help
+        return str(self.value)
+
+    def __repr__(self) -> str:
+        return f"ConfigDefault({self.value!r})"
+
+
+def mark_config_defaults(parser: argparse.ArgumentParser) -> None:
+    """Wrap every option default so :func:`resolve_args` can tell defaults from given options."""
+    for action in parser._actions:
+        if action.dest in ("help", "config") or action.default is argparse.SUPPRESS:
+            continue
+        if not isinstance(action.default, ConfigDefault):
+            action.default = ConfigDefault(action.default)
+
+
+def load_yaml_config(path: str | os.PathLike[str], known: Mapping[str, Any]) -> dict[str, Any]:
+    """Read a recipe file; keys are option names (``-`` or ``_``); unknown keys are errors."""
+    import yaml
+
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {file}") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{file}: unreadable config ({error})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: a config must be a mapping of option: value")
+    config: dict[str, Any] = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest == "config":
+            raise ConfigError(
+                f"{file}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
+            )
+        config[dest] = value
+    return config
+
+
+def _convert(action: argparse.Action, value: Any, file: Path) -> Any:
+    """Give a recipe value the type the option would have parsed it to."""
+    if value is None:
+        return None
+    convert = action.type
+    try:
+        if action.nargs == 0:  # flags: store_true / --x/--no-x
+            if not isinstance(value, bool):
+                raise ValueError(f"expected true or false, got {value!r}")
+            return value
+        if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+            items = value if isinstance(value, list | tuple) else [value]
+            return [convert(v) if convert else v for v in items]
+        if convert is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        if convert is not None and not isinstance(value, bool):
+            value = convert(value)
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"{value!r} is not one of {list(action.choices)}")
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        raise ConfigError(f"{file}: bad value for {action.dest!r}: {error}") from None
+    return value
+
+
+def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Return plain arguments: given options, else the recipe file's value, else the default."""
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    config_path = getattr(args, "config", None)
+    config = load_yaml_config(config_path, actions) if config_path else {}
+    resolved = argparse.Namespace()
+    for dest, value in vars(args).items():
+        if isinstance(value, ConfigDefault):
+            if dest in config:
+                value = _convert(actions[dest], config[dest], Path(config_path))
+            else:
+                value = value.value
+                action = actions.get(dest)
+                if isinstance(value, str) and action is not None and action.type is not None:
+                    value = action.type(value)
+        setattr(resolved, dest, value)
+    return resolved
+
+
+def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """JSON-friendly view of resolved arguments (paths as strings)."""
+    return {
+        k: (str(v) if isinstance(v, os.PathLike) else v)
+        for k, v in vars(args).items()
+        if not k.startswith("_")
+    }
+
+
+# ------------------------------------------------------------------------------ precision
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """float16 autocast on CUDA when ``enabled``; a no-op context otherwise."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def make_grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """A GradScaler that is active only with AMP on CUDA (disabled scalers pass through)."""
+    return torch.amp.GradScaler("cuda", enabled=enabled and device.type == "cuda")
+
+
+def check_finite(loss: torch.Tensor, *, epoch: int, step: int) -> None:
+    """Stop training with a clear error when the loss is NaN or infinite."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"loss is {value} at epoch {epoch}, step {step}: training diverged "
+            "(try a lower --lr, or --no-amp)"
+        )
+
+
+# ------------------------------------------------------------------------------ RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The Python, NumPy, torch CPU and CUDA generator states, in a weights_only-safe form."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Undo :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+save_checkpoint = save_training_state
+load_checkpoint = load_training_state
+
+
+def check_resume_matches(
+    saved: Mapping[str, Any], current: Mapping[str, Any], keys: list[str], source: Path
+) -> None:
+    """Raise when a checkpoint was trained with other ``keys`` (model, dataset, classes...)."""
+    for key in keys:
+        if saved.get(key) != current.get(key):
+            shown_saved, shown_now = saved.get(key), current.get(key)
+            if isinstance(shown_saved, list) and len(shown_saved) > 8:
+                shown_saved = f"{len(shown_saved)} items"
+                shown_now = f"{len(shown_now or [])} items"
+            raise TrainingError(
+                f"cannot resume from {source}: it was trained with {key}={shown_saved!r}, "
+                f"this run has {key}={shown_now!r}"
+            )
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+class MetricsWriter:
+    """Append one JSON object per line to ``path`` (only on the main process)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(dict(record), sort_keys=False) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records beyond ``step`` (left by a run killed after its last checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
+        with atomic_open(self.path, "w", encoding="utf-8") as handle:
+            for record in kept:
+                handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSON-lines metrics file; a torn last line (killed run) is ignored."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def iter_with_progress(iterable: Any, *, enabled: bool, **kwargs: Any) -> Iterator[Any]:
+    """Wrap ``iterable`` in a tqdm bar on the main process."""
+    if not enabled:
+        return iter(iterable)
+    from tqdm import tqdm
+
+    return iter(tqdm(iterable, dynamic_ncols=True, leave=False, **kwargs))

@@ -1,0 +1,170 @@
+"""Train the four backbones with one protocol and write the paper-style accuracy table.
+
+Every model is trained by the train-classifier recipe with the same options, the same seed and
+the same train/test split (OUT/split.json), in OUT/<model>/. The table gives test top-1 accuracy
+(%) at the chosen step counts (--table-steps; they should be multiples of --eval-every-steps),
+plus the final top-1/top-5 and the parameter count, as OUT/comparison.md, .json and .png.
+A finished model is not trained again and a killed one resumes, so rerunning the command after
+an interruption continues where it stopped; --report-only rebuilds the table from the run folders.
+
+examples:
+  dds-perception compare-backbones --dataset caltech101 --data-root ~/data/caltech101 \
+      --out runs/compare_c101 --config config/train/paper_caltech101.yaml
+  dds-perception compare-backbones --dataset caltech256 \
+      --data-root ../shared/data/caltech256_subset \
+      --out /tmp/cmp --config config/train/smoke_cpu.yaml --table-steps 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+from dds_perception.engine.classification import (
+    METRICS,
+    SPLIT,
+    WEIGHTS,
+    add_training_arguments,
+    eval_records,
+    main,
+    plot_accuracy,
+)
+from dds_perception.engine.common import mark_config_defaults, resolve_args
+from dds_perception.utils.checkpoint import read_meta
+from dds_perception.utils.io import atomic_open, write_json
+
+PAPER_MODELS = ("dds_mobilenet_v2", "mobilenet_v1", "mobilenet_v2", "shufflenet_v1")
+MAX_DEFAULT_COLUMNS = 10
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_training_arguments(parser, with_model=False)
+    group = parser.add_argument_group("comparison")
+    group.add_argument(
+        "--models", nargs="+", default=list(PAPER_MODELS), help="registry names to compare"
+    )
+    group.add_argument(
+        "--table-steps",
+        type=int,
+        nargs="*",
+        default=None,
+        help="step counts of the table's columns (default: the steps every run evaluated at)",
+    )
+    group.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the table from existing run folders without training",
+    )
+    mark_config_defaults(parser)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return parser
+
+
+def train_all(args: argparse.Namespace) -> dict[str, Path]:
+    """Train (or resume, or reuse) every model of ``args.models``; return their run folders."""
+    out = Path(args.out)
+    runs = {}
+    for name in args.models:
+        run_dir = out / name
+        runs[name] = run_dir
+        if args.report_only or (run_dir / WEIGHTS).is_file():
+            continue
+        model_args = copy.copy(args)
+        model_args.model = name
+        model_args.out = run_dir
+        model_args.split_file = args.split_file or out / SPLIT
+        model_args.resume = "auto" if (run_dir / "checkpoint.pt").is_file() else None
+        print(f"=== {name} -> {run_dir}")
+        main(model_args)
+    return runs
+
+
+def _default_steps(records: dict[str, list[dict[str, Any]]]) -> list[int]:
+    common = None
+    for recs in records.values():
+        steps = {int(r["step"]) for r in recs}
+        common = steps if common is None else common & steps
+    steps = sorted(common or [])
+    if len(steps) > MAX_DEFAULT_COLUMNS:  # evenly spaced, always with the last one
+        stride = len(steps) / MAX_DEFAULT_COLUMNS
+        steps = [steps[round((i + 1) * stride) - 1] for i in range(MAX_DEFAULT_COLUMNS)]
+    return steps
+
+
+def build_table(runs: dict[str, Path], table_steps: list[int] | None) -> dict[str, Any]:
+    """Accuracy at each step for each run, plus final accuracy and parameter counts."""
+    records = {name: eval_records(run_dir) for name, run_dir in runs.items()}
+    steps = sorted(table_steps) if table_steps else _default_steps(records)
+    rows = []
+    for name, run_dir in runs.items():
+        by_step = {int(r["step"]): r for r in records[name]}
+        final = records[name][-1] if records[name] else {}
+        params = None
+        if (run_dir / WEIGHTS).is_file():
+            meta = read_meta(run_dir / WEIGHTS)
+            params = meta.get("metrics", {}).get("parameters")
+        rows.append(
+            {
+                "model": name,
+                "parameters": params,
+                "top1_at_step": {
+                    str(s): (by_step[s]["top1"] if s in by_step else None) for s in steps
+                },
+                "final_step": final.get("step"),
+                "final_top1": final.get("top1"),
+                "final_top5": final.get("top5"),
+                "finished": (run_dir / WEIGHTS).is_file(),
+            }
+        )
+    return {"steps": steps, "rows": rows}
+
+
+def table_markdown(table: dict[str, Any], title: str) -> str:
+    """The comparison as a markdown table (accuracy in percent, '-' where not measured)."""
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    steps = table["steps"]
+    head = ["model", "params (M)", *[f"{s} steps" for s in steps], "final top-1", "final top-5"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in table["rows"]:
+        params = "-" if row["parameters"] is None else f"{row['parameters'] / 1e6:.2f}"
+        cells = [
+            row["model"] + ("" if row["finished"] else " (unfinished)"),
+            params,
+            *[pct(row["top1_at_step"][str(s)]) for s in steps],
+            pct(row["final_top1"]),
+            pct(row["final_top5"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Test top-1 accuracy (%) at each step count; final = last evaluation.")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    args = resolve_args(args, _parser())
+    if args.out is None:
+        raise ValueError("--out is required (the comparison folder)")
+    runs = train_all(args)
+    missing = [name for name, d in runs.items() if not (d / METRICS).is_file()]
+    if missing:
+        raise ValueError(f"no run folder with {METRICS} for: {', '.join(missing)}")
+    out = Path(args.out)
+    table = build_table(runs, args.table_steps)
+    table.update(dataset=args.dataset, data_root=str(args.data_root), out=str(out))
+    title = f"Backbone comparison on {args.dataset} (test top-1 %, one protocol)"
+    write_json(out / "comparison.json", table)
+    with atomic_open(out / "comparison.md", "w", encoding="utf-8") as handle:
+        handle.write(table_markdown(table, title))
+    plot_accuracy(list(runs.values()), out / "comparison.png", title=title)
+    print(table_markdown(table, title))
+    print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'comparison.png'}")
+    return 0

@@ -1,0 +1,639 @@
+"""Detector training on KITTI-format data (real or generated scenes), with KITTI AP validation.
+
+Shaped like torchvision's ``references/detection``: :func:`get_args_parser`, :func:`main`,
+:func:`train_one_epoch`, :func:`evaluate`. Shared plumbing (torchrun, YAML recipes, AMP, RNG
+states, atomic checkpoints, JSON-lines metrics) comes from :mod:`dds_perception.engine.common`.
+
+Data: ``KittiDetectionDataset`` (Car positives; Van and DontCare as ignore regions) with
+``DetectionTrainTransform`` (scale jitter + crop to the network size, flip, colour jitter) for
+training and ``DetectionEvalTransform`` (the pipeline's letterbox) for validation.
+
+Validation: detections are mapped back to source pixels with the letterbox inverse and scored by
+the KITTI evaluator (``evaluation.kitti.evaluate``: devkit matching, easy/moderate/hard, AP_11
+and AP_40). Validation runs on the main process over the whole validation split.
+
+A run folder holds ``args.yaml`` (resolved arguments), ``metrics.jsonl`` (one JSON object per
+line: ``train`` every ``--log-every-steps``, ``epoch``, ``eval``), ``checkpoint.pt`` (atomic, after
+every epoch; ``--resume`` continues exactly: model, optimizer, scheduler, scaler, epoch, step,
+every RNG state), ``eval.md`` (latest AP table), and at the end ``model.safetensors``
+(self-describing detector weights) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader, DistributedSampler
+
+from dds_perception.data.detection_dataset import KittiDetectionDataset, detection_collate
+from dds_perception.data.kitti import detection_to_object
+from dds_perception.data.letterbox import boxes_to_source
+from dds_perception.data.transforms import DetectionEvalTransform, DetectionTrainTransform
+from dds_perception.detection.config import DetectorConfig, DetectorConfigError
+from dds_perception.detection.detector import RPNDetector
+from dds_perception.detection.postprocess import PostprocessParams, postprocess
+from dds_perception.detection.weights import (
+    build_detector,
+    load_backbone_weights,
+    save_detector,
+)
+from dds_perception.engine.common import (
+    DistributedContext,
+    MetricsWriter,
+    TrainingError,
+    args_to_dict,
+    autocast,
+    barrier,
+    capture_rng_state,
+    check_finite,
+    check_resume_matches,
+    cleanup_distributed,
+    init_distributed,
+    iter_with_progress,
+    load_checkpoint,
+    make_grad_scaler,
+    mark_config_defaults,
+    resolve_args,
+    restore_rng_state,
+    save_checkpoint,
+)
+from dds_perception.evaluation.kitti import evaluate as kitti_evaluate
+from dds_perception.utils.io import atomic_open, write_json
+from dds_perception.utils.runtime import seed_everything
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.jsonl"
+# Arguments that must not change when a run is resumed (they define the network and the data).
+RESUME_KEYS = ["detector_config", "data_root", "split", "batch_size", "seed", "epochs", "lr"]
+PRIMARY = ("Car", "moderate", "AP_40")  # the AP that selects and describes a model
+
+
+def _pair(text: str) -> float:
+    return float(text)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of the recipe (YAML recipe keys are these names)."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML recipe (config/train/*.yaml) setting defaults; given options still win",
+    )
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-root", type=Path, default=None, help="KITTI root (or training/)")
+    group.add_argument(
+        "--split",
+        default="train",
+        help="training frames: a split file, a name in ImageSets/ (train), or 'all'",
+    )
+    group.add_argument(
+        "--val-split",
+        default="val",
+        help="validation frames (as --split); 'none' skips validation",
+    )
+    group.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    group.add_argument(
+        "--min-height",
+        type=float,
+        default=0.0,
+        help="cars shorter than this (source px) become ignore regions in training",
+    )
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="dds_mobilenet_v2", help="backbone registry name")
+    group.add_argument("--width-mult", type=float, default=1.0, help="backbone width multiplier")
+    group.add_argument(
+        "--backbone-weights",
+        type=Path,
+        default=None,
+        help="classification weights file whose 'features.' tensors initialise the backbone",
+    )
+    defaults = DetectorConfig()
+    group.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        default=list(defaults.input_size),
+        metavar=("H", "W"),
+        help="network input (multiples of 32)",
+    )
+    group.add_argument(
+        "--anchor-sizes", type=float, nargs="+", default=list(defaults.anchor_sizes)
+    )
+    group.add_argument(
+        "--aspect-ratios", type=float, nargs="+", default=list(defaults.aspect_ratios)
+    )
+    group.add_argument(
+        "--use-layer13",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="add the stride-16 layer13 map (small anchors) to layer17",
+    )
+    group.add_argument("--box-loss", choices=("smooth_l1", "giou"), default=defaults.box_loss)
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any DetectorConfig field, e.g. --set fg_iou=0.7 score_threshold=0.4",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="run folder for all outputs")
+    group = parser.add_argument_group("recipe")
+    group.add_argument("--epochs", type=int, default=24)
+    group.add_argument("--batch-size", type=int, default=8, help="global batch size")
+    group.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    group.add_argument("--weight-decay", type=float, default=1e-4)
+    group.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
+    group.add_argument(
+        "--scale-range",
+        type=float,
+        nargs=2,
+        default=[0.75, 1.33],
+        help="training scale jitter around the letterbox scale",
+    )
+    group.add_argument(
+        "--color-jitter",
+        type=float,
+        nargs=4,
+        default=[0.3, 0.3, 0.3, 0.0],
+        metavar=("BRIGHTNESS", "CONTRAST", "SATURATION", "HUE"),
+        help="ColorJitter strengths (hue is off by default: it costs ~130 ms/frame on CPU)",
+    )
+    group.add_argument("--seed", type=int, default=0)
+    group = parser.add_argument_group("evaluation, logging, checkpoints")
+    group.add_argument("--eval-every-epochs", type=int, default=1, help="0: only at the end")
+    group.add_argument(
+        "--eval-score-threshold",
+        type=float,
+        default=0.01,
+        help="score threshold for the AP (low: AP integrates over the whole PR curve)",
+    )
+    group.add_argument("--log-every-steps", type=int, default=10)
+    group.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue from OUT/checkpoint.pt (or the given checkpoint)",
+    )
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    group = parser.add_argument_group("speed")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="float16 mixed precision on CUDA (ignored on CPU)",
+    )
+    group.add_argument(
+        "--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (0: none)"
+    )
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The training parser; recipe files replace its defaults (see ``resolve_args``)."""
+    parser = argparse.ArgumentParser(description="Train the car detector", add_help=add_help)
+    add_training_arguments(parser)
+    mark_config_defaults(parser)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` and apply ``--config``: the plain arguments :func:`main` takes."""
+    parser = get_args_parser()
+    return resolve_args(parser.parse_args(argv), parser)
+
+
+def detector_config_from_args(args: argparse.Namespace) -> DetectorConfig:
+    """The :class:`DetectorConfig` described by the options (``--set`` applied last)."""
+    fields: dict[str, Any] = {
+        "backbone": args.model,
+        "backbone_kwargs": {"width_mult": float(args.width_mult)},
+        "input_size": tuple(args.input_size),
+        "anchor_sizes": tuple(args.anchor_sizes),
+        "aspect_ratios": tuple(args.aspect_ratios),
+        "use_layer13": bool(args.use_layer13),
+        "box_loss": args.box_loss,
+    }
+    for item in args.overrides or []:
+        key, sep, value = str(item).partition("=")
+        if not sep:
+            raise DetectorConfigError(f"--set {item!r}: expected KEY=VALUE")
+        fields[key.strip()] = yaml.safe_load(value)
+    return DetectorConfig.from_dict(fields)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def _split(value: str | None) -> str | None:
+    return None if value in (None, "all") else value
+
+
+def build_datasets(
+    args: argparse.Namespace, config: DetectorConfig
+) -> tuple[KittiDetectionDataset, KittiDetectionDataset | None]:
+    if args.data_root is None:
+        raise ValueError("--data-root is required (a KITTI folder with training/image_2)")
+    train = KittiDetectionDataset(
+        args.data_root,
+        _split(args.split),
+        DetectionTrainTransform(
+            config.input_size,
+            scale_range=tuple(args.scale_range),
+            brightness=args.color_jitter[0],
+            contrast=args.color_jitter[1],
+            saturation=args.color_jitter[2],
+            hue=args.color_jitter[3],
+        ),
+        min_height=args.min_height,
+    )
+    if len(train) == 0:
+        raise ValueError(f"{args.data_root}: split {args.split!r} has no frames")
+    val = None
+    if args.val_split not in (None, "none", ""):
+        val = KittiDetectionDataset(
+            args.data_root, _split(args.val_split), DetectionEvalTransform(config.input_size)
+        )
+    return train, val
+
+
+# ------------------------------------------------------------------------------ loops
+
+
+def _targets_to(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    keys = ("boxes", "labels", "ignore_boxes")
+    return [{k: torch.as_tensor(t[k]).to(device) for k in keys} for t in targets]
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: DataLoader,
+    ctx: DistributedContext,
+    *,
+    epoch: int,
+    step: int,
+    scaler: torch.amp.GradScaler,
+    amp: bool,
+    max_steps: int = 0,
+    metrics: MetricsWriter | None = None,
+    log_every: int = 10,
+    progress: bool = True,
+) -> tuple[int, dict[str, float]]:
+    """One pass over ``loader``; returns the new global step and the epoch's mean losses."""
+    model.train()
+    detector: RPNDetector = getattr(model, "module", model)
+    totals: dict[str, float] = {}
+    count, images_seen, start = 0, 0, time.perf_counter()
+    bar = iter_with_progress(loader, enabled=progress and ctx.is_main, desc=f"epoch {epoch}")
+    for images, targets in bar:
+        images = detector.normalize(images.to(ctx.device, non_blocking=True))
+        with autocast(ctx.device, amp):
+            losses = model(images, _targets_to(targets, ctx.device))
+        loss = sum(losses.values())
+        check_finite(loss, epoch=epoch, step=step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        count += 1
+        images_seen += images.shape[0]
+        for name, value in (("loss", loss), *losses.items()):
+            totals[name] = totals.get(name, 0.0) + float(value.detach())
+        if metrics is not None and log_every and step % log_every == 0:
+            metrics.write(
+                {
+                    "type": "train",
+                    "epoch": epoch,
+                    "step": step,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    **{k: float(v.detach()) for k, v in (("loss", loss), *losses.items())},
+                }
+            )
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        if max_steps and count >= max_steps:
+            break
+    seconds = time.perf_counter() - start
+    stats = {k: v / max(count, 1) for k, v in totals.items()}
+    stats["images_per_s"] = images_seen * ctx.world_size / max(seconds, 1e-9)
+    return step, stats
+
+
+@torch.inference_mode()
+def predict_dataset(
+    model: RPNDetector,
+    dataset: KittiDetectionDataset,
+    *,
+    device: torch.device,
+    score_threshold: float = 0.01,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict[str, list]:
+    """Detections (KittiObject with score, source pixels) for every frame of ``dataset``."""
+    model.eval()
+    config = model.config
+    params = PostprocessParams(
+        score_threshold=score_threshold,
+        nms_iou=config.nms_iou,
+        max_detections=config.max_detections,
+        pre_nms_top_k=config.pre_nms_top_k,
+        min_box_size=config.min_box_size,
+    )
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=detection_collate
+    )
+    detections: dict[str, list] = {}
+    for images, targets in iter_with_progress(loader, enabled=progress, desc="validate"):
+        outputs = model(model.normalize(images.to(device)))
+        results = postprocess(outputs["scores"], outputs["boxes"], params, config.input_size)
+        for (boxes, scores, _), target in zip(results, targets, strict=True):
+            source = boxes_to_source(boxes.cpu(), target["letterbox"])
+            detections[target["frame_id"]] = [
+                detection_to_object(tuple(float(v) for v in box), float(score))
+                for box, score in zip(source.tolist(), scores.tolist(), strict=True)
+            ]
+    return detections
+
+
+def evaluate(
+    model: RPNDetector,
+    dataset: KittiDetectionDataset,
+    *,
+    device: torch.device,
+    score_threshold: float = 0.01,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """KITTI 2D AP (percent) of ``model`` on ``dataset``; ``"ap"`` is Car moderate AP_40."""
+    start = time.perf_counter()
+    detections = predict_dataset(
+        model, dataset, device=device, score_threshold=score_threshold, progress=progress
+    )
+    ground_truth = {fid: dataset.objects(i) for i, fid in enumerate(dataset.frame_ids)}
+    result = kitti_evaluate(ground_truth, detections, classes=("Car",))
+    cls, difficulty, metric = PRIMARY
+    return {
+        "ap": result.ap(cls, difficulty, metric),
+        "ap_easy": result.ap(cls, "easy", metric),
+        "ap_hard": result.ap(cls, "hard", metric),
+        "mAP_40": result.mean_ap("AP_40"),
+        "mAP_11": result.mean_ap("AP_11"),
+        "kitti": result.to_json(),
+        "markdown": result.markdown(),
+        "frames": len(dataset),
+        "detections": sum(len(v) for v in detections.values()),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def build_optimizer(
+    model: torch.nn.Module, args: argparse.Namespace, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW (no decay on norms/biases/PReLU slopes), linear warm-up then cosine to 1 %."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+    )
+    warmup = max(0, min(args.warmup_steps, total_steps - 1))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _recipe(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "command": "dds-perception train-detector",
+        "data_root": str(args.data_root),
+        "split": args.split,
+        "val_split": args.val_split,
+        "optimizer": "AdamW",
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "warmup_steps": args.warmup_steps,
+        "schedule": "linear warm-up, cosine to 1 % per step",
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "max_steps_per_epoch": args.max_steps_per_epoch,
+        "scale_range": list(args.scale_range),
+        "color_jitter": list(args.color_jitter),
+        "train_transform": "scale jitter + crop to input, hflip, ColorJitter",
+        "backbone_weights": str(args.backbone_weights) if args.backbone_weights else None,
+        "seed": args.seed,
+    }
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train with resolved ``args`` (see :func:`parse_args`); return the final summary."""
+    ctx = init_distributed(args.device)
+    try:
+        return _train(args, ctx)
+    finally:
+        cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
+    if args.out is None:
+        raise ValueError("--out is required (the run folder)")
+    out = Path(args.out)
+    checkpoint_path = out / CHECKPOINT
+    resume_path = None
+    if args.resume is not None:
+        resume_path = checkpoint_path if args.resume == "auto" else Path(args.resume)
+        if not resume_path.is_file():
+            raise TrainingError(f"--resume: no checkpoint at {resume_path}")
+    elif checkpoint_path.exists() or (out / WEIGHTS).exists():
+        raise TrainingError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if args.batch_size % ctx.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} not divisible by {ctx.world_size}")
+    config = detector_config_from_args(args)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(ctx)
+    seed_everything(args.seed)
+    train_set, val_set = build_datasets(args, config)
+
+    amp = bool(args.amp) and ctx.device.type == "cuda"
+    model = build_detector(config)
+    if args.backbone_weights is not None and resume_path is None:
+        loaded = load_backbone_weights(model, args.backbone_weights)
+        if ctx.is_main:
+            print(f"backbone: {loaded} tensors from {args.backbone_weights}")
+    model = model.to(ctx.device)
+    detector = model
+    if ctx.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+
+    per_rank = args.batch_size // ctx.world_size
+    sampler = DistributedSampler(
+        train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed
+    )
+    generator = torch.Generator().manual_seed(args.seed * 1000 + ctx.rank)
+    loader = DataLoader(
+        train_set,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=args.workers,
+        pin_memory=ctx.device.type == "cuda",
+        drop_last=len(train_set) // ctx.world_size >= per_rank,
+        collate_fn=detection_collate,
+        generator=generator,
+    )
+    steps_per_epoch = len(loader)
+    if args.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+    optimizer, scheduler = build_optimizer(detector, args, steps_per_epoch * args.epochs)
+    scaler = make_grad_scaler(ctx.device, amp)
+    metrics = MetricsWriter(out / METRICS, enabled=ctx.is_main)
+    identity = {**vars(args), "detector_config": config.to_dict()}
+    identity["data_root"] = str(args.data_root)
+
+    start_epoch, step, last_eval = 0, 0, None
+    if resume_path is not None:
+        state = load_checkpoint(resume_path)
+        check_resume_matches(state["identity"], identity, RESUME_KEYS, resume_path)
+        detector.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["loader_generator"])
+        restore_rng_state(state["rng"])
+        start_epoch, step, last_eval = state["epoch"], state["step"], state.get("last_eval")
+        metrics.truncate_after(step)
+        if ctx.is_main:
+            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}")
+    if ctx.is_main:
+        with atomic_open(out / "args.yaml", "w", encoding="utf-8") as handle:
+            yaml.safe_dump(args_to_dict(args), handle, sort_keys=True)
+
+    def run_eval(epoch: int, current_step: int) -> dict[str, Any] | None:
+        if val_set is None or not ctx.is_main:
+            return last_eval
+        result = evaluate(
+            detector,
+            val_set,
+            device=ctx.device,
+            score_threshold=args.eval_score_threshold,
+            progress=args.progress,
+        )
+        with atomic_open(out / "eval.md", "w", encoding="utf-8") as handle:
+            handle.write(result.pop("markdown") + "\n")
+        record = {"type": "eval", "epoch": epoch, "step": current_step, **result}
+        metrics.write(record)
+        print(
+            f"epoch {epoch} step {current_step}: Car AP_40 easy {result['ap_easy']:.2f} "
+            f"moderate {result['ap']:.2f} hard {result['ap_hard']:.2f} "
+            f"({result['frames']} val frames)"
+        )
+        return record
+
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        step, stats = train_one_epoch(
+            model,
+            optimizer,
+            scheduler,
+            loader,
+            ctx,
+            epoch=epoch,
+            step=step,
+            scaler=scaler,
+            amp=amp,
+            max_steps=args.max_steps_per_epoch,
+            metrics=metrics,
+            log_every=args.log_every_steps,
+            progress=args.progress,
+        )
+        metrics.write(
+            {
+                "type": "epoch",
+                "epoch": epoch,
+                "step": step,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - epoch_start,
+                **stats,
+            }
+        )
+        if ctx.is_main and not args.progress:
+            print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s")
+        last_epoch = epoch + 1 == args.epochs
+        if (args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0) or last_epoch:
+            last_eval = run_eval(epoch, step)
+        if ctx.is_main:
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "model": detector.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "loader_generator": generator.get_state(),
+                    "rng": capture_rng_state(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "last_eval": last_eval,
+                    "identity": {key: identity.get(key) for key in RESUME_KEYS},
+                    "args": args_to_dict(args),
+                },
+            )
+        barrier(ctx)
+
+    summary: dict[str, Any] = {
+        "model": config.backbone,
+        "width_mult": config.backbone_kwargs.get("width_mult", 1.0),
+        "input_size": list(config.input_size),
+        "train_frames": len(train_set),
+        "val_frames": len(val_set) if val_set is not None else 0,
+        "epochs": args.epochs,
+        "steps": step,
+        "parameters": sum(p.numel() for p in detector.parameters()),
+        "weights": str(out / WEIGHTS),
+    }
+    if last_eval is not None:
+        summary.update(
+            {
+                "val_ap_moderate_40": last_eval["ap"],
+                "val_ap_easy_40": last_eval["ap_easy"],
+                "val_ap_hard_40": last_eval["ap_hard"],
+                "val_mAP_40": last_eval["mAP_40"],
+                "val_mAP_11": last_eval["mAP_11"],
+                "val_kitti": last_eval["kitti"],
+            }
+        )
+    if ctx.is_main:
+        save_detector(out / WEIGHTS, detector, recipe=_recipe(args), metrics=summary)
+        write_json(out / "summary.json", summary)
+        ap = f", val Car moderate AP_40 {summary['val_ap_moderate_40']:.2f}" if last_eval else ""
+        print(f"done: {step} steps{ap} -> {out / WEIGHTS}")
+    return summary

@@ -1,0 +1,268 @@
+"""The inference pipeline: any camera frame in, car boxes in the frame's own pixels out.
+
+This is the single place where frames are decoded (``data.images.to_rgb``), letterboxed
+(``data.letterbox``), normalised, moved to the device (fp16 and channels_last on request), run
+through the detector under ``torch.inference_mode``, and post-processed (decode, score threshold,
+NMS, top-k, letterbox inverse). The node, bag replay, the demo and the benchmarks all call it.
+
+Example::
+
+    from dds_perception.pipeline import Pipeline, default_weights
+
+    pipeline = Pipeline.from_weights(default_weights(), device="auto")
+    detections = pipeline(frame_bgr, encoding="bgr8")  # or raw bytes + height/width/step
+    for box, score in zip(detections.boxes, detections.scores):
+        print(box, score)  # x1, y1, x2, y2 in source pixels
+    print(detections.timings)  # ms: decode, preprocess, inference, postprocess
+
+CPU speed: BatchNorm is folded into the convolutions at load, the network runs channels_last, the
+letterboxed frame is normalised by cv2 into a preallocated HWC float buffer that is already the
+channels_last layout (no copy), and the canvas padding is rewritten only when the geometry changes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from dds_perception.data.images import to_rgb
+from dds_perception.data.letterbox import (
+    Letterbox,
+    boxes_to_source,
+    letterbox_params,
+    resize_image,
+)
+from dds_perception.detection.config import DetectorConfig, DetectorConfigError
+from dds_perception.detection.fuse import fuse_conv_bn
+from dds_perception.detection.postprocess import PostprocessParams, postprocess
+from dds_perception.detection.weights import load_detector
+from dds_perception.utils.runtime import resolve_device
+
+SHIPPED_WEIGHTS = "dds_detector_synthetic.safetensors"
+PAD_VALUE = 114  # the letterbox canvas colour (data.letterbox's default)
+STAGES = ("decode", "preprocess", "inference", "postprocess")
+
+
+def default_weights() -> Path:
+    """Path of the shipped detector weights (repository ``models/`` or the installed share)."""
+    name = SHIPPED_WEIGHTS
+    candidates = [Path(__file__).resolve().parents[1] / "models" / name]
+    try:  # a colcon install: share/dds_perception/models
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory("dds_perception")) / "models" / name)
+    except Exception:  # ament_index absent or the package not in the index
+        pass
+    candidates.append(Path(sys.prefix) / "share" / "dds_perception" / "models" / name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"shipped weights {name} not found; looked in: {', '.join(map(str, candidates))}"
+    )
+
+
+@dataclass
+class Detections:
+    """Detections of one frame, in source-image pixels."""
+
+    boxes: np.ndarray  # (N, 4) float32 x1, y1, x2, y2
+    scores: np.ndarray  # (N,) float32 in [0, 1]
+    class_names: list[str]
+    image_size: tuple[int, int]  # (height, width) of the source image
+    timings: dict[str, float] = field(default_factory=dict)  # ms per stage
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+class Pipeline:
+    """Decode -> letterbox/normalise -> detector -> postprocess; see the module docstring."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        device: str | torch.device = "auto",
+        half: bool = False,
+        score_threshold: float | None = None,
+        nms_iou: float | None = None,
+        max_detections: int | None = None,
+        input_size: tuple[int, int] | None = None,
+        channels_last: bool | None = None,
+        warmup: bool = True,
+    ) -> None:
+        config: DetectorConfig = model.config
+        self.device = resolve_device(device)
+        if half and self.device.type != "cuda":
+            raise ValueError(f"half=True needs a CUDA device, got {self.device}")
+        self.half = bool(half)
+        if input_size is not None and tuple(input_size) != tuple(config.input_size):
+            try:
+                config.replace(input_size=tuple(int(v) for v in input_size))
+            except DetectorConfigError as error:
+                raise ValueError(f"input_size {tuple(input_size)}: {error}") from None
+        self.input_size: tuple[int, int] = tuple(int(v) for v in (input_size or config.input_size))
+        self.class_names: list[str] = list(getattr(model, "meta", {}).get("class_names", ["car"]))
+        self.score_threshold = float(
+            config.score_threshold if score_threshold is None else score_threshold
+        )
+        self.nms_iou = float(config.nms_iou if nms_iou is None else nms_iou)
+        self.max_detections = int(
+            config.max_detections if max_detections is None else max_detections
+        )
+        self.pre_nms_top_k = config.pre_nms_top_k
+        self.min_box_size = config.min_box_size
+        # channels_last: measured ~3x faster on CPU for these depthwise-separable nets
+        self.channels_last = True if channels_last is None else bool(channels_last)
+        model = model.eval()
+        fuse_conv_bn(model)
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.half:
+            model = model.half()
+        self.model = model
+        self.config = config
+        # cv2 scalars (4 entries) for the per-channel normalisation of 0-255 pixels
+        self._mean = (*(float(m) * 255.0 for m in config.mean), 0.0)
+        self._inv_std = (*(1.0 / (float(s) * 255.0) for s in config.std), 0.0)
+        self._canvas = np.full((*self.input_size, 3), PAD_VALUE, dtype=np.uint8)
+        self._buffer = np.empty((*self.input_size, 3), dtype=np.float32)
+        self._canvas_geometry: tuple[int, int, int, int] | None = None
+        if warmup:
+            self.warmup()
+
+    # --------------------------------------------------------------------------- loading
+    @classmethod
+    def from_weights(
+        cls,
+        path: str | os.PathLike[str],
+        device: str | torch.device = "auto",
+        half: bool = False,
+        *,
+        score_threshold: float | None = None,
+        nms_iou: float | None = None,
+        max_detections: int | None = None,
+        input_size: tuple[int, int] | None = None,
+        warmup: bool = True,
+    ) -> Pipeline:
+        """Load a detector weights file (CheckpointError naming the file when it is bad).
+
+        ``None`` options take the value stored in the file.
+        """
+        model = load_detector(path, device="cpu")
+        return cls(
+            model,
+            device=device,
+            half=half,
+            score_threshold=score_threshold,
+            nms_iou=nms_iou,
+            max_detections=max_detections,
+            input_size=input_size,
+            warmup=warmup,
+        )
+
+    def warmup(self, runs: int = 1) -> None:
+        """Run blank KITTI-sized frames through every stage (allocations, kernel selection)."""
+        blank = np.full((375, 1242, 3), PAD_VALUE, dtype=np.uint8)
+        for _ in range(runs):
+            self(blank)
+        self._canvas_geometry = None  # the next real frame rewrites the whole canvas
+
+    # --------------------------------------------------------------------------- stages
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, Letterbox]:
+        """Letterbox and normalise an HxWx3 RGB uint8 frame into a (1, 3, H, W) input tensor."""
+        lb = letterbox_params(rgb.shape[:2], self.input_size)
+        canvas, buffer = self._canvas, self._buffer
+        geometry = (lb.pad_x, lb.pad_y, lb.new_w, lb.new_h)
+        if geometry != self._canvas_geometry:  # the padding changes only with the geometry
+            canvas[...] = PAD_VALUE
+            self._canvas_geometry = geometry
+        canvas[lb.pad_y : lb.pad_y + lb.new_h, lb.pad_x : lb.pad_x + lb.new_w] = resize_image(
+            rgb, lb.new_w, lb.new_h
+        )
+        # (pixel - mean) / std with cv2 into the preallocated buffer: ~3x faster than numpy
+        cv2.subtract(canvas, self._mean, dst=buffer, dtype=cv2.CV_32F)
+        cv2.multiply(buffer, self._inv_std, dst=buffer)
+        tensor = torch.from_numpy(buffer).permute(2, 0, 1).unsqueeze(0)  # channels-last strides
+        if self.device.type != "cpu":
+            tensor = tensor.to(self.device, non_blocking=False)
+        tensor = tensor.half() if self.half else tensor
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return tensor.contiguous(memory_format=layout), lb
+
+    def infer(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The detector's per-anchor scores and boxes (network-input pixels)."""
+        with torch.inference_mode():
+            return self.model(tensor)
+
+    def postprocess(
+        self, outputs: dict[str, torch.Tensor], lb: Letterbox
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Threshold, NMS, top-k, then map to source pixels: ``(boxes (N, 4), scores (N,))``."""
+        params = PostprocessParams(
+            score_threshold=self.score_threshold,
+            nms_iou=self.nms_iou,
+            max_detections=self.max_detections,
+            pre_nms_top_k=self.pre_nms_top_k,
+            min_box_size=self.min_box_size,
+        )
+        with torch.inference_mode():
+            ((boxes, scores, _labels),) = postprocess(
+                outputs["scores"].float(), outputs["boxes"].float(), params, self.input_size
+            )
+            boxes = boxes.cpu().numpy()
+            scores = scores.cpu().numpy().astype(np.float32)
+        return boxes_to_source(boxes, lb).astype(np.float32), scores
+
+    # --------------------------------------------------------------------------- call
+    def __call__(
+        self,
+        image: np.ndarray | bytes | bytearray | memoryview,
+        encoding: str = "rgb8",
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        step: int | None = None,
+        is_bigendian: bool = False,
+    ) -> Detections:
+        """Detect cars in one frame; raises ``ImageDecodeError`` for a malformed frame."""
+        clock = time.perf_counter
+        t0 = clock()
+        rgb = to_rgb(
+            image, encoding, height=height, width=width, step=step, is_bigendian=is_bigendian
+        )
+        t1 = clock()
+        tensor, lb = self.preprocess(rgb)
+        self._sync()
+        t2 = clock()
+        outputs = self.infer(tensor)
+        self._sync()
+        t3 = clock()
+        boxes, scores = self.postprocess(outputs, lb)
+        t4 = clock()
+        name = self.class_names[0] if self.class_names else "car"
+        return Detections(
+            boxes=boxes,
+            scores=scores,
+            class_names=[name] * len(scores),
+            image_size=(int(rgb.shape[0]), int(rgb.shape[1])),
+            timings={
+                "decode": (t1 - t0) * 1e3,
+                "preprocess": (t2 - t1) * 1e3,
+                "inference": (t3 - t2) * 1e3,
+                "postprocess": (t4 - t3) * 1e3,
+            },
+        )

@@ -1,0 +1,232 @@
+"""Detector parts: anchors, box coding, Van/DontCare ignoring, losses, postprocess, weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dds_perception.detection import (
+    DetectorConfig,
+    DetectorConfigError,
+    PostprocessParams,
+    build_detector,
+    load_backbone_weights,
+    load_detector,
+    postprocess,
+    save_detector,
+)
+from dds_perception.detection.fuse import count_batchnorm, fuse_conv_bn
+from dds_perception.utils.checkpoint import CheckpointError, save_weights
+
+TINY = {"backbone_kwargs": {"width_mult": 0.25}, "input_size": (64, 128)}
+
+
+@pytest.fixture(scope="module")
+def tiny_config() -> DetectorConfig:
+    return DetectorConfig(**TINY, anchor_sizes=(32.0,), aspect_ratios=(0.5, 1.0))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_config):
+    torch.manual_seed(0)
+    return build_detector(tiny_config)
+
+
+def test_detection_anchors_hand_computed(tiny_model):
+    anchors = tiny_model.anchors((64, 128), [(2, 4)])
+    assert anchors.shape == (2 * 4 * 2, 4)
+    # ratio 0.5 (h/w): w = 32*sqrt(2) = 45.25, h = 32/sqrt(2) = 22.63; torchvision rounds the
+    # half-extents (22.63 -> 23, 11.31 -> 11); centred on cell (0, 0) at (16, 16)
+    assert anchors[0].tolist() == [-7.0, 5.0, 39.0, 27.0]
+    assert anchors[1].tolist() == [0.0, 0.0, 32.0, 32.0]  # ratio 1, size 32
+    assert anchors[3].tolist() == [32.0, 0.0, 64.0, 32.0]  # next column, stride 32
+    assert anchors[2 * 4 + 1].tolist() == [0.0, 32.0, 32.0, 64.0]  # next row
+    assert anchors[-1].tolist() == [96.0, 32.0, 128.0, 64.0]
+
+
+def test_detection_layer13_variant_anchors_per_level():
+    config = DetectorConfig(
+        **TINY,
+        anchor_sizes=(16.0, 64.0),
+        aspect_ratios=(1.0,),
+        use_layer13=True,
+        layer13_max_size=32.0,
+    )
+    model = build_detector(config)
+    assert model.feature_names == ["layer13", "layer17"]
+    anchors = model.anchors((64, 128), [(4, 8), (2, 4)])
+    assert anchors.shape == (4 * 8 + 2 * 4, 4)
+    assert anchors[0].tolist() == [0.0, 0.0, 16.0, 16.0]  # stride 16, size 16, centre (8, 8)
+    assert anchors[32].tolist() == [-16.0, -16.0, 48.0, 48.0]  # stride 32, size 64
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 64, 128))
+    assert out["scores"].shape == (1, 40) and out["boxes"].shape == (1, 40, 4)
+
+
+def test_detection_box_coding_hand_computed(tiny_model):
+    coder = tiny_model.box_coder
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 32.0, 32.0]])
+    boxes = torch.tensor([[4.0, 8.0, 36.0, 40.0], [0.0, 0.0, 64.0, 16.0]])
+    deltas = coder.encode_single(boxes, anchors)
+    # centres (20, 24) vs (16, 16), same size -> (4/32, 8/32, 0, 0)
+    # centre (32, 8), size 64x16 -> (16/32, -8/32, log 2, log 0.5)
+    expected = torch.tensor([[0.125, 0.25, 0.0, 0.0], [0.5, -0.25, math.log(2), math.log(0.5)]])
+    torch.testing.assert_close(deltas, expected)
+    torch.testing.assert_close(coder.decode_single(deltas, anchors), boxes)
+
+
+def test_detection_van_and_dontcare_are_neither_positive_nor_negative(tiny_model):
+    anchors = torch.tensor(
+        [
+            [0.0, 0.0, 32.0, 32.0],  # exactly the car -> positive
+            [100.0, 0.0, 132.0, 32.0],  # exactly the Van -> matched to an ignore box
+            [200.0, 0.0, 232.0, 32.0],  # nothing near -> negative
+            [300.0, 0.0, 332.0, 32.0],  # inside the DontCare region (IoA 1, IoU 0.28)
+            [24.0, 0.0, 56.0, 32.0],  # IoU 256/1792 = 0.14 with the car -> negative
+            [16.0, 0.0, 48.0, 32.0],  # IoU 512/1536 = 0.33, between 0.3 and 0.6 -> ignored
+        ]
+    )
+    car = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
+    ignore = torch.tensor([[100.0, 0.0, 132.0, 32.0], [290.0, -10.0, 400.0, 50.0]])
+    labels, matched = tiny_model.assign_targets(anchors, car, ignore)
+    assert labels.tolist() == [1.0, -1.0, 0.0, -1.0, 0.0, -1.0]
+    assert matched[0].tolist() == car[0].tolist()
+    labels, _ = tiny_model.assign_targets(anchors, car, None)
+    assert labels.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]  # without ignores: background
+    labels, _ = tiny_model.assign_targets(anchors, torch.zeros((0, 4)), ignore)
+    assert labels.tolist() == [0.0, -1.0, 0.0, -1.0, 0.0, 0.0]  # only ignores in the frame
+
+
+def test_detection_training_losses_are_named_finite_and_backprop(tiny_config):
+    torch.manual_seed(0)
+    model = build_detector(tiny_config.replace(box_loss="giou")).train()
+    images = torch.randn(2, 3, 64, 128)
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0]]),
+            "labels": torch.ones(1, dtype=torch.int64),
+            "ignore_boxes": torch.tensor([[70.0, 10.0, 120.0, 50.0]]),
+        },
+        {
+            "boxes": torch.zeros((0, 4)),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "ignore_boxes": torch.zeros((0, 4)),
+        },
+    ]
+    losses = model(images, targets)
+    assert set(losses) == {"loss_objectness", "loss_box"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.heads.parameters())
+    with pytest.raises(ValueError, match="targets"):
+        model(images)
+
+
+def test_detection_postprocess_threshold_nms_topk():
+    scores = torch.tensor([[0.9, 0.85, 0.2, 0.8]])
+    boxes = torch.tensor(
+        [[[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [50, 50, 60, 60], [20, 20, 30, 30]]]
+    )
+    params = PostprocessParams(score_threshold=0.5, nms_iou=0.5, max_detections=10)
+    ((kept, kept_scores, labels),) = postprocess(scores, boxes, params)
+    # box 1 overlaps box 0 with IoU 81/119 = 0.68 > 0.5: suppressed; box 2 under the threshold
+    assert kept.tolist() == [[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]]
+    torch.testing.assert_close(kept_scores, torch.tensor([0.9, 0.8]))
+    assert labels.tolist() == [0, 0]
+    one = PostprocessParams(score_threshold=0.5, nms_iou=0.5, max_detections=1)
+    assert postprocess(scores, boxes, one)[0][0].shape == (1, 4)
+    ((clipped, _, _),) = postprocess(scores[:, :1], boxes[:, :1] - 5.0, params, clip_size=(8, 8))
+    assert clipped.tolist() == [[0.0, 0.0, 5.0, 5.0]]
+
+
+def test_detection_fuse_batchnorm_keeps_outputs(tiny_config):
+    torch.manual_seed(0)
+    model = build_detector(tiny_config)
+    for module in model.modules():  # non-trivial running statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+    images = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        before = model(images)
+        fused = fuse_conv_bn(model)
+        after = model(images)
+    assert fused > 0 and count_batchnorm(model) == 0
+    torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(after["boxes"], before["boxes"], atol=1e-2, rtol=1e-4)
+
+
+def test_detection_config_rejects_bad_values():
+    with pytest.raises(DetectorConfigError, match="unknown detector config key"):
+        DetectorConfig.from_dict({"anchor_size": [32]})
+    with pytest.raises(DetectorConfigError, match="multiples of 32"):
+        DetectorConfig(input_size=(375, 1242))
+    with pytest.raises(DetectorConfigError, match="bg_iou"):
+        DetectorConfig(fg_iou=0.3, bg_iou=0.5)
+    config = DetectorConfig()
+    assert DetectorConfig.from_dict(config.to_dict()) == config
+
+
+def test_detection_weights_round_trip(tmp_path, tiny_model):
+    path = save_detector(
+        tmp_path / "det.safetensors", tiny_model, recipe={"epochs": 1}, metrics={"ap": 0.5}
+    )
+    model = load_detector(path)
+    assert model.meta["task"] == "detection"
+    assert model.meta["class_names"] == ["car"]
+    assert model.meta["input_size"] == [64, 128]
+    assert model.meta["normalization"]["mean"] == list(tiny_model.config.mean)
+    assert model.meta["recipe"] == {"epochs": 1} and model.meta["metrics"] == {"ap": 0.5}
+    assert model.config == tiny_model.config
+    images = torch.randn(1, 3, 64, 128)
+    tiny_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images)["scores"], tiny_model(images)["scores"])
+
+
+def test_detection_weights_errors_name_the_file(tmp_path, tiny_model):
+    good = save_detector(tmp_path / "good.safetensors", tiny_model)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"truncated\.safetensors"):
+        load_detector(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=r"garbage\.safetensors"):
+        load_detector(garbage)
+    classifier = tmp_path / "classifier.safetensors"
+    save_weights(classifier, {"head.weight": torch.zeros(2, 2)}, {"task": "classification"})
+    with pytest.raises(CheckpointError, match=r"classifier.safetensors.*not a detector"):
+        load_detector(classifier)
+    other = tmp_path / "other_anchors.safetensors"
+    meta_model = build_detector(tiny_model.config.replace(aspect_ratios=[0.5, 1.0, 2.0]))
+    save_weights(
+        other,
+        tiny_model.state_dict(),
+        {"task": "detection", "config": meta_model.config.to_dict()},
+    )
+    with pytest.raises(CheckpointError, match=r"other_anchors.safetensors.*do not fit"):
+        load_detector(other)
+    with pytest.raises(CheckpointError, match=r"missing\.safetensors"):
+        load_detector(tmp_path / "missing.safetensors")
+
+
+def test_detection_backbone_weights_from_a_classifier_file(tmp_path, tiny_config):
+    source = build_detector(tiny_config)
+    state = {f"features.{k[len('backbone.features.'):]}": v for k, v in source.state_dict().items()
+             if k.startswith("backbone.features.")}  # fmt: skip
+    state["head.weight"] = torch.zeros(3, 4)
+    path = tmp_path / "classifier.safetensors"
+    save_weights(path, state, {"task": "classification"})
+    model = build_detector(tiny_config)
+    assert load_backbone_weights(model, path) == len(state) - 1
+    for key, value in model.backbone.state_dict().items():
+        torch.testing.assert_close(value, source.backbone.state_dict()[key])
+    wider = build_detector(tiny_config.replace(backbone_kwargs={"width_mult": 0.5}))
+    with pytest.raises(CheckpointError, match=r"classifier\.safetensors"):
+        load_backbone_weights(wider, path)

@@ -1,0 +1,125 @@
+"""The inference pipeline on real KITTI frames in every supported encoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dds_perception.data.images import ImageDecodeError
+from dds_perception.detection import DetectorConfig, build_detector, save_detector
+from dds_perception.pipeline import STAGES, Detections, Pipeline
+from dds_perception.utils.checkpoint import CheckpointError
+
+FRAMES = ("000000", "000007", "000042")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A small randomly initialised detector (seeded) saved as a real weights file."""
+    torch.manual_seed(0)
+    config = DetectorConfig(backbone_kwargs={"width_mult": 0.25}, input_size=(192, 640))
+    path = tmp_path_factory.mktemp("pipeline") / "tiny.safetensors"
+    return save_detector(path, build_detector(config))
+
+
+@pytest.fixture(scope="module")
+def pipeline(weights) -> Pipeline:
+    # an untrained net: threshold 0 so every frame yields boxes to check
+    return Pipeline.from_weights(weights, device="cpu", score_threshold=0.0, max_detections=50)
+
+
+def _encodings(path: Path) -> dict[str, tuple[object, dict]]:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    height, width = rgb.shape[:2]
+    padded = np.zeros((height, width * 3 + 16), dtype=np.uint8)  # raw buffer with row padding
+    padded[:, : width * 3] = rgb.reshape(height, -1)
+    return {
+        "rgb8": (rgb, {}),
+        "bgr8": (bgr, {}),
+        "rgba8": (cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA), {}),
+        "bgra8": (cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA), {}),
+        "mono8": (cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), {}),
+        "jpeg": (cv2.imencode(".jpg", bgr)[1].tobytes(), {}),
+        "png": (path.read_bytes(), {}),  # the original KITTI file, unchanged
+        "rgb8 raw": (
+            padded.tobytes(),
+            {"height": height, "width": width, "step": width * 3 + 16},
+        ),
+    }
+
+
+@pytest.mark.parametrize("frame", FRAMES)
+def test_pipeline_kitti_frames_every_encoding(pipeline, kitti_sample, frame):
+    path = kitti_sample / "training" / "image_2" / f"{frame}.png"
+    height, width = cv2.imread(str(path)).shape[:2]
+    results: dict[str, Detections] = {}
+    for name, (image, options) in _encodings(path).items():
+        encoding = name.split()[0]
+        result = pipeline(image, encoding, **options)
+        assert result.image_size == (height, width), name
+        assert len(result) > 0, name
+        assert result.boxes.dtype == np.float32 and result.boxes.shape == (len(result), 4)
+        assert result.scores.dtype == np.float32
+        boxes = result.boxes
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all(), name
+        assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= height).all(), name
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all(), name
+        assert result.class_names == ["car"] * len(result)
+        assert set(result.timings) == set(STAGES) and min(result.timings.values()) >= 0
+        results[name] = result
+    reference = results["rgb8"]
+    for same in ("bgr8", "rgba8", "bgra8", "png", "rgb8 raw"):  # lossless: identical results
+        np.testing.assert_array_equal(results[same].boxes, reference.boxes, err_msg=same)
+        np.testing.assert_array_equal(results[same].scores, reference.scores, err_msg=same)
+
+
+def test_pipeline_maps_boxes_back_through_the_letterbox(weights):
+    """A network-space box at the content's corners maps to the source image's corners."""
+    pipeline = Pipeline.from_weights(weights, device="cpu", warmup=False)
+    frame = np.zeros((375, 1242, 3), dtype=np.uint8)
+    _, lb = pipeline.preprocess(frame)
+    # 1242x375 into 640x192: scale min(640/1242, 192/375) = 0.5120 (height-bound)
+    assert (lb.new_h, lb.new_w) == (192, 636) and (lb.pad_x, lb.pad_y) == (2, 0)
+    outputs = {
+        "scores": torch.tensor([[0.9]]),
+        "boxes": torch.tensor([[[2.0, 0.0, 2.0 + 636.0, 192.0]]]),
+    }
+    boxes, scores = pipeline.postprocess(outputs, lb)
+    np.testing.assert_allclose(boxes, [[0.0, 0.0, 1242.0, 375.0]], atol=1e-3)
+    assert scores.tolist() == pytest.approx([0.9])
+
+
+def test_pipeline_runtime_settings_and_errors(weights, pipeline):
+    frame = np.full((370, 1224, 3), 90, dtype=np.uint8)
+    assert pipeline.input_size == (192, 640) and pipeline.class_names == ["car"]
+    assert pipeline.device == torch.device("cpu")
+    pipeline.score_threshold = 1.0  # the node changes thresholds at run time
+    empty = pipeline(frame)
+    assert len(empty) == 0 and empty.boxes.shape == (0, 4) and empty.class_names == []
+    pipeline.score_threshold = 0.0
+    pipeline.max_detections = 3
+    assert len(pipeline(frame)) == 3
+    pipeline.max_detections = 50
+    with pytest.raises(ImageDecodeError):
+        pipeline(b"\x00" * 10, "rgb8", height=100, width=100)
+    with pytest.raises(ImageDecodeError):
+        pipeline(frame, "yuv422")
+    with pytest.raises(ValueError, match="half"):
+        Pipeline.from_weights(weights, device="cpu", half=True)
+    with pytest.raises(ValueError, match="input_size"):
+        Pipeline.from_weights(weights, device="cpu", input_size=(100, 100))
+    with pytest.raises(CheckpointError, match=r"nope\.safetensors"):
+        Pipeline.from_weights(weights.parent / "nope.safetensors")
+
+
+def test_pipeline_input_size_override_and_defaults(weights):
+    small = Pipeline.from_weights(weights, device="cpu", input_size=(128, 416), warmup=False)
+    assert small.input_size == (128, 416)
+    assert small.score_threshold == pytest.approx(DetectorConfig().score_threshold)
+    result = small(np.full((480, 640, 3), 50, dtype=np.uint8))
+    assert result.image_size == (480, 640)
