@@ -6,11 +6,25 @@ source pixels), write KITTI result files, score them with the KITTI evaluator (e
 hard, AP_11 and AP_40), and draw a few annotated frames (ground truth green, Van/DontCare grey,
 detections red with their score).
 
+Then the same frames live, over real middleware (unless --no-live): the frames become a ROS 2
+bag (kitti2bag), and the node (`dds-perception node`), a player (`play --lockstep`) and a
+recorder (`record`) run as separate processes on an isolated Cyclone DDS domain on loopback; the
+recorded /detections are scored against the bag's ground truth by header stamp (evaluate-bag),
+and the node's latency (its /diagnostics) and annotated frames (its ~/debug_image) are read from
+the recording. Both APs are printed; they agree when the node saw every frame.
+
+With KITTI_ROOT set (or --kitti-root), real KITTI frames (the first --frames of training/) are
+used instead of generated scenes.
+
 Outputs under --out: scenes/ (the generated KITTI folder), results/ (one NNNNNN.txt per frame),
-ap.json and ap.md, latency.json, frames/NNNNNN.png.
+ap.json and ap.md, latency.json, frames/NNNNNN.png; live/: kitti_bag/, recorded/ (the bag of
+/detections, /diagnostics, debug images), report.json, node/play/record logs, and
+frames/live_NNNNNN.png.
 
 examples:
   dds-perception demo
+  KITTI_ROOT=/data/kitti dds-perception demo --frames 100
+  dds-perception demo --no-live --frames 10
   dds-perception demo --out /tmp/demo --frames 60 --seed 7 --device cpu
   dds-perception demo --weights runs/det_synth/model.safetensors --draw 8
 """
@@ -18,6 +32,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -54,6 +69,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--draw-threshold", type=float, default=0.5, help="score above which boxes are drawn"
     )
     parser.add_argument("--draw", type=int, default=4, help="number of annotated frames")
+    parser.add_argument(
+        "--kitti-root",
+        type=Path,
+        default=os.environ.get("KITTI_ROOT") or None,
+        help="real KITTI folder to use instead of generated scenes (default: $KITTI_ROOT)",
+    )
+    parser.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="skip the live leg (node, player and recorder processes over Cyclone DDS)",
+    )
 
 
 def annotate(
@@ -86,11 +113,17 @@ def run(args: argparse.Namespace) -> int:
     pipeline.score_threshold = args.score_threshold
     print(f"weights: {weights} ({pipeline.device}, input {pipeline.input_size})")
 
-    scenes = out / "scenes"
-    generate_kitti_scenes(scenes, args.frames, seed=args.seed, val_fraction=0, overwrite=True)
-    layout = KittiLayout.find(scenes)
-    frame_ids = layout.frame_ids()
-    print(f"generated {len(frame_ids)} scenes (seed {args.seed}) in {scenes}")
+    if args.kitti_root is not None:
+        scenes = Path(args.kitti_root)
+        layout = KittiLayout.find(scenes)
+        frame_ids = layout.frame_ids()[: args.frames]
+        print(f"{len(frame_ids)} real KITTI frames from {scenes}")
+    else:
+        scenes = out / "scenes"
+        generate_kitti_scenes(scenes, args.frames, seed=args.seed, val_fraction=0, overwrite=True)
+        layout = KittiLayout.find(scenes)
+        frame_ids = layout.frame_ids()
+        print(f"generated {len(frame_ids)} scenes (seed {args.seed}) in {scenes}")
 
     results = out / "results"
     shutil.rmtree(results, ignore_errors=True)
@@ -142,4 +175,52 @@ def run(args: argparse.Namespace) -> int:
         + ", ".join(f"{stage} {latency[stage]['mean_ms']:.1f}" for stage in timings)
     )
     print(f"annotated frames: {frames_dir}; results: {results}; AP: {out / 'ap.json'}")
+    if args.live:
+        return live_leg(args, scenes, weights, len(frame_ids), evaluation)
     return 0
+
+
+def live_leg(
+    args: argparse.Namespace, root: Path, weights: Path, frames: int, in_process: object
+) -> int:
+    """The same frames through node, player and recorder processes over Cyclone DDS."""
+    from dds_perception.ros.dds import DdsError
+
+    print("\nlive: the same frames as a ROS 2 bag through node, player and recorder processes")
+    try:
+        from dds_perception.ros.dds.live import run_live
+
+        live = run_live(
+            root,
+            Path(args.out) / "live",
+            weights=weights,
+            device=args.device,
+            score_threshold=args.score_threshold,
+            limit=frames,
+            draw=args.draw,
+        )
+    except DdsError as error:
+        print(f"demo: live leg failed: {error}")
+        return 1
+    report = live.report
+    write_json(
+        Path(args.out) / "live" / "report.json", {**report, "diagnostics": live.diagnostics}
+    )
+    print(
+        f"{report['frames']} frames played, {report['matched_frames']} answered with the "
+        f"image's header, {len(report['frames_without_detections_message'])} without an answer"
+    )
+    print(live.evaluation.markdown().rstrip())
+    same = live.evaluation.to_json() == in_process.to_json()
+    print(f"live AP equals the in-process AP: {'yes' if same else 'NO'}")
+    d = live.diagnostics
+    if d:
+        print(
+            "node latency (ms, its /diagnostics): end-to-end p50 "
+            f"{d.get('end_to_end_ms_p50')} p95 {d.get('end_to_end_ms_p95')}, inference mean "
+            f"{d.get('inference_ms_mean')}; frames received {d.get('frames_received')}, "
+            f"processed {d.get('frames_processed')}, dropped {d.get('frames_dropped')}, "
+            f"failed {d.get('frames_failed')} (device {d.get('device')})"
+        )
+    print(f"live annotated frames: {', '.join(str(p) for p in live.frames) or 'none'}")
+    return 0 if same else 1

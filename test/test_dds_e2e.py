@@ -352,51 +352,49 @@ def test_dds_node_outlives_a_dying_player_and_recorder(
     assert node.proc.poll() is None
 
 
-def test_dds_play_record_evaluate(client: Client, node, dds_env, kitti_sample, tmp_path) -> None:
+def test_dds_live_flow_play_node_record_evaluate(weights, dds_env, kitti_sample, tmp_path) -> None:
+    """The demo's live leg: kitti2bag -> node, recorder, lockstep player (three processes, on a
+    domain of its own) -> evaluate-bag. Every frame is answered with its header, and the
+    recorded detections equal the pipeline's in-process output on the same frames."""
+    from dds_perception.pipeline import Pipeline
     from dds_perception.ros.bag import BagReader
+    from dds_perception.ros.dds.live import run_live
 
-    bag, rec = tmp_path / "kitti_bag", tmp_path / "detections_bag"
-    n = 4
-    subprocess.run(
-        cli("kitti2bag", str(kitti_sample), str(bag), "--limit", str(n), "--quiet"),
-        cwd=REPO, env=dds_env, check=True, timeout=120, capture_output=True,
+    other_domain = 100 + (DOMAIN - 100 + 1) % 101  # not the module node's domain
+    live = run_live(
+        kitti_sample, tmp_path, weights=weights, device="cpu", score_threshold=0.05, limit=3,
+        draw=2, domain=other_domain, log=lambda _text: None,
     )  # fmt: skip
-    log = tmp_path / "record.log"
-    with log.open("w") as log_file:
-        recorder = subprocess.Popen(
-            cli("record", "/detections", "--out", str(rec)),
-            cwd=REPO, env=dds_env, stdout=log_file, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:  # the recorder found the node's publisher and subscribed before the replay starts
-        wait_until(lambda: "record: recording" in log.read_text(), ANSWER_TIMEOUT, "recorder")
-        played = subprocess.run(
-            cli("play", str(bag), "--remap", "/kitti/camera/image_raw:=/image",
-                "--wait-for", "/image", "--lockstep", "/detections"),
-            cwd=REPO, env=dds_env, timeout=120, capture_output=True, text=True,
-        )  # fmt: skip
-        assert played.returncode == 0, played.stderr
-        assert f"rt/image {n}" in played.stdout
-        time.sleep(0.5)
-    finally:
-        recorder.send_signal(signal.SIGINT)  # finalises the bag
-        recorder.wait(timeout=30)
-    out = log.read_text()
-    assert recorder.returncode == 0, out
-    with BagReader(bag) as reader:
-        stamps = [messages.stamp_ns(m.msg.header) for m in reader.messages([reader.first_topic(
-            "/kitti/camera/image_raw")])]  # fmt: skip
-    with BagReader(rec) as reader:
-        got = [m.msg for m in reader.messages(["/detections"])]
-    recorded = sorted(
-        messages.stamp_ns(m.header) for m in got if messages.stamp_ns(m.header) in stamps
-    )
-    assert recorded == stamps, "every played frame's detections were recorded with its header"
-    result = subprocess.run(
-        cli("evaluate-bag", "--ground-truth", str(bag), "--detections", str(rec)),
-        cwd=REPO, env=dds_env, timeout=120, capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "Car" in result.stdout or "car" in result.stdout
+    assert live.report["frames"] == 3 and live.report["matched_frames"] == 3
+    assert live.report["frames_without_detections_message"] == []
+    assert live.report["messages_without_frame"] == 0
+    assert all(k in live.diagnostics for k in LATENCY_KEYS)
+    assert live.diagnostics["frames_processed"] == "3" and live.diagnostics["frames_failed"] == "0"
+    assert [p.name for p in live.frames] == ["live_000000.png", "live_000001.png"]
+    assert cv2.imread(str(live.frames[0])).shape == frames_shape(kitti_sample)
+
+    pipeline = Pipeline.from_weights(weights, device="cpu", score_threshold=0.05, warmup=False)
+    with BagReader(live.bag) as reader:
+        images = {
+            messages.stamp_ns(m.msg.header): m.msg
+            for m in reader.messages(["/kitti/camera/image_raw"])
+        }
+    with BagReader(live.recorded) as reader:
+        recorded = [m.msg for m in reader.messages(["/detections"])]
+    assert sorted(messages.stamp_ns(m.header) for m in recorded) == sorted(images)
+    for msg in recorded:
+        image = images[messages.stamp_ns(msg.header)]
+        assert msg.header.frame_id == image.header.frame_id
+        data, encoding, keywords = messages.pipeline_args(image)
+        expected = pipeline(data, encoding, **keywords)
+        got = messages.msg_to_detections(msg)
+        np.testing.assert_allclose(got.boxes, expected.boxes, atol=1e-3)
+        np.testing.assert_allclose(got.scores, expected.scores, atol=1e-4)
+
+
+def frames_shape(kitti_root: Path) -> tuple[int, int, int]:
+    first = sorted((kitti_root / "training" / "image_2").glob("*.png"))[0]
+    return cv2.imread(str(first)).shape
 
 
 def test_dds_node_sigterm_exits_cleanly(node: NodeProcess, client: Client) -> None:
