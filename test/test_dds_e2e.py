@@ -330,21 +330,27 @@ def test_dds_node_outlives_a_dying_player_and_recorder(
             "--remap", "/kitti/camera/image_raw:=/image"),
         cwd=REPO, env=dds_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    recorder = subprocess.Popen(
-        cli("record", "/detections", "--out", str(tmp_path / "rec")),
-        cwd=REPO, env=dds_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    record_log = tmp_path / "record.log"
+    with record_log.open("w") as log_file:
+        recorder = subprocess.Popen(
+            cli("record", "/detections", "--out", str(tmp_path / "rec")),
+            cwd=REPO, env=dds_env, stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         wait_until(  # the node answers frames of the player (the bag's stamps start at 1 s)
             lambda: any(stamp < 10**11 for stamp, _ in client.detections),
             ANSWER_TIMEOUT,
             "detections of the played bag",
         )
+        wait_until(lambda: "record: recording" in record_log.read_text(), ANSWER_TIMEOUT,
+                   "the recorder")  # fmt: skip
+        time.sleep(0.5)  # the recorder is writing its bag
     finally:
         player.kill()
         recorder.kill()
         player.wait(10)
         recorder.wait(10)
+    assert list(tmp_path.glob(".rec.*.tmp")), "the recorder had not opened its bag yet"
     assert not (tmp_path / "rec").exists(), "a killed recorder left a bag under the final name"
     stamp = 1_700_000_400_000_000_000
     client.send(client.image(frames[0], stamp))

@@ -117,7 +117,7 @@ def test_dds_node_messages_wire_equal() -> None:
         assert convert.to_idl(msg, TS).serialize() == bytes(TS.serialize_cdr(msg, msgtype))
 
 
-def test_dds_bytes_fast_path_is_installed_and_fast() -> None:
+def test_dds_bytes_fast_path_is_installed() -> None:
     """Fails when the private cyclonedds serialiser swap of design.md section 12 stops working:
     payloads must come back as ``bytes`` (not a list of ints) and the swap must stay in place
     for both CDR versions."""

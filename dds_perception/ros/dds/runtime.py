@@ -137,10 +137,6 @@ class DdsPublisher:
         """Send a rosbags message (converted to its IDL struct)."""
         self._writer.write(convert.to_idl(msg, self._runtime.typestore, self.msgtype))
 
-    def publish_cdr(self, data: bytes | memoryview) -> None:
-        """Send a message given as CDR bytes (as stored in a bag): parsed once by cyclonedds."""
-        self._writer.write(convert.idl_from_cdr(data, self.msgtype))
-
     def subscription_count(self) -> int:
         """Readers matched right now (rclpy's ``get_subscription_count``)."""
         return int(self._writer.get_publication_matched_status().current_count)
@@ -216,9 +212,11 @@ class DdsRuntime:
         *,
         raw: bool = False,
     ) -> None:
-        """Call ``callback(msg)`` for every sample; ``raw=True`` passes the IDL sample instead
-        of a rosbags message (the recorder serialises it directly)."""
-        reader = DataReader(self.participant, self.topic(ros_name, msgtype), qos=qos)
+        """Call ``callback(msg)`` for every sample (default QoS: :func:`reliable_qos`);
+        ``raw=True`` passes the IDL sample instead of a rosbags message."""
+        reader = DataReader(
+            self.participant, self.topic(ros_name, msgtype), qos=qos or reliable_qos()
+        )
         condition = ReadCondition(reader, SampleState.Any | ViewState.Any | InstanceState.Any)
         self._waitset.attach(condition)
         self._subscriptions.append(
