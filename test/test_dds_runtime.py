@@ -104,3 +104,13 @@ def test_dds_play_reports_a_missing_bag(cli, tmp_path) -> None:
     result = cli("play", str(tmp_path / "nope"), check=False, timeout=120)
     assert result.returncode == 1
     assert "no such bag" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dds_node_bad_configuration_is_one_clear_line(cli, tmp_path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    result = cli("node", "-p", f"weights:={missing}", check=False, timeout=120)
+    assert result.returncode == 1
+    assert f"weights '{missing}': file not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = cli("node", "-p", "score_threshold:=2", check=False, timeout=120)
+    assert result.returncode == 1 and "score_threshold 2.0: must lie in [0, 1]" in result.stderr
