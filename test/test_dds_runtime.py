@@ -114,3 +114,17 @@ def test_dds_node_bad_configuration_is_one_clear_line(cli, tmp_path) -> None:
     assert "Traceback" not in result.stderr
     result = cli("node", "-p", "score_threshold:=2", check=False, timeout=120)
     assert result.returncode == 1 and "score_threshold 2.0: must lie in [0, 1]" in result.stderr
+
+
+def test_dds_record_without_publisher_fails_and_leaves_no_bag(cli, tmp_path) -> None:
+    from test_dds_e2e import DOMAIN, LOOPBACK_URI
+
+    env = {"ROS_DOMAIN_ID": str(DOMAIN), "CYCLONEDDS_URI": LOOPBACK_URI}
+    out = tmp_path / "rec"
+    result = cli(
+        "record", "/nobody_publishes_this", "--out", str(out), "--discovery-timeout", "0.5",
+        check=False, timeout=120, env=env,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "no publisher of rt/nobody_publishes_this" in result.stderr
+    assert list(tmp_path.iterdir()) == [], "a failed recording left files behind"

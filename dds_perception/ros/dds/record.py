@@ -128,17 +128,22 @@ def record(args: argparse.Namespace, stop: threading.Event) -> dict[str, int]:
     if args.count is not None and args.count <= 0:
         raise ValueError(f"--count {args.count}: must be positive")
     received: queue.Queue[tuple[str, int, Any]] = queue.Queue()
-    with rt.DdsRuntime(domain=args.domain_id) as runtime:
+    # The bag is opened first: an existing --out fails at once, and a failure later (discovery
+    # timeout, unknown type) removes the temporary bag instead of leaving a partial one.
+    with (
+        BagWriter(args.out, storage=args.storage) as writer,
+        rt.DdsRuntime(domain=args.domain_id) as runtime,
+    ):
         names = {runtime.name(topic): (topic, msgtype) for topic, msgtype in requested}
         untyped = [name for name, (_, msgtype) in names.items() if msgtype is None]
         publications = discover(
             runtime, list(names), args.discovery_timeout, stop, required=untyped
         )
-        if stop.is_set():
-            return {}
         for dds_name, (topic, msgtype) in names.items():
             pubs = publications.get(dds_name, [])
             if msgtype is None:
+                if not pubs:  # stopped while discovering
+                    return {}
                 msgtype = msgtype_from_dds(pubs[0].type_name)
             idl.idl_type(msgtype)  # DdsError naming the known types
             ros_name = rt.ros_topic(dds_name)
@@ -155,27 +160,26 @@ def record(args: argparse.Namespace, stop: threading.Event) -> dict[str, int]:
             flush=True,
         )
         deadline = None if args.duration is None else time.monotonic() + args.duration
-        with BagWriter(args.out, storage=args.storage) as writer:
 
-            def full() -> bool:
-                return args.count is not None and sum(writer.counts.values()) >= args.count
+        def full() -> bool:
+            return args.count is not None and sum(writer.counts.values()) >= args.count
 
-            while not stop.is_set() and not full():
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                try:
-                    topic, log_ns, msg = received.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                writer.write(topic, msg, log_ns)
-            runtime.stop_dispatch()
-            while not full():  # what arrived before the stop still goes into the bag
-                try:
-                    topic, log_ns, msg = received.get_nowait()
-                except queue.Empty:
-                    break
-                writer.write(topic, msg, log_ns)
-            return dict(writer.counts)
+        while not stop.is_set() and not full():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            try:
+                topic, log_ns, msg = received.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            writer.write(topic, msg, log_ns)
+        runtime.stop_dispatch()
+        while not full():  # what arrived before the stop still goes into the bag
+            try:
+                topic, log_ns, msg = received.get_nowait()
+            except queue.Empty:
+                break
+            writer.write(topic, msg, log_ns)
+        return dict(writer.counts)
 
 
 def run(args: argparse.Namespace) -> int:
