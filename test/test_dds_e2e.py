@@ -69,10 +69,10 @@ def weights() -> Path:
     pipeline = pytest.importorskip(
         "dds_perception.pipeline", reason="needs the inference pipeline (issue 4)"
     )
-    path = Path(pipeline.default_weights())
-    if not path.is_file():
-        pytest.skip(f"shipped weights {path} not found")
-    return path
+    try:
+        return Path(pipeline.default_weights())
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
 
 
 def cli(*args: str) -> list[str]:
