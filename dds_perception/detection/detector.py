@@ -6,8 +6,8 @@ score: one class) and four box deltas. Anchors come from torchvision's ``AnchorG
 shifted by half a stride so they are centred on their cell (torchvision puts the centre of cell
 (0, 0) at pixel (0, 0)). Matching (``Matcher``), sampling (``BalancedPositiveNegativeSampler``) and
 box coding (``BoxCoder``) are torchvision's; the losses are BCE on the sampled anchors and
-smooth-L1 (or GIoU) on the positives, both normalised by the number of sampled anchors as in
-torchvision's RPN.
+smooth-L1 (or GIoU) on the positives; the objectness loss is averaged over the sampled anchors,
+the box loss over the positives.
 
 Van boxes and DontCare regions (``targets[i]["ignore_boxes"]``) are matched together with the cars:
 an anchor whose best match is an ignore box is neither positive nor negative, and an anchor that is
@@ -210,7 +210,10 @@ class RPNDetector(nn.Module):
             loss_box = F.smooth_l1_loss(
                 flat_deltas[pos], wanted, beta=self.config.smooth_l1_beta, reduction="sum"
             )
+        # normalised by the positives (SSD / RetinaNet), not by all sampled anchors as in
+        # torchvision's RPN: with a handful of cars per frame the latter starves the regression
+        num_pos = max(int(pos.sum()), 1)
         return {
             "loss_objectness": loss_obj,
-            "loss_box": self.config.box_loss_weight * loss_box / num_sampled,
+            "loss_box": self.config.box_loss_weight * loss_box / num_pos,
         }
