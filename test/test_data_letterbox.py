@@ -91,6 +91,13 @@ def test_data_letterbox_image_places_content_centred():
     assert abs(rows.min() - y1) <= 1 and abs(rows.max() + 1 - y2) <= 1
 
 
+def test_data_letterbox_empty_box_sets():
+    lb = letterbox_params((375, 1242), NET)
+    for empty in (np.zeros((0,)), np.zeros((0, 4)), torch.zeros(0), torch.zeros(0, 4)):
+        assert tuple(boxes_to_network(empty, lb).shape) == (0, 4)
+        assert tuple(boxes_to_source(empty, lb).shape) == (0, 4)
+
+
 def test_data_letterbox_rejects_bad_sizes():
     with pytest.raises(ValueError, match="dst_hw"):
         letterbox_params((375, 1242), (0, 1248))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ from dds_perception.data.kitti import (
 )
 from dds_perception.data.scenes import KITTI_SIZES, camera_matrix, generate_kitti_scenes
 
-FRAMES = 16
+FRAMES = 24
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,8 @@ def test_data_scenes_are_a_readable_kitti_folder(scenes):
     sets = scenes / "ImageSets"
     train, val = read_split(sets / "train.txt"), read_split(sets / "val.txt")
     assert sorted(train + val) == ids == read_split(sets / "trainval.txt") and val
+    meta = json.loads((scenes / "scenes.json").read_text())
+    assert meta["seed"] == 3 and meta["num_frames"] == FRAMES and meta["generator_version"] >= 1
     for i, frame_id in enumerate(ids):
         # PNG at KITTI's native sizes, cycling through the four
         assert image_size(layout.image(frame_id)) == KITTI_SIZES[i % 4]
@@ -135,9 +138,61 @@ def test_data_scenes_refuse_to_replace_a_folder(tmp_path):
 
 
 def test_data_scenes_cli(cli, tmp_path):
-    result = cli("make-scenes", str(tmp_path / "s"), "--frames", "2", "--seed", "5")
+    result = cli("make-scenes", str(tmp_path / "s"), "--frames", "2", "--seed", "5",
+                 "--size", "621", "188", "--size", "320", "96")  # fmt: skip
     assert "wrote 2 frames" in result.stdout
-    assert len(KittiLayout.find(tmp_path / "s").frame_ids()) == 2
+    layout = KittiLayout.find(tmp_path / "s")
+    assert [image_size(layout.image(f)) for f in layout.frame_ids()] == [(621, 188), (320, 96)]
+    # a resized KITTI camera: focal length halves with the width
+    assert read_calib_p2(layout.calib("000000"))[0, 0] == pytest.approx(721.5377 / 2)
     result = cli("make-scenes", str(tmp_path / "s"), "--frames", "2", check=False)
     assert result.returncode == 1 and "not empty" in result.stderr
     assert "make-scenes /tmp/scenes" in cli("make-scenes", "--help").stdout
+
+
+def test_data_scenes_score_perfectly_against_themselves_in_every_difficulty(scenes):
+    from dds_perception.data.kitti import detection_to_object
+    from dds_perception.evaluation.kitti import evaluate
+
+    layout = KittiLayout.find(scenes)
+    gt = {f: read_label_file(layout.label(f)) for f in layout.frame_ids()}
+    perfect = {
+        f: [
+            detection_to_object(o.bbox, 0.5 + 0.01 * i)
+            for i, o in enumerate(objs)
+            if o.type == "Car"
+        ]
+        for f, objs in gt.items()
+    }
+    result = evaluate(gt, perfect)
+    for difficulty in ("easy", "moderate", "hard"):
+        # the devkit needs more than 40 valid boxes before perfect detections reach 100 AP_40
+        assert result.curves["Car"][difficulty].num_gt > 40, difficulty
+        assert result.ap("Car", difficulty) == pytest.approx(100.0)
+    # boxes shifted by half their width miss every car
+    shifted = {
+        f: [
+            detection_to_object((x1 + (x2 - x1) / 2, y1, x2 + (x2 - x1) / 2, y2), 0.9)
+            for x1, y1, x2, y2 in (d.bbox for d in dets)
+        ]
+        for f, dets in perfect.items()
+    }
+    assert evaluate(gt, shifted).ap("Car", "moderate") == pytest.approx(0.0)
+
+
+def test_data_scenes_failure_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import dds_perception.data.scenes as scenes_module
+
+    real = scenes_module.render_scene
+    calls = []
+
+    def failing(rng, size):
+        calls.append(size)
+        if len(calls) == 2:
+            raise RuntimeError("renderer broke")
+        return real(rng, size)
+
+    monkeypatch.setattr(scenes_module, "render_scene", failing)
+    with pytest.raises(RuntimeError, match="renderer broke"):
+        generate_kitti_scenes(tmp_path / "out", 3, sizes=((320, 96),))
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling

@@ -19,11 +19,11 @@ Convention (the same everywhere):
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 
 Size = tuple[int, int]  # (height, width)
 
@@ -104,13 +104,20 @@ def letterbox_image(
     return canvas, lb
 
 
+def _is_tensor(value) -> bool:
+    # torch is not imported here (the anchors command and other numpy users stay light): a
+    # tensor can only exist when torch has been imported by someone else
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _as_boxes(boxes):
-    if isinstance(boxes, torch.Tensor):
-        out = boxes.detach().clone().to(torch.float32)
+    if _is_tensor(boxes):
+        out = boxes.detach().clone().float()
     else:
         out = np.array(boxes, dtype=np.float32, copy=True)
     if out.ndim != 2 or out.shape[1] != 4:
-        if out.size == 0:
+        if (out.numel() if _is_tensor(out) else out.size) == 0:
             return out.reshape(0, 4)
         raise ValueError(f"boxes must have shape (N, 4), got {tuple(out.shape)}")
     return out
@@ -139,7 +146,7 @@ def boxes_to_source(boxes, lb: Letterbox, src_hw: Size | None = None):
     out = _as_boxes(boxes)
     out[:, 0::2] = (out[:, 0::2] - lb.pad_x) / lb.sx
     out[:, 1::2] = (out[:, 1::2] - lb.pad_y) / lb.sy
-    if isinstance(out, torch.Tensor):
+    if _is_tensor(out):
         out[:, 0::2] = out[:, 0::2].clamp(0, lb.src_w)
         out[:, 1::2] = out[:, 1::2].clamp(0, lb.src_h)
     else:

@@ -1,14 +1,15 @@
 """Write generated KITTI-format road scenes (PNG images, label_2, calib, ImageSets splits).
 
 Writes a real KITTI object folder (``training/image_2/*.png``, ``label_2/*.txt``,
-``calib/*.txt`` and ``ImageSets/{train,val,trainval}.txt``) of rendered road scenes, for tests,
-the demo and the shipped weights. The scenes are drawn from a small 3-D world seen through a
-real KITTI calibration, so the labels are consistent the way KITTI's are:
+``calib/*.txt``, ``ImageSets/{train,val,trainval}.txt`` and ``scenes.json`` naming the
+generator version and seed) of rendered road scenes, for tests, the demo and the shipped
+weights. The scenes are drawn from a small 3-D world seen through a real KITTI calibration, so
+the labels are consistent the way KITTI's are:
 
-- cars (and some vans) are two stacked boxes (body + cabin with dark windows) with wheels, tail
-  and head lights, on the ground plane at depths of 4-75 m; the 2-D box is the projection of the
-  rendered model, so lower in the image means nearer and bigger, and the aspect ratio follows
-  the heading (rear views ~1.2, side views ~2.5-3);
+- cars (and some vans and trucks) are two stacked boxes (body + cabin with dark windows) with
+  tyres, tail and head lights, on the ground plane at depths of 5-80 m; the 2-D box is the
+  projection of the rendered model, so lower in the image means nearer and bigger, and the
+  aspect ratio follows the heading (rear views ~1.2, side views ~2.5-3);
 - ``alpha = ry - atan2(x, z)``, ``dimensions`` (h, w, l) and ``location`` (bottom centre, camera
   coordinates) are the values the object was rendered with;
 - ``truncated`` is the fraction of the projected box outside the image; ``occluded`` is 0, 1 or
@@ -25,6 +26,7 @@ frame does not depend on how many frames are made.
 Examples:
   dds-perception make-scenes /tmp/scenes --frames 50 --seed 0
   dds-perception make-scenes data/scenes_val --frames 200 --seed 1 --val-fraction 0
+  dds-perception make-scenes /tmp/small --frames 100 --size 621 188   # half-size, fast training
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import cv2
 import numpy as np
 
 from dds_perception.data.kitti import KittiObject, random_split, write_label_file, write_split
-from dds_perception.utils.io import atomic_path
+from dds_perception.utils.io import atomic_path, write_json
 
 # The four native KITTI image sizes, (width, height).
 KITTI_SIZES: tuple[tuple[int, int], ...] = ((1242, 375), (1224, 370), (1238, 374), (1241, 376))
@@ -92,6 +94,8 @@ CAR_COLOURS = (
     (120, 30, 40), (90, 110, 140), (215, 120, 30),
 )  # fmt: skip
 
+# Bumped whenever the rendering changes, so a model card can name the data it was trained on.
+GENERATOR_VERSION = 1
 MIN_VISIBLE = 0.15  # objects hidden more than 85 % are not drawn
 MAX_TRUNCATION = 0.75
 
@@ -110,11 +114,16 @@ def camera_matrix(size: tuple[int, int]) -> np.ndarray:
 def _intrinsics(size: tuple[int, int]) -> dict[str, tuple[float, ...]]:
     if size in _INTRINSICS:
         return _INTRINSICS[size]
-    # Any other size: the 1242x375 camera with the principal point moved proportionally.
-    fx, cx, cy = _INTRINSICS[(1242, 375)]["fcc"]
-    base = dict(_INTRINSICS[(1242, 375)])
-    base["fcc"] = (fx * size[0] / 1242, cx * size[0] / 1242, cy * size[1] / 375)
-    return base
+    # Any other size: the 1242x375 camera resized (focal length and P's pixel translations scale
+    # with the width, the principal point's row with the height).
+    base = _INTRINSICS[(1242, 375)]
+    fx, cx, cy = base["fcc"]
+    k = size[0] / 1242
+    out = {"fcc": (fx * k, cx * k, cy * size[1] / 375)}
+    for name in ("p1", "p2", "p3"):
+        tx, ty, tz = base[name]
+        out[name] = (tx * k, ty * k, tz)
+    return out
 
 
 def calib_text(size: tuple[int, int]) -> str:
@@ -215,6 +224,9 @@ class _Vehicle:
         if self.kind == "Van":
             body = ((-l / 2, l / 2), (-0.5 * h, -0.12 * h), (-w / 2, w / 2))
             cabin = ((-0.5 * l, 0.3 * l), (-h, -0.5 * h), (-0.47 * w, 0.47 * w))
+        elif self.kind == "Truck":  # cargo box behind, a lower cab with windows in front
+            body = ((-l / 2, 0.25 * l), (-h, -0.12 * h), (-w / 2, w / 2))
+            cabin = ((0.27 * l, l / 2), (-0.72 * h, -0.12 * h), (-0.47 * w, 0.47 * w))
         else:
             body = ((-l / 2, l / 2), (-0.58 * h, -0.14 * h), (-w / 2, w / 2))
             cabin = ((-0.3 * l, 0.2 * l), (-h, -0.58 * h), (-0.42 * w, 0.42 * w))
@@ -223,10 +235,12 @@ class _Vehicle:
     def outline_points(self) -> np.ndarray:
         """3-D points whose projection bounds the rendered vehicle (body to the ground)."""
         (bx, by, bz), (cx, cy, cz) = self.parts()
+        _h, w, l = self.dims  # noqa: E741
         return np.concatenate(
             [
                 _box_corners(self.loc, self.ry, bx, (by[0], 0.0), bz),
                 _box_corners(self.loc, self.ry, cx, cy, cz),
+                _box_corners(self.loc, self.ry, (-l / 2, l / 2), (0.0, 0.0), (-w / 2, w / 2)),
             ]
         )
 
@@ -250,48 +264,64 @@ class _Vehicle:
 
 def _draw_vehicle(img: np.ndarray, P: np.ndarray, v: _Vehicle, light: float) -> None:
     _h, w, l = v.dims  # noqa: E741
-    rot = _rot_y(v.ry)
     # soft shadow under the vehicle
-    foot = _box_corners(v.loc, v.ry, (-l / 2 - 0.2, l / 2 + 0.2), (0.0, 0.0), (-w / 2 - 0.15,
-                        w / 2 + 0.15))  # fmt: skip
+    margin_x, margin_z = l / 2 + 0.2, w / 2 + 0.15
+    foot = _box_corners(v.loc, v.ry, (-margin_x, margin_x), (0.0, 0.0), (-margin_z, margin_z))
     hull = cv2.convexHull(_project(P, foot).astype(np.float32))[:, 0]
     _poly(img, hull, (22, 22, 24))
-    (bx, by, bz), (cx, cy, cz) = v.parts()
-    # wheels: dark discs at the four corners, drawn before the body so it covers the inner half
-    radius = 0.33 if v.kind == "Car" else 0.36
+    # tyres under the body: dark boxes (seen from behind a tyre is a narrow dark block)
+    radius = {"Car": 0.33, "Van": 0.36}.get(v.kind, 0.5)
     for sx in (-0.32 * l, 0.32 * l):
         for sz in (-w / 2 + 0.12, w / 2 - 0.12):
-            centre = rot @ np.array([sx, -radius, sz]) + v.loc
-            if centre[2] <= 0.5:
+            tyre = _box_corners(
+                v.loc, v.ry, (sx - radius, sx + radius), (-2 * radius, 0.0), (sz - 0.1, sz + 0.1)
+            )
+            if tyre[:, 2].min() <= 0.5:
                 continue
-            uv = _project(P, centre[None])[0]
-            r = max(1.0, P[0, 0] * radius / centre[2])
-            c = (round(uv[0] * 16), round(uv[1] * 16))
-            cv2.circle(img, c, int(r * 16), (18, 18, 20), -1, cv2.LINE_AA, _SHIFT)
+            for idx, _ in _visible_faces(tyre, v.ry):
+                _poly(img, _project(P, tyre[list(idx)]), (18, 18, 20))
+    (bx, by, bz), (cx, cy, cz) = v.parts()
     body = _box_corners(v.loc, v.ry, bx, by, bz)
+    cabin = _box_corners(v.loc, v.ry, cx, cy, cz)
+    steps = [lambda: _draw_body(img, P, v, body, radius, light),
+             lambda: _draw_cabin(img, P, v, cabin, light)]  # fmt: skip
+    # a cabin sits on its body (drawn last); a truck's cab stands beside its cargo box, so the
+    # farther of the two goes first
+    if v.kind == "Truck" and np.linalg.norm(cabin.mean(0)) > np.linalg.norm(body.mean(0)):
+        steps.reverse()
+    for step in steps:
+        step()
+
+
+def _draw_body(img, P, v: _Vehicle, body: np.ndarray, radius: float, light: float) -> None:
+    """Shaded body faces, lamps on the front (white) and rear (red), wheels on the flanks."""
+    _h, w, l = v.dims  # noqa: E741
     visible = list(_visible_faces(body, v.ry))
     for idx, normal in visible:
         shade = {(0, -1, 0): 1.12, (1, 0, 0): 0.88, (-1, 0, 0): 0.88}.get(normal, 0.72)
         pts = _project(P, body[list(idx)])
         _poly(img, pts, _shade(v.colour, shade * light))
-        if normal[0] != 0:  # front or rear: lights and a plate
-            lamp = (255, 235, 190) if normal[0] > 0 else (200, 20, 20)
-            _lamps(img, pts, lamp)
+        if normal[0] != 0:
+            _lamps(img, pts, (255, 235, 190) if normal[0] > 0 else (200, 20, 20))
     # wheels on a visible flank: tyre and hub as circles in the flank's plane, in perspective
+    rot = _rot_y(v.ry)
     angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
     for _, normal in visible:
         if normal[2] == 0:
             continue
+        side = np.full_like(angles, normal[2] * (w / 2 + 0.01))
         for sx in (-0.32 * l, 0.32 * l):
             for rr, colour in ((radius, (20, 20, 22)), (0.55 * radius, (120, 122, 128))):
-                side = np.full_like(angles, normal[2] * (w / 2 + 0.01))
                 ring = np.stack(
                     [sx + rr * np.cos(angles), -radius + rr * np.sin(angles), side], axis=1
                 )
                 ring = ring @ rot.T + v.loc
                 if ring[:, 2].min() > 0.5:
                     _poly(img, _project(P, ring), _shade(colour, light))
-    cabin = _box_corners(v.loc, v.ry, cx, cy, cz)
+
+
+def _draw_cabin(img, P, v: _Vehicle, cabin: np.ndarray, light: float) -> None:
+    """Roof in body colour; every other visible face a window: body-colour frame, dark glass."""
     glass = (28, 34, 44)
     for idx, normal in _visible_faces(cabin, v.ry):
         pts = _project(P, cabin[list(idx)])
@@ -299,7 +329,6 @@ def _draw_vehicle(img: np.ndarray, P: np.ndarray, v: _Vehicle, light: float) -> 
             _poly(img, pts, _shade(v.colour, 1.1 * light))
             continue
         _poly(img, pts, _shade(v.colour, 0.8 * light))
-        # window inset: 12 % frame of body colour, then glass with a faint reflection
         centre = pts.mean(axis=0)
         inner = centre + (pts - centre) * 0.8
         _poly(img, inner, _shade(glass, 0.8 + 0.5 * light))
@@ -472,11 +501,14 @@ def _facade(img, P, cam_h, x, z1, z2, b_h, colour, rng) -> None:
 
 
 def _sample_vehicle(rng: np.random.Generator, road_half: float, lane_w: float) -> _Vehicle:
-    kind = "Van" if rng.random() < 0.12 else "Car"
+    pick = rng.random()
+    kind = "Van" if pick < 0.12 else "Truck" if pick < 0.16 else "Car"
     if kind == "Car":
         dims = (rng.normal(1.52, 0.09), rng.normal(1.63, 0.08), rng.normal(3.9, 0.35))
-    else:
+    elif kind == "Van":
         dims = (rng.uniform(1.9, 2.4), rng.uniform(1.8, 2.05), rng.uniform(4.4, 5.6))
+    else:  # Truck: background for the Car benchmark (a detection on it is a false positive)
+        dims = (rng.uniform(2.8, 3.6), rng.uniform(2.3, 2.6), rng.uniform(6.5, 11.0))
     # depth: half uniform 5-62 m, half log-uniform 7-80 m; the labelled cars' depth quartiles
     # come out near KITTI's (~15, 27, 42 m)
     if rng.random() < 0.5:
@@ -636,6 +668,8 @@ def generate_kitti_scenes(
 ) -> Path:
     """Write ``num_frames`` generated frames as a KITTI object folder under ``root``.
 
+    ``root/scenes.json`` records the generator version, seed, frame count and sizes.
+
     Frame ``i`` has size ``sizes[i % len(sizes)]`` ((width, height) pairs) and is drawn from
     ``np.random.default_rng((seed, i))``. ``ImageSets/train.txt``/``val.txt`` hold a seeded
     random split with ``val_fraction`` of the frames in ``val`` (``0`` puts everything in
@@ -676,6 +710,18 @@ def generate_kitti_scenes(
         write_split(sets / "train.txt", train)
         write_split(sets / "val.txt", val)
         write_split(sets / "trainval.txt", ids)
+        write_json(
+            tmp / "scenes.json",
+            {
+                "generator": "dds_perception.data.scenes",
+                "generator_version": GENERATOR_VERSION,
+                "num_frames": num_frames,
+                "seed": seed,
+                "sizes": [list(size) for size in sizes],
+                "val_fraction": val_fraction,
+                "splits": {"train": len(train), "val": len(val)},
+            },
+        )
     return final
 
 
@@ -693,6 +739,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.25,
         help="fraction of frames listed in ImageSets/val.txt (default 0.25; 0 = none)",
     )
+    parser.add_argument(
+        "--size",
+        nargs=2,
+        type=int,
+        action="append",
+        metavar=("W", "H"),
+        help="image size, repeatable, cycled per frame (default: the four KITTI sizes); other "
+        "sizes use KITTI's camera scaled to the width, i.e. a resized KITTI frame",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_ROOT if present")
 
 
@@ -701,6 +756,7 @@ def run(args: argparse.Namespace) -> int:
         args.out_root,
         args.frames,
         seed=args.seed,
+        sizes=tuple(tuple(size) for size in args.size) if args.size else KITTI_SIZES,
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
     )
