@@ -9,8 +9,9 @@ examples:
 Messages keep their recorded headers; they go out at their bag log times scaled by --rate
 (2 = twice as fast). --lockstep TOPIC replays for evaluation: after each camera frame the player
 waits (up to --lockstep-timeout s) for a vision_msgs/Detection2DArray with that frame's stamp on
-TOPIC, so a slow detector drops no frame. Topics of types this runtime has no IDL struct for are
-skipped with a note. SIGINT/SIGTERM stop the replay (exit code 0).
+TOPIC, so a slow detector drops no frame (the bag's timing and --rate are then ignored). Topics
+of types this runtime has no IDL struct for are skipped with a note. SIGINT/SIGTERM stop the
+replay (exit code 0).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lockstep",
         default=None,
         metavar="TOPIC",
-        help="after each camera frame wait for its Detection2DArray on TOPIC",
+        help="after each camera frame wait for its Detection2DArray on TOPIC (replaces the "
+        "bag's timing)",
     )
     parser.add_argument(
         "--lockstep-timeout",
