@@ -167,10 +167,6 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "latency.json", {"device": str(pipeline.device), "stages": latency})
     print(table)
     print(
-        f"paper mAP (mean of easy/moderate/hard Car AP_40): {evaluation.mean_ap('AP_40'):.2f}; "
-        f"AP_11: {evaluation.mean_ap('AP_11'):.2f}"
-    )
-    print(
         "latency per frame (mean ms): "
         + ", ".join(f"{stage} {latency[stage]['mean_ms']:.1f}" for stage in timings)
     )

@@ -14,6 +14,7 @@ wins, older ones are dropped, as the burst test checks.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -358,49 +359,52 @@ def test_dds_node_outlives_a_dying_player_and_recorder(
     assert node.proc.poll() is None
 
 
-def test_dds_live_flow_play_node_record_evaluate(weights, dds_env, kitti_sample, tmp_path) -> None:
-    """The demo's live leg: kitti2bag -> node, recorder, lockstep player (three processes, on a
-    domain of its own) -> evaluate-bag. Every frame is answered with its header, and the
-    recorded detections equal the pipeline's in-process output on the same frames."""
-    from dds_perception.pipeline import Pipeline
+def test_dds_demo_live_leg(weights, dds_env, tmp_path) -> None:
+    """`dds-perception demo`'s live leg: the frames as a bag -> node, recorder and lockstep
+    player processes (on a domain of their own) -> evaluate-bag. Every frame is answered with
+    its header, and the recorded detections equal the in-process leg's result files."""
+    from dds_perception.data.kitti import read_label_file
     from dds_perception.ros.bag import BagReader
-    from dds_perception.ros.dds.live import run_live
+    from dds_perception.ros.evaluate_bag import read_ground_truth
 
-    other_domain = 100 + (DOMAIN - 100 + 1) % 101  # not the module node's domain
-    live = run_live(
-        kitti_sample, tmp_path, weights=weights, device="cpu", score_threshold=0.05, limit=3,
-        draw=2, domain=other_domain, log=lambda _text: None,
+    out = tmp_path / "demo"
+    env = {**dds_env, "ROS_DOMAIN_ID": str(100 + (DOMAIN - 100 + 1) % 101)}  # not the node's
+    env.pop("KITTI_ROOT", None)
+    result = subprocess.run(
+        cli("demo", "--out", str(out), "--frames", "3", "--draw", "2", "--device", "cpu"),
+        cwd=REPO, env=env, timeout=600, capture_output=True, text=True,
     )  # fmt: skip
-    assert live.report["frames"] == 3 and live.report["matched_frames"] == 3
-    assert live.report["frames_without_detections_message"] == []
-    assert live.report["messages_without_frame"] == 0
-    assert all(k in live.diagnostics for k in LATENCY_KEYS)
-    assert live.diagnostics["frames_processed"] == "3" and live.diagnostics["frames_failed"] == "0"
-    assert [p.name for p in live.frames] == ["live_000000.png", "live_000001.png"]
-    assert cv2.imread(str(live.frames[0])).shape == frames_shape(kitti_sample)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 frames played, 3 answered with the image's header, 0 without" in result.stdout
+    assert "live AP equals the in-process AP: yes" in result.stdout
+    report = json.loads((out / "live" / "report.json").read_text())
+    assert report["matched_frames"] == 3 and report["messages_without_frame"] == 0
+    assert all(k in report["diagnostics"] for k in LATENCY_KEYS)
+    assert report["diagnostics"]["frames_processed"] == "3"
+    live_frames = sorted((out / "live" / "frames").glob("live_*.png"))
+    assert [p.name for p in live_frames] == ["live_000000.png", "live_000001.png"]
+    assert (
+        cv2.imread(str(live_frames[0])).shape[:2]
+        == cv2.imread(str(out / "scenes" / "training" / "image_2" / "000000.png")).shape[:2]
+    )
 
-    pipeline = Pipeline.from_weights(weights, device="cpu", score_threshold=0.05, warmup=False)
-    with BagReader(live.bag) as reader:
+    with BagReader(out / "live" / "kitti_bag") as reader:
+        names = {f.stamp_ns: f.name for f in read_ground_truth(reader)}
         images = {
             messages.stamp_ns(m.msg.header): m.msg
             for m in reader.messages(["/kitti/camera/image_raw"])
         }
-    with BagReader(live.recorded) as reader:
+    with BagReader(out / "live" / "recorded") as reader:
         recorded = [m.msg for m in reader.messages(["/detections"])]
     assert sorted(messages.stamp_ns(m.header) for m in recorded) == sorted(images)
     for msg in recorded:
-        image = images[messages.stamp_ns(msg.header)]
-        assert msg.header.frame_id == image.header.frame_id
-        data, encoding, keywords = messages.pipeline_args(image)
-        expected = pipeline(data, encoding, **keywords)
+        stamp = messages.stamp_ns(msg.header)
+        assert msg.header.frame_id == images[stamp].header.frame_id
         got = messages.msg_to_detections(msg)
-        np.testing.assert_allclose(got.boxes, expected.boxes, atol=1e-3)
-        np.testing.assert_allclose(got.scores, expected.scores, atol=1e-4)
-
-
-def frames_shape(kitti_root: Path) -> tuple[int, int, int]:
-    first = sorted((kitti_root / "training" / "image_2").glob("*.png"))[0]
-    return cv2.imread(str(first)).shape
+        expected = read_label_file(out / "results" / f"{names[stamp]}.txt")  # in-process leg
+        assert len(got) == len(expected)
+        np.testing.assert_allclose(got.boxes, [o.bbox for o in expected], atol=0.006)
+        np.testing.assert_allclose(got.scores, [o.score for o in expected], atol=0.006)
 
 
 def test_dds_node_sigterm_exits_cleanly(node: NodeProcess, client: Client) -> None:

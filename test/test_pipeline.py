@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -11,7 +12,7 @@ import torch
 
 from dds_perception.data.images import ImageDecodeError
 from dds_perception.detection import DetectorConfig, build_detector, save_detector
-from dds_perception.pipeline import STAGES, Detections, Pipeline
+from dds_perception.pipeline import STAGES, Detections, Pipeline, default_weights
 from dds_perception.utils.checkpoint import CheckpointError
 
 FRAMES = ("000000", "000007", "000042")
@@ -123,3 +124,29 @@ def test_pipeline_input_size_override_and_defaults(weights):
     assert small.score_threshold == pytest.approx(DetectorConfig().score_threshold)
     result = small(np.full((480, 640, 3), 50, dtype=np.uint8))
     assert result.image_size == (480, 640)
+
+
+def test_pipeline_default_weights_is_the_shipped_detector():
+    path = default_weights()
+    assert path.name == "dds_detector_synthetic.safetensors" and path.is_file()
+    assert path.stat().st_size < 8_000_000  # committed to the repository: keep it small
+    pipeline = Pipeline.from_weights(path, device="cpu")
+    assert pipeline.class_names == ["car"]
+    meta = pipeline.model.meta
+    assert meta["task"] == "detection" and "val_ap_moderate_40" in meta["metrics"]
+    assert len(pipeline(np.zeros((375, 1242, 3), dtype=np.uint8)).timings) == 4
+
+
+def test_pipeline_demo_end_to_end(cli, tmp_path):
+    out = tmp_path / "demo"
+    result = cli(  # the live leg (DDS processes) is tested by test_dds_e2e
+        "demo", "--out", str(out), "--frames", "3", "--draw", "1", "--device", "cpu", "--no-live"
+    )
+    assert "Car" in result.stdout and "latency per frame" in result.stdout
+    ap = json.loads((out / "ap.json").read_text())
+    assert set(ap["Car"]) == {"easy", "moderate", "hard"}
+    assert len(list((out / "results").glob("*.txt"))) == 3
+    assert len(list((out / "frames").glob("*.png"))) == 1
+    assert cv2.imread(str(next((out / "frames").glob("*.png")))).shape[:2] in {
+        (375, 1242), (370, 1224), (374, 1238), (376, 1241)
+    }  # fmt: skip
