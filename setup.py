@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "torchvision>=0.29,<0.30",
     "numpy>=1.24",
     "opencv-python-headless>=4.8",
+    "Pillow>=9.0",  # Caltech JPEG decoding (greyscale/CMYK -> RGB), also needed by torchvision
     "safetensors>=0.4",
     "PyYAML>=6.0",
     "tqdm>=4.66",
@@ -55,6 +56,8 @@ setup(
     extras_require={
         "dds": DDS_REQUIRES,
         "onnx": ONNX_REQUIRES,
+        # x86_64 + CUDA 12; on a Jetson TensorRT comes with JetPack (python3-libnvinfer)
+        "tensorrt": [*ONNX_REQUIRES, "tensorrt>=8.6"],
         "test": TEST_REQUIRES,
         "dev": [*TEST_REQUIRES, "pytest-xdist>=3"],
     },

@@ -11,22 +11,25 @@ bag (kitti2bag), and the node (`dds-perception node`), a player (`play --lockste
 recorder (`record`) run as separate processes on an isolated Cyclone DDS domain on loopback; the
 recorded /detections are scored against the bag's ground truth by header stamp (evaluate-bag),
 and the node's latency (its /diagnostics) and annotated frames (its ~/debug_image) are read from
-the recording. Both APs are printed; they agree when the node saw every frame.
+the recording. Both APs are printed; they agree when the node saw every frame (the node runs the
+torch backend).
 
 With KITTI_ROOT set (or --kitti-root), real KITTI frames (the first --frames of training/) are
 used instead of generated scenes.
 
 Outputs under --out: scenes/ (the generated KITTI folder), results/ (one NNNNNN.txt per frame),
-ap.json and ap.md, latency.json, frames/NNNNNN.png; live/: kitti_bag/, recorded/ (the bag of
-/detections, /diagnostics, debug images), report.json, node/play/record logs, and
-frames/live_NNNNNN.png.
+ap.json and ap.md, latency.json, frames/NNNNNN.png, bag/ (the scenes as a ROS 2 bag,
+replayed in-process: bag/replay/report.json with the same AP; skip with --no-bag), and live/:
+kitti_bag/, recorded/ (the bag of /detections, /diagnostics, debug images), report.json,
+node/play/record logs, frames/live_NNNNNN.png (skip with --no-live).
 
 examples:
   dds-perception demo
   KITTI_ROOT=/data/kitti dds-perception demo --frames 100
-  dds-perception demo --no-live --frames 10
+  dds-perception demo --no-live --no-bag --frames 10
   dds-perception demo --out /tmp/demo --frames 60 --seed 7 --device cpu
   dds-perception demo --weights runs/det_synth/model.safetensors --draw 8
+  dds-perception demo --backend onnxruntime --device cpu          # the exported network
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None, help="default: shipped weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        help="network backend (onnxruntime/tensorrt: the weights are exported once to ONNX, "
+        "or pass an exported .onnx as --weights)",
+    )
+    parser.add_argument(
         "--score-threshold",
         type=float,
         default=0.05,
@@ -69,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--draw-threshold", type=float, default=0.5, help="score above which boxes are drawn"
     )
     parser.add_argument("--draw", type=int, default=4, help="number of annotated frames")
+    parser.add_argument(
+        "--no-bag",
+        action="store_true",
+        help="skip the ROS 2 bag round (scenes -> bag -> in-process replay -> AP, latency)",
+    )
     parser.add_argument(
         "--kitti-root",
         type=Path,
@@ -109,9 +124,12 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     weights = Path(args.weights) if args.weights else default_weights()
-    pipeline = Pipeline.from_weights(weights, device=args.device)
+    pipeline = Pipeline.from_weights(weights, device=args.device, backend=args.backend)
     pipeline.score_threshold = args.score_threshold
-    print(f"weights: {weights} ({pipeline.device}, input {pipeline.input_size})")
+    print(
+        f"weights: {weights} ({pipeline.backend.name} on {pipeline.device}, "
+        f"input {pipeline.input_size})"
+    )
 
     if args.kitti_root is not None:
         scenes = Path(args.kitti_root)
@@ -167,13 +185,34 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "latency.json", {"device": str(pipeline.device), "stages": latency})
     print(table)
     print(
+        f"paper mAP (mean of easy/moderate/hard Car AP_40): {evaluation.mean_ap('AP_40'):.2f}; "
+        f"AP_11: {evaluation.mean_ap('AP_11'):.2f}"
+    )
+    print(
         "latency per frame (mean ms): "
         + ", ".join(f"{stage} {latency[stage]['mean_ms']:.1f}" for stage in timings)
     )
     print(f"annotated frames: {frames_dir}; results: {results}; AP: {out / 'ap.json'}")
-    if args.live:
+    if not args.no_bag:
+        _bag_round(scenes, out / "bag", pipeline, evaluation.to_json(), weights)
+    if args.live and args.backend != "torch":
+        print(f"live leg skipped: the node runs the torch backend, not {args.backend}")
+    elif args.live:
         return live_leg(args, scenes, weights, len(frame_ids), evaluation)
     return 0
+
+
+def _bag_round(scenes: Path, out: Path, pipeline: Pipeline, file_ap: dict, weights: Path) -> None:
+    """The same scenes as a ROS 2 bag, replayed in-process: the AP must not change."""
+    from dds_perception.ros.replay import bag_demo
+
+    report = bag_demo(scenes, out, pipeline, weights=str(weights))
+    print((out / "replay" / "report.md").read_text(encoding="utf-8"), end="")
+    same = report["evaluation"] == file_ap
+    print(
+        f"bag {out / 'kitti_bag'} replayed: AP {'equals' if same else 'DIFFERS FROM'} the "
+        f"label files' AP; report: {out / 'replay' / 'report.json'}"
+    )
 
 
 def live_leg(

@@ -18,6 +18,12 @@ Example::
 CPU speed: BatchNorm is folded into the convolutions at load, the network runs channels_last, the
 letterboxed frame is normalised by cv2 into a preallocated HWC float buffer that is already the
 channels_last layout (no copy), and the canvas padding is rewritten only when the geometry changes.
+
+Backends (``backend=`` ``torch``, ``onnxruntime``, ``tensorrt``; :mod:`dds_perception.deploy`):
+only the network call differs; decoding, letterbox, normalisation and postprocess are this
+module's for all of them. ``Pipeline.from_onnx(path)`` runs an exported file with nothing else
+(its metadata holds the class names, input size, normalisation and thresholds);
+``Pipeline.from_weights(w, backend="onnxruntime")`` exports ``w`` once into a cache first.
 """
 
 from __future__ import annotations
@@ -39,11 +45,10 @@ from dds_perception.data.letterbox import (
     letterbox_params,
     resize_image,
 )
+from dds_perception.deploy.backends import Backend, TorchBackend, create_backend
 from dds_perception.detection.config import DetectorConfig, DetectorConfigError
-from dds_perception.detection.fuse import fuse_conv_bn
 from dds_perception.detection.postprocess import PostprocessParams, postprocess
 from dds_perception.detection.weights import load_detector
-from dds_perception.utils.runtime import resolve_device
 
 SHIPPED_WEIGHTS = "dds_detector_synthetic.safetensors"
 PAD_VALUE = 114  # the letterbox canvas colour (data.letterbox's default)
@@ -88,7 +93,7 @@ class Pipeline:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | Backend,
         *,
         device: str | torch.device = "auto",
         half: bool = False,
@@ -99,18 +104,27 @@ class Pipeline:
         channels_last: bool | None = None,
         warmup: bool = True,
     ) -> None:
-        config: DetectorConfig = model.config
-        self.device = resolve_device(device)
-        if half and self.device.type != "cuda":
-            raise ValueError(f"half=True needs a CUDA device, got {self.device}")
-        self.half = bool(half)
+        # a module runs on the torch backend; a Backend brings its own device/precision/layout
+        if isinstance(model, Backend):
+            backend = model
+        else:
+            backend = TorchBackend(model, device=device, half=half, channels_last=channels_last)
+        self.backend = backend
+        config: DetectorConfig = backend.config
+        self.device = backend.device
+        self.half = backend.half
         if input_size is not None and tuple(input_size) != tuple(config.input_size):
+            if backend.name != "torch":  # an exported graph has its input size built in
+                raise ValueError(
+                    f"input_size {tuple(input_size)}: the {backend.name} model was exported for "
+                    f"{tuple(config.input_size)}; re-export with --height/--width"
+                )
             try:
                 config.replace(input_size=tuple(int(v) for v in input_size))
             except DetectorConfigError as error:
                 raise ValueError(f"input_size {tuple(input_size)}: {error}") from None
         self.input_size: tuple[int, int] = tuple(int(v) for v in (input_size or config.input_size))
-        self.class_names: list[str] = list(getattr(model, "meta", {}).get("class_names", ["car"]))
+        self.class_names: list[str] = list(backend.class_names)
         self.score_threshold = float(
             config.score_threshold if score_threshold is None else score_threshold
         )
@@ -120,16 +134,8 @@ class Pipeline:
         )
         self.pre_nms_top_k = config.pre_nms_top_k
         self.min_box_size = config.min_box_size
-        # channels_last: measured ~3x faster on CPU for these depthwise-separable nets
-        self.channels_last = True if channels_last is None else bool(channels_last)
-        model = model.eval()
-        fuse_conv_bn(model)
-        model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if self.half:
-            model = model.half()
-        self.model = model
+        self.channels_last = backend.channels_last
+        self.model = getattr(backend, "model", None)  # the torch module (torch backend only)
         self.config = config
         # cv2 scalars (4 entries) for the per-channel normalisation of 0-255 pixels
         self._mean = (*(float(m) * 255.0 for m in config.mean), 0.0)
@@ -153,16 +159,60 @@ class Pipeline:
         max_detections: int | None = None,
         input_size: tuple[int, int] | None = None,
         warmup: bool = True,
+        backend: str = "torch",
     ) -> Pipeline:
         """Load a detector weights file (CheckpointError naming the file when it is bad).
 
-        ``None`` options take the value stored in the file.
+        ``None`` options take the value stored in the file. ``backend`` ``onnxruntime`` or
+        ``tensorrt`` exports the weights to ONNX once (cached by weights hash, input size and
+        precision, see :func:`dds_perception.deploy.export.cached_onnx`) and runs that; an
+        ``.onnx`` path goes to :meth:`from_onnx` directly.
         """
+        options = {
+            "score_threshold": score_threshold,
+            "nms_iou": nms_iou,
+            "max_detections": max_detections,
+            "warmup": warmup,
+        }
+        if backend != "torch" or str(path).endswith(".onnx"):
+            onnx_path = path
+            if not str(path).endswith(".onnx"):
+                from dds_perception.deploy.export import cached_onnx
+
+                onnx_half = half and backend == "onnxruntime"  # tensorrt: fp16 at engine build
+                onnx_path = cached_onnx(path, input_size=input_size, half=onnx_half)
+            return cls.from_onnx(
+                onnx_path, device=device, half=half, backend=backend, input_size=input_size,
+                **options,
+            )  # fmt: skip
         model = load_detector(path, device="cpu")
+        return cls(model, device=device, half=half, input_size=input_size, **options)
+
+    @classmethod
+    def from_onnx(
+        cls,
+        path: str | os.PathLike[str],
+        device: str | torch.device = "auto",
+        half: bool = False,
+        *,
+        backend: str = "onnxruntime",
+        score_threshold: float | None = None,
+        nms_iou: float | None = None,
+        max_detections: int | None = None,
+        input_size: tuple[int, int] | None = None,
+        warmup: bool = True,
+        **backend_options,
+    ) -> Pipeline:
+        """Run an exported ONNX detector with ``backend`` ``onnxruntime`` or ``tensorrt``.
+
+        Everything else comes from the file's metadata (``OnnxModelError`` naming the file and
+        what differs when it is not a dds-perception export). ``half``: an fp16 export for
+        onnxruntime, the fp16 builder flag for tensorrt. ``backend_options`` go to the backend
+        (e.g. ``threads`` for onnxruntime, ``engine_path`` / ``max_batch`` for tensorrt).
+        """
+        net = create_backend(backend, path, device=device, half=half, **backend_options)
         return cls(
-            model,
-            device=device,
-            half=half,
+            net,
             score_threshold=score_threshold,
             nms_iou=nms_iou,
             max_detections=max_detections,
@@ -179,8 +229,9 @@ class Pipeline:
 
     # --------------------------------------------------------------------------- stages
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        device = self.backend.input_device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, Letterbox]:
         """Letterbox and normalise an HxWx3 RGB uint8 frame into a (1, 3, H, W) input tensor."""
@@ -197,16 +248,16 @@ class Pipeline:
         cv2.subtract(canvas, self._mean, dst=buffer, dtype=cv2.CV_32F)
         cv2.multiply(buffer, self._inv_std, dst=buffer)
         tensor = torch.from_numpy(buffer).permute(2, 0, 1).unsqueeze(0)  # channels-last strides
-        if self.device.type != "cpu":
-            tensor = tensor.to(self.device, non_blocking=False)
-        tensor = tensor.half() if self.half else tensor
+        device = self.backend.input_device
+        if device.type != "cpu":
+            tensor = tensor.to(device, non_blocking=False)
+        tensor = tensor.to(self.backend.input_dtype)
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         return tensor.contiguous(memory_format=layout), lb
 
     def infer(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The detector's per-anchor scores and boxes (network-input pixels)."""
-        with torch.inference_mode():
-            return self.model(tensor)
+        """Per-anchor scores and boxes (network-input pixels): the backend's network call."""
+        return self.backend(tensor)
 
     def postprocess(
         self, outputs: dict[str, torch.Tensor], lb: Letterbox

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -111,6 +112,14 @@ def test_bags_round_trip_with_rosbags(bags, sample_root, storage, compressed) ->
     suffix = ".mcap" if storage == "mcap" else ".db3"
     assert sorted(p.name for p in path.iterdir()) == sorted(["metadata.yaml", path.name + suffix])
     assert not list(path.parent.glob(f".{path.name}.*"))  # no temporary left behind
+    # metadata that Humble's rosbag2 parses too: version 8, QoS profiles as a string
+    import yaml
+
+    info = yaml.safe_load((path / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert info["version"] == 8 and info["storage_identifier"] == storage
+    assert info["message_count"] == 5 * LIMIT
+    for topic in info["topics_with_message_count"]:
+        assert isinstance(topic["topic_metadata"]["offered_qos_profiles"], str)
     expected = _expected(sample_root)
     with bag.BagReader(path) as reader:
         assert reader.topics[bag.GROUND_TRUTH_TOPIC] == "vision_msgs/msg/Detection2DArray"
@@ -351,3 +360,45 @@ def test_bags_failure_while_closing_leaves_no_bag(tmp_path, monkeypatch) -> None
     with pytest.raises(OSError, match="No space left"), writer:
         writer.write("/t", m.string_msg("a", classes), 1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bags_kitti_testing_folder_without_labels(sample_root, tmp_path) -> None:
+    testing = tmp_path / "kitti" / "testing"
+    for sub in ("image_2", "calib"):
+        (testing / sub).mkdir(parents=True)
+        for frame_id in ("000000", "000001"):
+            ext = ".png" if sub == "image_2" else ".txt"
+            shutil.copy(sample_root / "training" / sub / f"{frame_id}{ext}", testing / sub)
+    out = tmp_path / "test_bag"
+    counts = kitti2bag.convert(testing, out, progress=False)
+    assert counts == {bag.IMAGE_TOPIC: 2, bag.CAMERA_INFO_TOPIC: 2, bag.FRAME_ID_TOPIC: 2}
+    with bag.BagReader(out) as reader:
+        frames = list(bag.read_kitti_frames(reader))
+    assert [(f.kitti_id, f.labels, f.ground_truth) for f in frames] == [
+        ("000000", None, None),
+        ("000001", None, None),
+    ]
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_bags_recorded_with_another_vision_msgs_layout(tmp_path, storage) -> None:
+    """A /detections bag recorded with vision_msgs 2.x (Foxy) carries its own definitions: the
+    reader decodes it with them (the hashes differ from ours) and the fields are read right."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+    from test_ros_messages import FOXY_VISION_MSGS
+
+    store = get_typestore(Stores.ROS2_FOXY)
+    for name, text in FOXY_VISION_MSGS.items():
+        store.register(get_types_from_msg(text, f"vision_msgs/msg/{name}"))
+    foxy = m.classes_from_typestore(store)
+    header = m.header_msg(bag.frame_stamp_ns(3), "camera", foxy)
+    detections = SimpleNamespace(boxes=[[10, 20, 50, 80]], scores=[0.75], class_names=["car"])
+    path = tmp_path / "foxy_detections"
+    with bag.BagWriter(path, storage=storage, classes=foxy) as writer:
+        writer.write(bag.DETECTIONS_TOPIC, m.detections_to_msg(detections, header, foxy), 7)
+    with bag.BagReader(path) as reader:
+        (item,) = reader.messages([bag.DETECTIONS_TOPIC])
+    assert item.msg.detections[0].results[0].id == "car"  # the 2.x field, not hypothesis
+    got = m.msg_to_detections(item.msg)
+    np.testing.assert_allclose(got.boxes, [[10, 20, 50, 80]])
+    assert (got.class_names, got.stamp_ns) == (["car"], bag.frame_stamp_ns(3))

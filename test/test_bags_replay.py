@@ -187,6 +187,7 @@ def test_bags_evaluate_bag_cli(sample, tmp_path, cli) -> None:
               str(out / "detections"), check=False)  # fmt: skip
     assert bad.returncode == 1 and "no topic /kitti/labels" in bad.stderr
     assert "examples:" in cli("evaluate-bag", "--help").stdout
+    assert "examples:" in cli("replay", "--help").stdout
 
 
 def test_bags_replay_counts_unsupported_encodings(sample, tmp_path) -> None:
@@ -212,11 +213,15 @@ def test_bags_replay_counts_unsupported_encodings(sample, tmp_path) -> None:
         1,
     )
     assert frames_report["failed_by_reason"] == {"unsupported encoding '16UC1'": 1}
-    assert sorted(p.stem for p in (tmp_path / "out" / "results").iterdir()) == [
-        sample.ids[0],
-        sample.ids[2],
-    ]
-    assert report["evaluation"]["Car"]["easy"]["AP_40"] is not None
+    results = tmp_path / "out" / "results"
+    assert sorted(p.stem for p in results.iterdir()) == sample.ids[:3]
+    assert (results / f"{sample.ids[1]}.txt").read_text() == ""  # failed: no detections
+    assert (results / f"{sample.ids[0]}.txt").read_text() != ""
+    with bag.BagReader(tmp_path / "out" / "detections") as reader:
+        assert reader.message_count(bag.DETECTIONS_TOPIC) == 2  # none for the failed frame
+    labels = _label_dir_subset(SimpleNamespace(ids=sample.ids[:3], layout=sample.layout), tmp_path)
+    from_files = evaluate_folders(labels, results)
+    assert report["evaluation"] == json.loads(json.dumps(from_files.to_json()))
     with pytest.raises(bag.BagError, match="exists already"):
         replay.replay(mixed, detector, tmp_path / "out", progress=False)
 
@@ -236,3 +241,31 @@ def test_bags_replay_errors(sample, tmp_path) -> None:
         replay.replay(
             sample.raw, detector, tmp_path / "o3", image_topic="/camera/image_raw", progress=False
         )
+
+
+def test_bags_replay_plain_camera_bag_without_ground_truth(sample, tmp_path) -> None:
+    """A bag from any camera: one image topic, no KITTI topics -> detections, no AP."""
+    classes = m.rosbags_classes()
+    camera = tmp_path / "camera"
+    with bag.BagReader(sample.raw) as reader:
+        frames = list(bag.read_kitti_frames(reader))[:2]
+    with bag.BagWriter(camera, classes=classes) as writer:
+        for i, frame in enumerate(frames):
+            rgb = m.image_msg_to_rgb(frame.image)
+            header = m.header_msg(1_700_000_000_000_000_000 + i * 33_000_000, "cam0", classes)
+            msg = m.rgb_to_image_msg(rgb, header, classes, "bgra8", step=rgb.shape[1] * 4 + 64)
+            writer.write("/camera/image_raw", msg, m.stamp_ns(header) + 5_000_000)
+    detector = OracleDetector(sample.layout, sample.ids)
+    out = tmp_path / "out"
+    report = replay.replay(camera, detector, out, image_topic="/camera/image_raw", progress=False)
+    assert detector.calls == ["bgra8", "bgra8"]
+    assert report["evaluation"] is None and report["frames"]["with_ground_truth"] == 0
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["000000.txt", "000001.txt"]
+    with bag.BagReader(out / "detections") as reader:
+        items = list(reader.messages([bag.DETECTIONS_TOPIC]))
+    assert [i.msg.header.frame_id for i in items] == ["cam0", "cam0"]
+    assert [m.stamp_ns(i.msg.header) for i in items] == [
+        1_700_000_000_000_000_000,
+        1_700_000_000_033_000_000,
+    ]
+    assert "KITTI AP" not in (out / "report.md").read_text()

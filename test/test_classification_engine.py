@@ -157,8 +157,12 @@ def test_classification_config_file(tmp_path: Path) -> None:
     assert paper.lr_milestones == list(engine.PAPER_MILESTONES) and paper.lr_gamma == 0.5
 
 
-def test_classification_resume_is_exact(colour_folders: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_classification_resume_is_exact(
+    colour_folders: Path, tmp_path: Path, monkeypatch, workers: str
+) -> None:
     common = ("--epochs", "2", "--max-steps-per-epoch", "3", "--lr-milestones", "1")
+    common = (*common, "--workers", workers)  # 1: augmentation runs in a seeded worker
     whole = engine.main(engine.parse_args(_argv(colour_folders, tmp_path / "whole", *common)))
 
     real_train = engine.train_one_epoch
@@ -224,3 +228,51 @@ def test_classification_compare_backbones(colour_folders: Path, tmp_path: Path) 
     # a second call trains nothing and rewrites the same table
     assert cli.main([*argv, "--report-only"]) == 0
     assert json.loads((out / "comparison.json").read_text())["rows"] == table["rows"]
+
+
+def test_classification_bad_images_do_not_stop_training(colour_folders: Path, tmp_path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(colour_folders, data)
+    for name in ("bad_train.jpg", "bad_test.jpg"):
+        (data / "class0" / name).write_bytes((data / "class0" / "000.jpg").read_bytes()[:300])
+    train = [f"class{c}/{i:03d}.jpg" for c in range(4) for i in range(7)] + ["class0/007.jpg"]
+    test = [f"class{c}/{i:03d}.jpg" for c in range(4) for i in range(20, 22)]
+    split = {
+        "format": "dds_perception.split/1", "dataset": "folder", "seed": 0,
+        "class_names": ["class0", "class1", "class2", "class3"],
+        "train": [*train, "class0/bad_train.jpg"], "test": [*test, "class0/bad_test.jpg"],
+    }  # fmt: skip
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    argv = _argv(
+        data, tmp_path / "run", "--epochs", "1", "--split-file", str(tmp_path / "split.json")
+    )
+    with pytest.warns(UserWarning, match="unreadable image"):
+        summary = engine.main(engine.parse_args(argv))
+    assert summary["steps"] == 2 and summary["test_images"] == 9
+    records = read_metrics(tmp_path / "run" / engine.METRICS)
+    epoch = next(r for r in records if r["type"] == "epoch")
+    final = [r for r in records if r["type"] == "eval"][-1]
+    assert epoch["bad_images"] == 1 and epoch["images"] == 30  # replaced, batch stays full
+    assert final["bad_images"] == 1 and final["images"] == 8  # dropped from the test batch
+
+
+def test_classification_non_finite_loss_stops() -> None:
+    from dds_perception.engine.common import check_finite
+
+    check_finite(torch.tensor(2.5), epoch=0, step=1)
+    with pytest.raises(TrainingError, match="loss is nan at epoch 3, step 7"):
+        check_finite(torch.tensor(float("nan")), epoch=3, step=7)
+
+
+def test_classification_cli_reports_bad_config(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "recipe.yaml"
+    config.write_text("epochs: 3\nbatch: 64\n")
+    argv = ["train-classifier", "--config", str(config), "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "dds-perception train-classifier: error:" in err and "unknown key 'batch'" in err
+    assert cli.main(["train-classifier", "--out", str(tmp_path / "run")]) == 1
+    assert "--data-root is required" in capsys.readouterr().err
+    argv = ["train-classifier", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path)]
+    assert cli.main([*argv, "--dataset", "caltech256"]) == 1
+    assert "dataset folder not found" in capsys.readouterr().err

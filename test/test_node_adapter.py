@@ -82,6 +82,9 @@ class _Node:
     def get_name(self):
         return self._name
 
+    def get_namespace(self):
+        return "/"
+
     def get_clock(self):
         return SimpleNamespace(now=lambda: SimpleNamespace(nanoseconds=100_250_000_000))
 

@@ -170,6 +170,8 @@ def test_node_params_file_matches_defaults():
         ({"score_threshold": 1.5}, r"score_threshold 1.5: must lie in \[0, 1\]"),
         ({"nms_iou": -0.1}, r"nms_iou -0.1: must lie in \[0, 1\]"),
         ({"max_detections": 0}, r"max_detections 0: must be positive"),
+        ({"max_detections": 20000}, r"max_detections 20000: must lie in \[1, 10000\]"),
+        ({"input_width": 9600, "input_height": 64}, r"input_width 9600: must lie in \[0, 8192\]"),
         ({"latency_budget_ms": 0}, r"latency_budget_ms 0.0: must be positive"),
         ({"reliability": "fast"}, r"reliability 'fast': use best_effort or reliable"),
         ({"score_threshold": "high"}, r"score_threshold 'high': expected float, got str"),
@@ -196,6 +198,7 @@ def test_node_params_file_blocks_and_errors(tmp_path):
         "/**:\n  ros__parameters:\n    device: cpu\n    score_threshold: 0.2\n"
         "/robot/dds_detector:\n  ros__parameters:\n    score_threshold: 0.6\n"
         "    use_sim_time: false\n    diagnostic_updater.period: 0.5\n"
+        "    qos_overrides:\n      /parameter_events:\n        publisher:\n          depth: 5\n"
         "other_node:\n  ros__parameters:\n    whatever: 1\n"
     )
     params = core.load_params(path, overrides={"max_detections": 7})
@@ -464,16 +467,53 @@ def test_node_update_params_at_run_time(classes):
 
 
 @pytest.fixture(scope="module")
-def real_pipeline():
-    """The real inference pipeline with the shipped weights (loaded once for the module)."""
-    pipeline_module = pytest.importorskip(
-        "dds_perception.pipeline", reason="the inference pipeline (issue 4) is not merged yet"
+def real_pipeline(tmp_path_factory):
+    """The real inference pipeline loading a real weights file: a seeded, untrained detector
+    (the shipped weights may not exist yet; what is tested is the plumbing, not the accuracy)."""
+    import torch
+
+    from dds_perception.detection.weights import build_detector, save_detector
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "untrained.safetensors"
+    save_detector(path, build_detector())
+    # a small network input keeps the test fast on a shared CPU (the letterbox maps back)
+    params = DetectorParams(device="cpu", weights=str(path), input_width=640, input_height=192)
+    return core.build_pipeline(params)
+
+
+def test_node_build_pipeline_arguments(monkeypatch, tmp_path):
+    """Empty weights mean the shipped model; sizes go to the pipeline as (height, width)."""
+    from dds_perception import pipeline as pipeline_module
+
+    calls = []
+    shipped = tmp_path / "shipped.safetensors"
+    monkeypatch.setattr(pipeline_module, "default_weights", lambda: shipped)
+    monkeypatch.setattr(
+        pipeline_module.Pipeline, "from_weights", lambda *a, **k: calls.append((a, k)) or "p"
     )
-    try:
-        pipeline_module.default_weights()
-    except FileNotFoundError as error:
-        pytest.skip(f"no shipped weights yet: {error}")
-    return core.build_pipeline(DetectorParams(device="cpu"))
+    params = DetectorParams(device="cpu", input_width=640, input_height=192, score_threshold=0.6)
+    assert core.build_pipeline(params) == "p"
+    (args, kwargs) = calls[0]
+    assert args == (shipped,)
+    assert kwargs == {
+        "device": "cpu",
+        "backend": "torch",
+        "half": False,
+        "score_threshold": 0.6,
+        "nms_iou": 0.5,
+        "max_detections": 100,
+        "input_size": (192, 640),
+    }
+
+
+def test_node_build_pipeline_corrupt_weights(tmp_path):
+    from dds_perception.utils.checkpoint import CheckpointError
+
+    path = tmp_path / "corrupt.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match=r"corrupt\.safetensors"):
+        core.build_pipeline(DetectorParams(device="cpu", weights=str(path)))
 
 
 def test_node_core_real_pipeline_on_kitti_frames(classes, real_pipeline, kitti_sample):

@@ -19,9 +19,10 @@ paper's accuracy-at-N-steps table.
 
 A run folder holds ``args.yaml`` (the resolved arguments), ``split.json``, ``metrics.jsonl``,
 ``checkpoint.pt`` (written atomically after every epoch; ``--resume`` continues from it exactly:
-model, optimizer, scheduler, grad scaler, epoch, step and every RNG state, including the generator
-that seeds DataLoader workers), and at the end ``model.safetensors`` (self-describing weights) and
-``summary.json``. A run killed mid-epoch restarts that epoch from the last checkpoint.
+model, optimizer, scheduler, grad scaler, epoch, step and every process's RNG states, including the
+generator that seeds its DataLoader workers), and at the end ``model.safetensors``
+(self-describing weights) and ``summary.json``. A run killed mid-epoch restarts that epoch from
+the last checkpoint.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ from dds_perception.engine.common import (
     check_finite,
     check_resume_matches,
     cleanup_distributed,
+    close_bar,
+    gather_objects,
     init_distributed,
     iter_with_progress,
     load_checkpoint,
@@ -126,7 +129,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--test-size",
         type=_test_size,
         default=2000.0,
-        help="held-out test images: a count, or a fraction when below 1 (default %(default)s)",
+        help="held-out test images: a count, or a fraction when below 1",
     )
     group.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split")
     group.add_argument(
@@ -163,7 +166,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool 
     parser.add_argument("--out", type=Path, default=None, help="run folder for all outputs")
     add_data_arguments(parser)
     group = parser.add_argument_group("recipe (defaults: the paper's)")
-    group.add_argument("--epochs", type=int, default=300)
+    group.add_argument("--epochs", type=int, default=300, help="training epochs")
     group.add_argument("--batch-size", type=int, default=512, help="global batch size")
     group.add_argument("--eval-batch-size", type=int, default=None, help="default: batch size")
     group.add_argument("--lr", type=float, default=0.045, help="initial learning rate")
@@ -174,11 +177,16 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool 
         default=list(PAPER_MILESTONES),
         help="epochs at which the learning rate is multiplied by --lr-gamma",
     )
-    group.add_argument("--lr-gamma", type=float, default=0.5)
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
-    group.add_argument("--weight-decay", type=float, default=4e-5)
-    group.add_argument("--label-smoothing", type=float, default=0.0)
+    group.add_argument("--lr-gamma", type=float, default=0.5, help="factor at each milestone")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    group.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Nesterov momentum (SGD as ESPNetv2's trainer; the paper names no optimizer)",
+    )
+    group.add_argument("--weight-decay", type=float, default=4e-5, help="L2 on all weights")
+    group.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy option")
     group.add_argument("--seed", type=int, default=0, help="seed of initialisation/augmentation")
     group = parser.add_argument_group("evaluation, logging, checkpoints")
     group.add_argument(
@@ -221,6 +229,17 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool 
         default=0,
         help="cap the optimizer steps of an epoch (0: no cap; for smoke tests and timing)",
     )
+    show_defaults(parser)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default: X)`` to option help texts that do not show their default yet."""
+    for action in parser._actions:
+        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            continue  # flags (--x/--no-x) show their default by themselves
+        text = action.help or ""
+        if "%(default)" not in text:
+            action.help = f"{text} (default: %(default)s)".strip()
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -386,7 +405,10 @@ def train_one_epoch(
     window_loss = window_n = 0.0
     train_time = 0.0
     tick = time.perf_counter()
-    bar = iter_with_progress(loader, enabled=progress and ctx.is_main, desc=f"epoch {epoch}")
+    total = min(len(loader), max_steps) if max_steps else len(loader)
+    bar = iter_with_progress(
+        loader, enabled=progress and ctx.is_main, desc=f"epoch {epoch}", total=total
+    )
     for index, (images, labels, n_bad) in enumerate(bar):
         if max_steps and index >= max_steps:
             break
@@ -427,6 +449,7 @@ def train_one_epoch(
         if on_step is not None:
             on_step(step)
         tick = time.perf_counter()  # evaluation time is not training time
+    close_bar(bar)
     loss_sum, correct, seen, bad = all_reduce_sum([loss_sum, correct, seen, bad], ctx)
     stats = {
         "loss": loss_sum / max(seen, 1),
@@ -533,12 +556,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train with resolved ``args`` (see :func:`parse_args`); return the final summary."""
     ctx = init_distributed(args.device)
     try:
-        return _train(args, ctx)
+        return train(args, ctx)
     finally:
         cleanup_distributed()
 
 
-def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
+def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
+    """Train in the process group of ``ctx`` (runs may share one: see compare-backbones)."""
     if args.out is None:
         raise ValueError("--out is required (the run folder)")
     out = Path(args.out)
@@ -558,7 +582,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
     seed_everything(args.seed)
 
     split_path = Path(args.split_file) if args.split_file else out / SPLIT
-    full, train, test = build_datasets(args, split_path, write_split=ctx.is_main)
+    full, train_set, test_set = build_datasets(args, split_path, write_split=ctx.is_main)
     class_names = list(full.class_names)
     identity = {**vars(args), "class_names": class_names}
 
@@ -574,7 +598,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         )
     optimizer, scheduler = build_optimizer(model_without_ddp, args)
     scaler = make_grad_scaler(ctx.device, amp)
-    train_loader, test_loader, sampler, generator = _make_loaders(args, train, test, ctx)
+    train_loader, test_loader, sampler, generator = _make_loaders(args, train_set, test_set, ctx)
     metrics = MetricsWriter(out / METRICS, enabled=ctx.is_main)
 
     start_epoch, step, last_eval = 0, 0, None
@@ -584,9 +608,20 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         model_without_ddp.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["loader_generator"])
-        restore_rng_state(state["rng"])
+        if state["scaler"]:  # empty when saved without AMP (e.g. a CPU run resumed on CUDA)
+            scaler.load_state_dict(state["scaler"])
+        streams = state["random_streams"]  # one per process: [RNG states, loader generator]
+        if len(streams) == ctx.world_size:
+            rng, loader_state = streams[ctx.rank]
+            restore_rng_state(rng)
+            generator.set_state(loader_state)
+        else:
+            warnings.warn(
+                f"{resume_path} was written by {len(streams)} process(es), this run has "
+                f"{ctx.world_size}: training goes on, but its random augmentations differ from "
+                "an uninterrupted run's",
+                stacklevel=2,
+            )
         start_epoch, step, last_eval = state["epoch"], state["step"], state.get("last_eval")
         metrics.truncate_after(step)
         if ctx.is_main:
@@ -647,6 +682,8 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         periodic = args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0
         if (periodic or last_epoch) and (last_eval is None or last_eval["step"] != step):
             last_eval = run_eval(epoch, step)
+        # every process's random streams, so each continues its own after --resume
+        streams = gather_objects([capture_rng_state(), generator.get_state()], ctx)
         if ctx.is_main:
             if not args.progress:
                 print(
@@ -659,8 +696,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
-                    "loader_generator": generator.get_state(),
-                    "rng": capture_rng_state(),
+                    "random_streams": streams,
                     "epoch": epoch + 1,
                     "step": step,
                     "last_eval": last_eval,
@@ -676,8 +712,8 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         "model": args.model,
         "dataset": args.dataset,
         "num_classes": len(class_names),
-        "train_images": len(train),
-        "test_images": len(test),
+        "train_images": len(train_set),
+        "test_images": len(test_set),
         "skipped_images": len(full.skipped),
         "epochs": args.epochs,
         "steps": step,
@@ -781,13 +817,15 @@ def eval_records(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def run_label(run_dir: str | os.PathLike[str]) -> str:
-    """A run's model name from its args.yaml, else its folder name."""
+    """A run's model name from its args.yaml (with the folder name when it differs)."""
+    name = Path(run_dir).resolve().name
     args_file = Path(run_dir) / "args.yaml"
     if args_file.is_file():
         data = yaml.safe_load(args_file.read_text(encoding="utf-8")) or {}
-        if data.get("model"):
-            return str(data["model"])
-    return Path(run_dir).name
+        model = str(data.get("model") or "")
+        if model:
+            return model if model == name else f"{model} ({name})"
+    return name
 
 
 def plot_accuracy(

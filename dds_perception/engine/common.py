@@ -19,7 +19,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,15 @@ def all_reduce_sum(values: list[float], ctx: DistributedContext) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def gather_objects(obj: Any, ctx: DistributedContext) -> list[Any]:
+    """``obj`` of every process, by rank (``[obj]`` in a single process); all ranks must call."""
+    if not ctx.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -330,10 +339,20 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
-def iter_with_progress(iterable: Any, *, enabled: bool, **kwargs: Any) -> Iterator[Any]:
-    """Wrap ``iterable`` in a tqdm bar on the main process."""
+def iter_with_progress(iterable: Any, *, enabled: bool, **kwargs: Any) -> Any:
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` (the main process), else itself.
+
+    The bar object is returned (iterate it; ``set_postfix`` works); close it with
+    :func:`close_bar` when a loop may stop early, so it does not linger.
+    """
     if not enabled:
-        return iter(iterable)
+        return iterable
     from tqdm import tqdm
 
-    return iter(tqdm(iterable, dynamic_ncols=True, leave=False, **kwargs))
+    return tqdm(iterable, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def close_bar(bar: Any) -> None:
+    """Close a bar made by :func:`iter_with_progress` (no-op for a plain iterable)."""
+    if hasattr(bar, "close"):
+        bar.close()

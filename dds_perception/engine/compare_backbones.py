@@ -28,10 +28,16 @@ from dds_perception.engine.classification import (
     WEIGHTS,
     add_training_arguments,
     eval_records,
-    main,
     plot_accuracy,
+    train,
 )
-from dds_perception.engine.common import mark_config_defaults, resolve_args
+from dds_perception.engine.common import (
+    DistributedContext,
+    cleanup_distributed,
+    init_distributed,
+    mark_config_defaults,
+    resolve_args,
+)
 from dds_perception.utils.checkpoint import read_meta
 from dds_perception.utils.io import atomic_open, write_json
 
@@ -66,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_all(args: argparse.Namespace) -> dict[str, Path]:
+def train_all(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Path]:
     """Train (or resume, or reuse) every model of ``args.models``; return their run folders."""
     out = Path(args.out)
     runs = {}
@@ -80,8 +86,9 @@ def train_all(args: argparse.Namespace) -> dict[str, Path]:
         model_args.out = run_dir
         model_args.split_file = args.split_file or out / SPLIT
         model_args.resume = "auto" if (run_dir / "checkpoint.pt").is_file() else None
-        print(f"=== {name} -> {run_dir}")
-        main(model_args)
+        if ctx.is_main:
+            print(f"=== {name} -> {run_dir}")
+        train(model_args, ctx)
     return runs
 
 
@@ -153,7 +160,13 @@ def run(args: argparse.Namespace) -> int:
     args = resolve_args(args, _parser())
     if args.out is None:
         raise ValueError("--out is required (the comparison folder)")
-    runs = train_all(args)
+    ctx = init_distributed(args.device)
+    try:
+        runs = train_all(args, ctx)
+    finally:
+        cleanup_distributed()
+    if not ctx.is_main:
+        return 0
     missing = [name for name, d in runs.items() if not (d / METRICS).is_file()]
     if missing:
         raise ValueError(f"no run folder with {METRICS} for: {', '.join(missing)}")

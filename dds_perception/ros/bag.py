@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,10 @@ GROUND_TRUTH_TOPIC = "/kitti/ground_truth"
 LABELS_TOPIC = "/kitti/labels"
 FRAME_ID_TOPIC = "/kitti/frame_id"
 DETECTIONS_TOPIC = "/detections"
+
+# metadata.yaml version 8 (QoS profiles as a YAML string): Humble's rosbag2 cannot parse
+# version 9's QoS lists ("yaml-cpp: bad conversion"); Jazzy and later read both.
+METADATA_VERSION = 8
 
 CAMERA_FRAME = "camera"  # header.frame_id of every KITTI message
 START_NS = 1_000_000_000  # first frame at 1.0 s (a stamp of 0 reads as "unset" in ROS tools)
@@ -98,7 +102,7 @@ class BagWriter:
         try:
             tmp = self._stack.enter_context(atomic_path(self.path))
             plugin = StoragePlugin.MCAP if self.storage == "mcap" else StoragePlugin.SQLITE3
-            self._writer = Writer(tmp, version=Writer.VERSION_LATEST, storage_plugin=plugin)
+            self._writer = Writer(tmp, version=METADATA_VERSION, storage_plugin=plugin)
             self._writer.open()
         except BaseException:
             self._stack.close()
@@ -169,6 +173,7 @@ class BagReader:
         self.path = _bag_dir(path)
         self.classes = m.rosbags_classes(store)
         self._reader: Any = None
+        self._decoders: dict[int, Any] = {}  # connection id -> typestore that decodes it
 
     def __enter__(self) -> BagReader:
         from rosbags.rosbag2 import Reader, ReaderError
@@ -228,6 +233,46 @@ class BagReader:
             f"(topics: {listed})"
         )
 
+    def _typestore_for(self, connection: Any) -> Any:
+        """Our typestore, or one built from the bag's own definition when the type differs.
+
+        A bag records each type's definition (MCAP, and sqlite3 from Iron on) and its RIHS01 hash
+        (from Jazzy on). When the hash differs from ours (e.g. vision_msgs 3.x recorded on
+        Galactic) or the type is unknown to us, the bag's definition decodes it, so readers of
+        the fields (``msg_to_detections``) see the layout that was recorded.
+        """
+        store = self._decoders.get(connection.id)
+        if store is not None:
+            return store
+        from rosbags.interfaces import MessageDefinitionFormat
+        from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+        ours = self.classes.typestore
+        msgtype = connection.msgtype
+        known = msgtype in ours.types
+        definition = connection.msgdef
+        has_definition = definition.format == MessageDefinitionFormat.MSG and definition.data
+        if known and (not connection.digest or connection.digest == ours.hash_rihs01(msgtype)):
+            store = ours
+        elif has_definition:
+            try:
+                store = get_typestore(Stores.EMPTY)
+                store.register(get_types_from_msg(definition.data, msgtype))
+            except Exception as error:
+                raise BagError(
+                    f"{self.path}: topic {connection.topic}: cannot parse the recorded "
+                    f"definition of {msgtype}: {error}"
+                ) from None
+        elif known:
+            store = ours  # no definition recorded: assume the distribution's layout
+        else:
+            raise BagError(
+                f"{self.path}: topic {connection.topic}: unknown type {msgtype} and no "
+                f"definition recorded in the bag"
+            )
+        self._decoders[connection.id] = store
+        return store
+
     def messages(self, topics: Iterable[str]) -> Iterator[BagMessage]:
         """Deserialised messages of ``topics`` in log-time order."""
         wanted = list(dict.fromkeys(topics))
@@ -244,7 +289,9 @@ class BagReader:
             except Exception as error:  # truncated / corrupt storage while iterating
                 raise BagError(f"{self.path}: cannot read topic {topic}: {error}") from None
             try:
-                msg = self.classes.deserialize(raw, connection.msgtype)
+                msg = self._typestore_for(connection).deserialize_cdr(raw, connection.msgtype)
+            except BagError:
+                raise
             except Exception as error:
                 raise BagError(
                     f"{self.path}: topic {connection.topic}: cannot decode a "
@@ -259,16 +306,17 @@ class BagReader:
 
 @dataclass
 class KittiBagFrame:
-    """The messages of one frame of a KITTI bag (any may be None when its topic is absent)."""
+    """The messages of one frame of a KITTI bag (any but ``image`` may be None when its topic
+    is absent)."""
 
-    index: int
-    stamp_ns: int
-    image: Any = None
+    index: int  # position in the bag
+    stamp_ns: int  # the image's header stamp
+    log_ns: int  # the bag's log time of the frame's messages
+    image: Any
     camera_info: Any = None
     ground_truth: Any = None
     labels: str | None = None
     kitti_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -276,55 +324,49 @@ class KittiBagFrame:
         return self.kitti_id if self.kitti_id else f"{self.index:06d}"
 
 
-_KITTI_FIELDS = {
-    CAMERA_INFO_TOPIC: "camera_info",
-    GROUND_TRUTH_TOPIC: "ground_truth",
-}
+KITTI_TOPICS = (CAMERA_INFO_TOPIC, GROUND_TRUTH_TOPIC, LABELS_TOPIC, FRAME_ID_TOPIC)
 
 
 def read_kitti_frames(
-    reader: BagReader, image_topic: str | None = None, *, optional: Sequence[str] | None = None
+    reader: BagReader, image_topic: str | None = None, *, optional: Sequence[str] = KITTI_TOPICS
 ) -> Iterator[KittiBagFrame]:
     """Frames of a bag, one per image message, with the other KITTI topics of the same time.
 
-    ``image_topic`` defaults to the raw image topic, else the compressed one. The other KITTI
-    topics are read when present (``optional``: which; default all). Messages are matched to an
-    image by log time, which kitti2bag sets to the image's header stamp.
+    ``image_topic`` defaults to the raw image topic, else the compressed one. The topics in
+    ``optional`` are read when the bag has them. Messages are matched to an image by log time,
+    which kitti2bag sets to the image's header stamp.
     """
     image_topic = image_topic or reader.first_topic(IMAGE_TOPIC, COMPRESSED_TOPIC)
     reader.require(image_topic)
-    wanted = [
-        t
-        for t in (
-            optional if optional is not None else (*_KITTI_FIELDS, LABELS_TOPIC, FRAME_ID_TOPIC)
-        )
-        if t in reader.topics
-    ]
+    wanted = [t for t in optional if t in reader.topics and t != image_topic]
     pending: dict[int, dict[str, Any]] = {}
     index = 0
 
-    def make(stamp: int, parts: dict[str, Any]) -> KittiBagFrame:
-        frame = KittiBagFrame(index=index, stamp_ns=m.stamp_ns(parts[image_topic].header))
-        frame.image = parts[image_topic]
-        frame.camera_info = parts.get(CAMERA_INFO_TOPIC)
-        frame.ground_truth = parts.get(GROUND_TRUTH_TOPIC)
-        labels = parts.get(LABELS_TOPIC)
-        frame.labels = None if labels is None else str(labels.data)
-        kitti_id = parts.get(FRAME_ID_TOPIC)
-        frame.kitti_id = None if kitti_id is None else str(kitti_id.data)
-        frame.extra = {"log_ns": stamp}
-        return frame
+    def text(msg: Any) -> str | None:
+        return None if msg is None else str(msg.data)
+
+    def make(log_ns: int, parts: dict[str, Any]) -> KittiBagFrame:
+        image = parts[image_topic]
+        return KittiBagFrame(
+            index=index,
+            stamp_ns=m.stamp_ns(image.header),
+            log_ns=log_ns,
+            image=image,
+            camera_info=parts.get(CAMERA_INFO_TOPIC),
+            ground_truth=parts.get(GROUND_TRUTH_TOPIC),
+            labels=text(parts.get(LABELS_TOPIC)),
+            kitti_id=text(parts.get(FRAME_ID_TOPIC)),
+        )
 
     for item in reader.messages([image_topic, *wanted]):
         # A frame is complete once a later log time appears (all its messages share one time).
-        for stamp in [s for s in pending if s < item.log_ns]:
-            parts = pending.pop(stamp)
+        for log_ns in [t for t in pending if t < item.log_ns]:
+            parts = pending.pop(log_ns)
             if image_topic in parts:
-                yield make(stamp, parts)
+                yield make(log_ns, parts)
                 index += 1
         pending.setdefault(item.log_ns, {})[item.topic] = item.msg
-    for stamp in sorted(pending):
-        parts = pending[stamp]
-        if image_topic in parts:
-            yield make(stamp, parts)
+    for log_ns in sorted(pending):
+        if image_topic in pending[log_ns]:
+            yield make(log_ns, pending[log_ns])
             index += 1

@@ -42,6 +42,7 @@ STAGES = ("decode", "preprocess", "inference", "postprocess", "end_to_end")
 STATS = ("mean", "p50", "p95", "max")
 RELIABILITIES = ("best_effort", "reliable")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")  # dds_perception.deploy.backends.BACKENDS
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 # parameters of other components that may sit in the same ros__parameters block
@@ -73,9 +74,17 @@ class DetectorParams:
     ROS parameter descriptors, the README table and the validation messages.
     """
 
-    weights: str = _param("", "detector weights file (.safetensors); empty = the shipped model")
+    weights: str = _param(
+        "", "detector weights (.safetensors) or an exported .onnx; empty = the shipped model"
+    )
     device: str = _param("auto", "inference device", choices=("auto", "cpu", "cuda", "cuda:N"))
     half: bool = _param(False, "fp16 inference (CUDA only)")
+    backend: str = _param(
+        "torch",
+        "network backend: torch, onnxruntime or tensorrt (engine built once, cached beside the "
+        ".onnx; a .safetensors file is exported to ONNX once, into ~/.cache/dds_perception)",
+        choices=BACKENDS,
+    )
     score_threshold: float = _param(
         0.3, "minimum detection score", low=0.0, high=1.0, runtime=True
     )
@@ -129,6 +138,8 @@ class DetectorParams:
             raise ParameterError(
                 f"device {self.device!r}: unknown device; use auto, cpu, cuda or cuda:N"
             )
+        if self.backend not in BACKENDS:
+            raise ParameterError(f"backend {self.backend!r}: use {', '.join(BACKENDS)}")
         if self.reliability not in RELIABILITIES:
             raise ParameterError(
                 f"reliability {self.reliability!r}: use {' or '.join(RELIABILITIES)}"
@@ -156,6 +167,11 @@ class DetectorParams:
         for name in ("image_topic", "image_compressed_topic"):
             if not getattr(self, name).strip():
                 raise ParameterError(f"{name}: must not be empty")
+        for spec in dataclasses.fields(self):  # the descriptor ranges, as ROS enforces them
+            low, high = spec.metadata["range"]
+            value = getattr(self, spec.name)
+            if low is not None and not low <= value <= high:
+                raise ParameterError(f"{spec.name} {value}: must lie in [{low}, {high}]")
 
     @property
     def subscribed_topic(self) -> str:
@@ -252,6 +268,18 @@ def _node_block(document: Any, path: Path, node_name: str) -> dict[str, Any]:
     return {**wildcard, **specific}
 
 
+def _flatten(block: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """ROS parameter files may nest names (``a: {b: 1}`` is ``a.b``); return dotted names."""
+    flat: dict[str, Any] = {}
+    for key, value in block.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def load_params(
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -271,8 +299,8 @@ def load_params(
         raise ParameterError(f"{path}: not valid YAML: {error}") from None
     values = {
         name: value
-        for name, value in _node_block(document, path, node_name).items()
-        if not str(name).startswith(FOREIGN_PARAMETERS)
+        for name, value in _flatten(_node_block(document, path, node_name)).items()
+        if not name.startswith(FOREIGN_PARAMETERS)
     }
     values.update(overrides or {})
     unknown = sorted(set(values) - set(parameter_names()))
@@ -327,6 +355,7 @@ def build_pipeline(params: DetectorParams):
         weights,
         device=params.device,
         half=params.half,
+        backend=params.backend,
         score_threshold=params.score_threshold,
         nms_iou=params.nms_iou,
         max_detections=params.max_detections,

@@ -8,7 +8,8 @@ Topics (frame i at header.stamp = log time = 1.0 s + i * 0.1 s, header.frame_id 
   /kitti/labels                        std_msgs/String, the label file's text unchanged
   /kitti/frame_id                      std_msgs/String, the KITTI frame id (e.g. 000123)
 
-The bag is written under a temporary name and renamed when complete.
+The bag is written under a temporary name and renamed when complete. Without a label_2
+folder (KITTI's testing set) only images, camera_info and frame ids are written.
 
 examples:
   dds-perception kitti2bag ../shared/data/kitti_sample kitti_sample_bag
@@ -58,7 +59,8 @@ def convert(
     bag at ``out_bag``; return the message count per topic.
     """
     layout = kitti.KittiLayout.find(kitti_root)
-    frame_ids = layout.frame_ids(split)
+    # KITTI's testing folder has no label_2: convert images and calibration only
+    frame_ids = layout.frame_ids(split, require_labels=layout.label_dir.is_dir())
     if limit is not None:
         if limit < 1:
             raise ValueError(f"--limit must be at least 1, got {limit}")
@@ -101,13 +103,15 @@ def write_frame(
     writer.write(
         bag.CAMERA_INFO_TOPIC, m.camera_info_msg(p2, width, height, header, classes), stamp
     )
+    writer.write(bag.FRAME_ID_TOPIC, m.string_msg(frame_id, classes), stamp)
+    if not layout.label_dir.is_dir():
+        return
     label_path = layout.label(frame_id)
     text = label_path.read_text(encoding="utf-8")
     objects = kitti.read_label_file(label_path)  # validates the text before it goes in the bag
     gt = m.detections_to_msg(_GroundTruth(objects), header, classes)
     writer.write(bag.GROUND_TRUTH_TOPIC, gt, stamp)
     writer.write(bag.LABELS_TOPIC, m.string_msg(text, classes), stamp)
-    writer.write(bag.FRAME_ID_TOPIC, m.string_msg(frame_id, classes), stamp)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
 from typing import Any, Protocol
 
 import cv2
@@ -35,8 +35,6 @@ from dds_perception.data.images import (
     ImageDecodeError,
     to_rgb,
 )
-
-MSG_DIR = Path(__file__).resolve().parent / "msg"
 
 # vision_msgs 4.x types registered from ros/msg/*.msg (in dependency order for readability).
 VISION_MSGS = (
@@ -146,6 +144,9 @@ class MessageClasses:
 
     def msgtype(self, msg: object) -> str:
         """The ROS 2 type name of a message instance, e.g. ``sensor_msgs/msg/Image``."""
+        typename = getattr(type(msg), "__msgtype__", None)  # rosbags classes carry it
+        if isinstance(typename, str):
+            return typename
         for name, typename in MSGTYPES.items():
             cls = getattr(self, name, None)
             if cls is not None and isinstance(msg, cls):
@@ -173,12 +174,11 @@ def vision_msgs_types() -> dict[str, Any]:
     """Parse the shipped vision_msgs 4.x ``.msg`` files into rosbags type definitions."""
     from rosbags.typesys import get_types_from_msg
 
+    msg_dir = files("dds_perception.ros") / "msg"  # package data, also inside a wheel or zip
     types: dict[str, Any] = {}
     for name in VISION_MSGS:
-        path = MSG_DIR / f"{name}.msg"
-        types.update(
-            get_types_from_msg(path.read_text(encoding="utf-8"), f"vision_msgs/msg/{name}")
-        )
+        text = (msg_dir / f"{name}.msg").read_text(encoding="utf-8")
+        types.update(get_types_from_msg(text, f"vision_msgs/msg/{name}"))
     return types
 
 

@@ -186,10 +186,11 @@ class DetectorNode(Node):
         )
         ports = core.Ports(
             publish_detections=self._detections_pub.publish,
-            publish_label_info=self._label_pub.publish if self._label_pub else core._discard,
             publish_debug_image=self._debug_pub.publish,
             debug_image_wanted=lambda: self._debug_pub.get_subscription_count() > 0,
         )
+        if self._label_pub is not None:
+            ports.publish_label_info = self._label_pub.publish
         self.core = core.DetectorCore(
             pipeline,
             params,
@@ -208,9 +209,9 @@ class DetectorNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.core.start()
         log.info(
-            f"subscribed to {self._subscription.topic_name} ({image_type.__name__}, "
-            f"{params.reliability}); device {self.core.device}; publishing "
-            f"{self._detections_pub.topic_name}"
+            f"subscribed to '{params.subscribed_topic}' ({image_type.__name__}, "
+            f"{params.reliability}) in namespace '{self.get_namespace()}'; device "
+            f"{self.core.device}; publishing 'detections'"
         )
 
     def _make_updater(self, hardware_id: str) -> Any:
@@ -252,6 +253,15 @@ class DetectorNode(Node):
         super().destroy_node()
 
 
+def _shutdown() -> None:
+    """rclpy.try_shutdown (Galactic and later), or its equivalent on Foxy."""
+    try_shutdown = getattr(rclpy, "try_shutdown", None)
+    if try_shutdown is not None:
+        try_shutdown()
+    elif rclpy.ok():
+        rclpy.shutdown()
+
+
 def main(args: list[str] | None = None) -> int:
     """Console script ``detector_node``: init, build the node, spin, clean up; exit status."""
     if rclpy is None:
@@ -282,7 +292,7 @@ def main(args: list[str] | None = None) -> int:
     finally:
         if node is not None:
             node.destroy_node()
-        rclpy.try_shutdown()
+        _shutdown()
     return status
 
 

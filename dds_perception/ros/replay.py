@@ -4,7 +4,8 @@ Reads the bag in order (deterministic, unlike `ros2 bag play`), runs every image
 inference pipeline and writes into OUT:
   detections/             a bag with /detections (vision_msgs/Detection2DArray; every header
                           equals its image's header, log time = header stamp)
-  results/NNNNNN.txt      KITTI result files, named by the bag's /kitti/frame_id
+  results/NNNNNN.txt      KITTI result files, named by the bag's /kitti/frame_id (empty for a
+                          frame without detections or that failed to decode)
   report.json, report.md  AP (when the bag has /kitti/labels), latency per stage (mean, p50,
                           p95, max in ms) and frame counts; failed frames (e.g. an unsupported
                           encoding) are counted, not fatal
@@ -14,6 +15,7 @@ examples:
   dds-perception kitti2bag ../shared/data/kitti_sample sample_bag
   dds-perception replay sample_bag --weights models/dds_rpn_car.safetensors --out replay_out
   dds-perception replay camera_bag --image-topic /camera/image_raw/compressed --out live_eval
+  dds-perception replay sample_bag --weights model.onnx --backend onnxruntime --out replay_onnx
 """
 
 from __future__ import annotations
@@ -189,6 +191,9 @@ def replay(
                 except ImageDecodeError as error:
                     counts["failed"] += 1
                     failures[_failure_reason(frame.image, error)] += 1
+                    # an empty result file: the folder evaluates like the report (no detections)
+                    dt[name] = []
+                    kitti.write_label_file(results_dir / f"{name}.txt", [])
                     continue
                 end_to_end = (time.perf_counter() - start) * 1000.0
                 counts["processed"] += 1
@@ -273,13 +278,49 @@ def report_markdown(report: Mapping[str, Any], evaluation_md: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def bag_demo(
+    kitti_root: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    pipeline: Any,
+    *,
+    weights: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """KITTI folder -> bag -> replay, for ``make demo``: returns the replay report.
+
+    ``out_dir`` (replaced when it exists) receives ``kitti_bag/`` and ``replay/``.
+    """
+    import shutil
+
+    from dds_perception.ros.kitti2bag import convert
+
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    convert(kitti_root, out / "kitti_bag", progress=progress)
+    return replay(out / "kitti_bag", pipeline, out / "replay", weights=weights, progress=progress)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bag", type=Path, help="ROS 2 bag (e.g. from kitti2bag)")
     parser.add_argument("--weights", help="weights file (default: the shipped weights)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     parser.add_argument("--half", action="store_true", help="fp16 inference (CUDA)")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        help="network backend (a .safetensors file is exported to ONNX once; or an .onnx file)",
+    )
     parser.add_argument("--score-threshold", type=float, help="override the checkpoint's")
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="network input size (default: the checkpoint's)",
+    )
     parser.add_argument(
         "--image-topic", help=f"default: {bag.IMAGE_TOPIC}, else {bag.COMPRESSED_TOPIC}"
     )
@@ -293,9 +334,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dds_perception.pipeline import Pipeline, default_weights
 
+    with bag.BagReader(args.bag) as reader:  # a bad bag fails before the model loads
+        reader.require(
+            args.image_topic or reader.first_topic(bag.IMAGE_TOPIC, bag.COMPRESSED_TOPIC)
+        )
     weights = args.weights or str(default_weights())
     pipeline = Pipeline.from_weights(
-        weights, device=args.device, half=args.half, score_threshold=args.score_threshold
+        weights,
+        device=args.device,
+        half=args.half,
+        backend=args.backend,
+        score_threshold=args.score_threshold,
+        input_size=tuple(args.input_size) if args.input_size else None,
     )
     report = replay(
         args.bag,

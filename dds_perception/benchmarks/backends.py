@@ -1,0 +1,203 @@
+"""Backends: how a network is prepared and run. The bench measures every section per backend.
+
+A backend turns ``(module, example input, device, half, settings)`` into a :class:`Prepared`
+network: a zero-argument callable that runs the network once on the prepared input, plus what
+preparing it cost. ``torch`` applies :func:`dds_perception.detection.optimize.
+optimize_for_inference` under the given :class:`Settings`; ``onnxruntime`` and ``tensorrt``
+(:mod:`.deploy_backends`, issue 10) export the network as ``dds-perception export`` does and run
+it as the pipeline's backends do. Another backend is added with :func:`register_backend` and
+then appears under ``--backend``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from dds_perception.benchmarks.timing import num_threads
+from dds_perception.detection.optimize import (
+    InferenceOptions,
+    optimize_for_inference,
+    to_input_layout,
+)
+
+
+class BenchError(ValueError):
+    """A benchmark cannot run as asked (unknown backend, fp16 on CPU, missing package)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One point of the speed-up study: the inference options plus run-time switches.
+
+    ``options`` are what the pipeline applies (:class:`InferenceOptions`); the rest are process
+    settings a user controls: autograd off (``inference_mode``), oneDNN on (``mkldnn``) and the
+    intra-op thread count (``threads``; None = the run's count).
+    """
+
+    options: InferenceOptions = field(default_factory=InferenceOptions)
+    inference_mode: bool = True
+    mkldnn: bool = True
+    threads: int | None = None
+
+    @classmethod
+    def plain(cls) -> Settings:
+        """Plain eager PyTorch as a user writes it first: ``model.eval()(x)``, nothing else."""
+        return cls(
+            options=InferenceOptions(
+                fold_bn=False, channels_last=False, merge_pyramid=False, split_pyramid=False
+            ),
+            inference_mode=False,
+        )
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with fields of this object or of its ``options`` changed."""
+        option_fields = set(InferenceOptions.__dataclass_fields__)
+        options = {k: v for k, v in changes.items() if k in option_fields}
+        own = {k: v for k, v in changes.items() if k not in option_fields}
+        return replace(self, options=replace(self.options, **options), **own)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(data.pop("options"))
+        return data
+
+
+@dataclass
+class Prepared:
+    """A network ready to run: ``run()`` does one forward pass on the prepared input."""
+
+    run: Callable[[], Any]
+    prepare_s: float
+    first_call_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+class Backend(Protocol):
+    """What the bench needs from a backend."""
+
+    name: str
+
+    def unavailable(self, device: torch.device, half: bool) -> str | None:
+        """Why this backend cannot run here (None when it can)."""
+
+    def prepare(
+        self,
+        module: nn.Module,
+        example: torch.Tensor,
+        *,
+        device: torch.device,
+        half: bool,
+        settings: Settings,
+    ) -> Prepared:
+        """Prepare ``module`` for repeated calls on ``example`` (NCHW float32, on CPU)."""
+
+
+@contextlib.contextmanager
+def _run_context(settings: Settings) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(num_threads(settings.threads))
+        if not settings.mkldnn:
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        stack.enter_context(torch.inference_mode() if settings.inference_mode else _grad())
+        yield
+
+
+@contextlib.contextmanager
+def _grad() -> Iterator[None]:
+    with torch.enable_grad():
+        yield
+
+
+def _timed_first_call(run: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+class TorchBackend:
+    """Eager PyTorch (optionally ``torch.compile``) with the settings' speed-ups."""
+
+    name = "torch"
+
+    def unavailable(self, device: torch.device, half: bool) -> str | None:
+        if half and device.type != "cuda":
+            return "fp16 needs CUDA"
+        return None
+
+    def prepare(
+        self,
+        module: nn.Module,
+        example: torch.Tensor,
+        *,
+        device: torch.device,
+        half: bool,
+        settings: Settings,
+    ) -> Prepared:
+        start = time.perf_counter()
+        with _run_context(settings):
+            model = optimize_for_inference(
+                module, device, half, example=example, options=settings.options
+            )
+            x = to_input_layout(example, settings.options, device, half)
+        prepare_s = time.perf_counter() - start
+
+        def run() -> Any:
+            with _run_context(settings):
+                return model(x)
+
+        # the first call compiles (torch.compile) or creates oneDNN primitives
+        return Prepared(run=run, prepare_s=prepare_s, first_call_s=_timed_first_call(run))
+
+
+def _flatten_outputs(outputs: Any) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    flat: list[torch.Tensor] = []
+    for item in outputs:
+        flat.extend(_flatten_outputs(item))
+    return flat
+
+
+class _TupleOutputs(nn.Module):
+    """Wraps a network so that it returns a flat tuple of tensors (what ONNX export wants)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_flatten_outputs(self.module(x)))
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Make ``backend`` selectable with ``--backend NAME``."""
+    BACKENDS[backend.name] = backend
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered as ``name``; unknown names raise :class:`BenchError`."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise BenchError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}") from None
+
+
+register_backend(TorchBackend())
+
+# the deployment backends (issue 10): the export and runtime settings of the pipeline's backends
+from dds_perception.benchmarks.deploy_backends import OnnxRuntimeBench, TensorRTBench  # noqa: E402
+
+register_backend(OnnxRuntimeBench())
+register_backend(TensorRTBench())

@@ -1,0 +1,118 @@
+"""Benchmark backbones, detectors, the pipeline and the speed-ups; write JSON, markdown, plots.
+
+Writes DIR/bench.json (every number, the machine, the method), DIR/bench.md (the tables) and
+PNG plots. Our detector's speed ratio to ssd300_vgg16 is measured in the same run, interleaved,
+with the same speed-ups applied to both where they apply. Run it on a quiet machine: the load
+average at the start is recorded.
+
+examples:
+  dds-perception bench --out bench_out                      # full run on CPU (~15 min, 2 cores)
+  dds-perception bench --quick --out /tmp/bench             # tiny sizes: checks it all works
+  dds-perception bench --backend torch,onnxruntime --out bench_out
+  dds-perception bench --sections detectors,speedups --repeats 20 --out bench_out
+  dds-perception bench --device cuda --half --out bench_gpu # fp16 on a CUDA GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dds_perception.benchmarks.backends import BACKENDS, BenchError
+from dds_perception.benchmarks.suites import SECTIONS, BenchConfig, run_bench
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--half", action="store_true", help="fp16 (CUDA only)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, 1 repeat: seconds, numbers meaningless"
+    )
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        type=_csv,
+        help=f"comma-separated backends to measure ({', '.join(BACKENDS)}; default torch)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
+    parser.add_argument("--repeats", type=int, help="timed calls per measurement (default 10)")
+    parser.add_argument("--warmup", type=int, help="untimed calls first (default 3)")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: all logical CPUs)"
+    )
+    parser.add_argument(
+        "--sections",
+        type=_csv,
+        help=f"comma-separated subset of: {', '.join(SECTIONS)} (default all)",
+    )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip torch.compile in the speed-up study"
+    )
+    parser.add_argument(
+        "--weights", type=Path, help="pipeline weights (default: the shipped ones)"
+    )
+    parser.add_argument(
+        "--frame",
+        type=Path,
+        help="a real image for the pipeline section (default: a KITTI sample frame when "
+        "../shared/data is present, else a generated frame)",
+    )
+
+
+def _default_frame() -> Path | None:
+    root = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "kitti_sample"
+    images = sorted((root / "training" / "image_2").glob("*.png")) if root.is_dir() else []
+    return images[0] if images else None
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """A :class:`BenchConfig` from the parsed command line."""
+    from dds_perception.utils.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    changes = {"device": device, "half": args.half, "backends": args.backend}
+    for name in ("repeats", "warmup", "threads", "sections", "weights"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.repeats is not None and args.repeats < 1:
+        raise BenchError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.no_compile:
+        changes["compile"] = False
+    frame = args.frame if args.frame is not None else (None if args.quick else _default_frame())
+    if frame is not None and not frame.is_file():
+        raise BenchError(f"--frame {frame}: no such file")
+    changes["frame_image"] = frame
+    changes["progress"] = lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True)
+    if args.quick:
+        return BenchConfig.quick_config(**changes)
+    return BenchConfig(**changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dds_perception.benchmarks.report import render_markdown, write_plots
+    from dds_perception.utils.io import atomic_open, write_json
+
+    config = config_from_args(args)
+    results = run_bench(config, command=["dds-perception", "bench", *sys.argv[2:]])
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    results["plots"] = write_plots(results, out)
+    write_json(out / "bench.json", results)
+    with atomic_open(out / "bench.md", "w", encoding="utf-8") as handle:
+        handle.write(render_markdown(results))
+    target = results.get("target", {})
+    if target.get("best"):
+        best = target["best"]
+        print(
+            f"speed ratio to ssd300_vgg16: best {best['ratio']:.2f}x ({best['backend']}, "
+            f"{best['settings']}); target {target['target_ratio']:.0f}x "
+            f"{'reached' if target['reached'] else 'not reached'}"
+        )
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {len(results['plots'])} plots")
+    return 0

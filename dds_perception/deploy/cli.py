@@ -1,0 +1,108 @@
+"""Export the detector to ONNX (metadata included), validated with ONNX Runtime against PyTorch.
+
+The file alone is enough to run the detector (class names, input size, normalisation, anchors
+and thresholds travel in its metadata): ``Pipeline.from_onnx(path)`` or ``backend=onnxruntime``
+/ ``tensorrt`` in the node, replay, demo and bench. The network (backbone, RPN head, box decoding)
+is exported; NMS stays in the shared pipeline.
+
+examples:
+  # full-resolution KITTI input (384x1248, the checkpoint's), opset 17, validated on CPU
+  dds-perception export --weights models/dds_detector_synthetic.safetensors --out model.onnx
+
+  # validate on real frames instead of the generated road scenes
+  dds-perception export --weights W.safetensors --out model.onnx \\
+      --validate-images ../shared/data/kitti_sample/training/image_2/0000*.png
+
+  # Jetson TX2 (JetPack 4.6, TensorRT 8.2 parses opset <= 13), dynamic batch
+  dds-perception export --weights W.safetensors --out model.onnx --opset 13 --dynamic-batch
+
+  # fp16 weights and input (ONNX Runtime CUDA); for TensorRT keep fp32 and build fp16:
+  dds-perception export --weights W.safetensors --out model_fp16.onnx --half
+  dds-perception export --weights W.safetensors --out model.onnx --engine fp16   # on the GPU
+
+  # smaller input (faster, loses the smallest cars)
+  dds-perception export --weights W.safetensors --out model_192.onnx --height 192 --width 640
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from dds_perception.deploy.export import DEFAULT_OPSET, EXPORTERS, export_onnx
+from dds_perception.utils.io import write_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", required=True, help="detector weights (.safetensors)")
+    parser.add_argument("--out", required=True, help="ONNX file to write (atomically)")
+    parser.add_argument("--height", type=int, help="network input height (default: checkpoint's)")
+    parser.add_argument("--width", type=int, help="network input width (default: checkpoint's)")
+    parser.add_argument("--half", action="store_true", help="fp16 weights and input")
+    parser.add_argument(
+        "--dynamic-batch", action="store_true", help="dynamic batch dimension (default: batch 1)"
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset (default {DEFAULT_OPSET}; 13 for TensorRT 8.2 on a TX2)",
+    )
+    parser.add_argument(
+        "--exporter",
+        choices=EXPORTERS,
+        default="auto",
+        help="torch.onnx exporter: auto = torchscript below opset 18, dynamo from 18",
+    )
+    parser.add_argument(
+        "--validate-images",
+        nargs="+",
+        default=(),
+        metavar="IMAGE",
+        help="frames for the ONNX Runtime check (default: generated road scenes)",
+    )
+    parser.add_argument(
+        "--no-validate", action="store_true", help="skip the ONNX Runtime check (not advised)"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("fp16", "fp32"),
+        help="also build the TensorRT engine beside the ONNX file (needs tensorrt and a GPU)",
+    )
+    parser.add_argument("--report", help="write the export report as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dds_perception").setLevel(logging.INFO)
+    if (args.height is None) != (args.width is None):
+        raise ValueError("give both --height and --width, or neither")
+    size = (args.height, args.width) if args.height is not None else None
+    if args.engine:  # fail before the export, not after it
+        from dds_perception.deploy.backends import TRT_INSTALL, tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        if reason:
+            raise ValueError(f"--engine: {reason}; {TRT_INSTALL}")
+    report = export_onnx(
+        args.weights,
+        args.out,
+        input_size=size,
+        half=args.half,
+        dynamic_batch=args.dynamic_batch,
+        opset=args.opset,
+        exporter=args.exporter,
+        validate=not args.no_validate,
+        validation_images=args.validate_images,
+    )
+    print(report.summary())
+    result = report.to_json()
+    if args.engine:
+        from dds_perception.deploy.backends import TensorRTBackend
+
+        backend = TensorRTBackend(args.out, half=args.engine == "fp16")
+        print(f"tensorrt engine: {backend.engine_path}")
+        result["engine"] = backend.describe()
+    if args.report:
+        write_json(args.report, result)
+    return 0

@@ -1,0 +1,530 @@
+"""Inference speed-ups that the pipeline applies by default, and the switches the bench measures.
+
+What each one does (measured on/off by ``dds-perception bench``, section "speed-ups"):
+
+* ``fold_batchnorm``: an eval-mode BatchNorm after a convolution is an affine map per channel,
+  so it is folded into that convolution's weights and bias and replaced by ``nn.Identity``
+  (one pass over the feature map less per BN). Also folds a BN that follows ``torch.cat`` of
+  several convolutions (the pyramid block's dilated branches): each branch takes its slice.
+* ``channels_last``: NHWC memory layout. oneDNN (CPU) and cuDNN with fp16 run their convolution
+  kernels natively in NHWC; in NCHW every convolution reorders its input and output.
+* ``merge_pyramid``: the pyramid block's adjacent depthwise branches with the same dilation
+  run as one depthwise convolution (:class:`MergedPyramidDepthwiseConv`, identical outputs).
+* ``inference_mode``: no autograd bookkeeping (the pipeline runs under
+  ``torch.inference_mode()``).
+* ``compile``: ``torch.compile`` (inductor; on CPU it needs a C compiler), which fuses the
+  element-wise work (PReLU, residual additions, concatenation) around the convolutions. It
+  costs tens of seconds at start-up, so it is opt-in.
+
+The folding finds conv -> BN pairs by *recording one forward pass* (a ``TorchFunctionMode``
+plus module hooks): a BN is folded only when its input is the output of one convolution (or a
+channel-wise concatenation of convolutions) that nothing else reads, and when both modules ran
+exactly once. That works for any module structure, including Python control flow that
+``torch.fx`` cannot trace, and never folds a pair whose intermediate result is used elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torchvision.ops import Conv2dNormActivation
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from dds_perception.models.pyramid import PyramidDepthwiseConv, PyramidInvertedResidual
+
+_BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, FrozenBatchNorm2d)
+_CAT = (torch.cat, torch.concat, torch.concatenate)
+_METADATA = {
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.stride,
+    torch.Tensor.is_contiguous,
+    torch.Tensor.__len__,
+}
+
+
+class OptimizeError(ValueError):
+    """An inference option that cannot be applied (e.g. fp16 on a CPU)."""
+
+
+# --------------------------------------------------------------------------- BatchNorm folding
+def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel (scale, shift) of an eval-mode BN, in float64; None when not foldable."""
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    if mean is None or var is None:  # track_running_stats=False uses batch statistics
+        return None
+    weight = bn.weight if getattr(bn, "weight", None) is not None else torch.ones_like(mean)
+    bias = bn.bias if getattr(bn, "bias", None) is not None else torch.zeros_like(mean)
+    scale = weight.detach().double() / torch.sqrt(var.double() + bn.eps)
+    shift = bias.detach().double() - mean.double() * scale
+    return scale, shift
+
+
+def _fold_into_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """conv' = scale * conv + shift, per output channel, in place."""
+    weight = conv.weight.detach()
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(weight[:, 0, 0, 0])
+    new_weight = weight.double() * scale.view(-1, 1, 1, 1)
+    new_bias = bias.double() * scale + shift
+    conv.weight = nn.Parameter(new_weight.to(weight.dtype), requires_grad=False)
+    conv.bias = nn.Parameter(new_bias.to(weight.dtype), requires_grad=False)
+
+
+def _is_plain_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
+
+
+def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+class _FlowRecorder(TorchFunctionMode):
+    """Records which tensor each op reads, which conv produced what, and what each BN read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keep: list[Any] = []  # keep every tensor alive so that id() stays unique
+        self.uses: Counter[int] = Counter()
+        self.cat_inputs: dict[int, list[int]] = {}
+        self.conv_output: dict[int, nn.Module] = {}
+        self.bn_input: dict[nn.Module, int] = {}
+        self.calls: Counter[int] = Counter()
+        self.bn_depth = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.bn_depth or func in _METADATA or getattr(func, "__name__", "") == "__get__":
+            return out
+        for tensor in _tensors((args, kwargs)):
+            self.uses[id(tensor)] += 1
+            self.keep.append(tensor)
+        if func in _CAT:
+            tensors = args[0] if args else kwargs.get("tensors", ())
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if isinstance(out, torch.Tensor) and out.dim() == 4 and dim in (1, -3):
+                self.cat_inputs[id(out)] = [id(t) for t in tensors]
+        self.keep.append(out)
+        return out
+
+    # module hooks
+    def conv_hook(self, module: nn.Module, _inputs: Any, output: Any) -> None:
+        self.calls[id(module)] += 1
+        if isinstance(output, torch.Tensor):
+            self.conv_output[id(output)] = module
+            self.keep.append(output)
+
+    def bn_pre_hook(self, module: nn.Module, inputs: tuple) -> None:
+        self.calls[id(module)] += 1
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            self.bn_input[module] = id(inputs[0])
+            self.uses[id(inputs[0])] += 1
+            self.keep.append(inputs[0])
+        self.bn_depth += 1
+
+    def bn_hook(self, _module: nn.Module, _inputs: Any, _output: Any) -> None:
+        self.bn_depth -= 1
+
+
+def _replace_module(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
+    for parent in root.modules():
+        for name, child in list(parent.named_children()):
+            if child is target:
+                setattr(parent, name, new)
+
+
+def _fold_sequential_pairs(model: nn.Module) -> int:
+    """Fold BN that directly follows a conv inside a plain ``nn.Sequential``."""
+    folded = 0
+    for seq in list(model.modules()):
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue
+        names = list(seq._modules)
+        for first, second in itertools.pairwise(names):
+            conv, bn = seq._modules[first], seq._modules[second]
+            if (
+                _is_plain_conv(conv)
+                and isinstance(bn, _BN_TYPES)
+                and bn.num_features == conv.out_channels
+                and (affine := _bn_affine(bn)) is not None
+            ):
+                _fold_into_conv(conv, *affine)
+                seq._modules[second] = nn.Identity()
+                folded += 1
+    return folded
+
+
+def fold_batchnorm(model: nn.Module, example: Any = None) -> int:
+    """Fold eval-mode BatchNorm layers into the convolutions feeding them, in place.
+
+    With ``example`` (an input the model accepts), one recorded forward pass finds every
+    conv -> BN and cat(convs) -> BN pair, wherever the modules sit. Without it, only BN layers
+    directly after a conv inside a plain ``nn.Sequential`` are folded. Returns how many BN
+    layers were replaced by ``nn.Identity``. The model must be in eval mode (folding uses the
+    running statistics; a training-mode BN normalises with batch statistics instead).
+    """
+    if model.training:
+        raise OptimizeError("fold_batchnorm needs model.eval(): training-mode BN cannot fold")
+    if example is None:
+        return _fold_sequential_pairs(model)
+    if count_batchnorm(model) == 0:
+        return 0
+
+    recorder = _FlowRecorder()
+    handles = []
+    for module in model.modules():
+        if _is_plain_conv(module):
+            handles.append(module.register_forward_hook(recorder.conv_hook))
+        elif isinstance(module, _BN_TYPES):
+            handles.append(module.register_forward_pre_hook(recorder.bn_pre_hook))
+            handles.append(module.register_forward_hook(recorder.bn_hook))
+    try:
+        with torch.no_grad(), recorder:
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def single_use_conv(tensor_id: int) -> nn.Module | None:
+        conv = recorder.conv_output.get(tensor_id)
+        if conv is None or recorder.uses[tensor_id] != 1 or recorder.calls[id(conv)] != 1:
+            return None
+        return conv
+
+    folded = 0
+    for bn, input_id in recorder.bn_input.items():
+        if recorder.calls[id(bn)] != 1 or recorder.uses[input_id] != 1:
+            continue
+        affine = _bn_affine(bn)
+        if affine is None:
+            continue
+        if (conv := single_use_conv(input_id)) is not None:
+            if conv.out_channels != bn.num_features:
+                continue
+            _fold_into_conv(conv, *affine)
+        elif input_id in recorder.cat_inputs:
+            convs = [single_use_conv(i) for i in recorder.cat_inputs[input_id]]
+            if any(c is None for c in convs) or len({id(c) for c in convs}) != len(convs):
+                continue
+            if sum(c.out_channels for c in convs) != bn.num_features:
+                continue
+            start = 0
+            for conv in convs:
+                stop = start + conv.out_channels
+                _fold_into_conv(conv, affine[0][start:stop], affine[1][start:stop])
+                start = stop
+        else:
+            continue
+        _replace_module(model, bn, nn.Identity())
+        folded += 1
+    return folded
+
+
+def count_batchnorm(model: nn.Module) -> int:
+    """How many BatchNorm layers (incl. torchvision's FrozenBatchNorm2d) the model still has."""
+    return sum(isinstance(m, _BN_TYPES) for m in model.modules())
+
+
+# --------------------------------------------------------------------------- pyramid branches
+class MergedPyramidDepthwiseConv(nn.Module):
+    """Inference form of :class:`PyramidDepthwiseConv`: adjacent equal-dilation branches merged.
+
+    A depthwise convolution filters each channel on its own, so K branches of C/K channels
+    that share one dilation are exactly one depthwise convolution over their channels with the
+    branch weights stacked. The paper's default tables repeat dilations in the deep stages
+    ({1,1,2,3} at stride 16, {1,1,1,2} at stride 32): 4 convolutions become 3 or 2, and the
+    split/concatenation disappears where a single dilation is left. Same outputs (per channel
+    the same 9 products are summed); not for ``fusion=True`` (branch k adds branch k-1).
+    """
+
+    def __init__(self, source: PyramidDepthwiseConv) -> None:
+        super().__init__()
+        if source.fusion:
+            raise OptimizeError("branches with hierarchical fusion cannot be merged")
+        groups: list[list[nn.Conv2d]] = []
+        for conv, dilation in zip(source.branches, source.dilations, strict=True):
+            if groups and groups[-1][0].dilation[0] == dilation:
+                groups[-1].append(conv)
+            else:
+                groups.append([conv])
+        self.split_sizes = [sum(c.out_channels for c in group) for group in groups]
+        self.branches = nn.ModuleList(_stack_depthwise(group) for group in groups)
+        self.bn = source.bn
+        self.act = source.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.branches) == 1:
+            y = self.branches[0](x)
+        else:
+            parts = torch.split(x, self.split_sizes, dim=1)
+            y = torch.cat([conv(p) for conv, p in zip(self.branches, parts, strict=True)], 1)
+        return self.act(self.bn(y))
+
+
+def _stack_depthwise(convs: list[nn.Conv2d]) -> nn.Conv2d:
+    if len(convs) == 1:
+        return convs[0]
+    first = convs[0]
+    channels = sum(c.out_channels for c in convs)
+    merged = nn.Conv2d(
+        channels,
+        channels,
+        kernel_size=first.kernel_size,
+        stride=first.stride,
+        padding=first.padding,
+        dilation=first.dilation,
+        groups=channels,
+        bias=first.bias is not None,
+    ).to(device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        merged.weight.copy_(torch.cat([c.weight for c in convs]))
+        if first.bias is not None:
+            merged.bias.copy_(torch.cat([c.bias for c in convs]))
+    return merged
+
+
+def merge_pyramid_branches(model: nn.Module) -> int:
+    """Replace every pyramid depthwise stage by its merged form, in place; return how many.
+
+    Stages without two adjacent equal dilations are left as they are, and so are stages with
+    hierarchical fusion. Apply after :func:`fold_batchnorm` (folding needs the branches as the
+    recorded pass saw them, and merged convolutions keep the folded biases).
+    """
+    merged = 0
+    for module in list(model.modules()):
+        if not isinstance(module, PyramidDepthwiseConv) or module.fusion:
+            continue
+        if not any(a == b for a, b in zip(module.dilations, module.dilations[1:], strict=False)):
+            continue
+        _replace_module(model, module, MergedPyramidDepthwiseConv(module))
+        merged += 1
+    return merged
+
+
+# --------------------------------------------------------------------------- split producers
+def _conv_slice(conv: nn.Conv2d, start: int, stop: int) -> nn.Conv2d:
+    """The output channels ``start:stop`` of a (groups=1) convolution, as a convolution."""
+    part = nn.Conv2d(
+        conv.in_channels,
+        stop - start,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        part.weight.copy_(conv.weight[start:stop])
+        if conv.bias is not None:
+            part.bias.copy_(conv.bias[start:stop])
+    return part
+
+
+def _act_slice(act: nn.Module, start: int, stop: int) -> nn.Module:
+    if isinstance(act, nn.PReLU) and act.num_parameters > 1:
+        part = nn.PReLU(stop - start).to(device=act.weight.device, dtype=act.weight.dtype)
+        with torch.no_grad():
+            part.weight.copy_(act.weight[start:stop])
+        return part
+    return act  # a shared-slope PReLU or a parameter-free activation applies to any slice
+
+
+def _folded_producer(module: nn.Module) -> tuple[nn.Conv2d, nn.Module] | None:
+    """(conv, activation) of a folded Conv2dNormActivation [conv, Identity, act], else None."""
+    if not isinstance(module, Conv2dNormActivation) or len(module) != 3:
+        return None
+    conv, norm, act = module
+    if not _is_plain_conv(conv) or conv.groups != 1 or not isinstance(norm, nn.Identity):
+        return None
+    return conv, act
+
+
+class SplitPyramidBlock(nn.Module):
+    """Inference form of a pyramid block whose producer writes one tensor per dilation group.
+
+    In NHWC (channels_last) memory a channel slice is not contiguous, so ``torch.split`` before
+    the dilated branches costs one copy of the expanded map per branch, and the pyramid stage
+    then costs several times MobileNetV2's single depthwise convolution (measured by the bench).
+    Here the producer (the block's 1x1 expansion, or the stem for the expansion-1 block) is
+    split by output channels instead: convolution k computes exactly the channels of branch k
+    (the same dot products), so every branch reads a contiguous tensor and nothing is copied
+    before the concatenation. Needs folded BatchNorm (:func:`fold_batchnorm`).
+    """
+
+    def __init__(
+        self,
+        producer: tuple[nn.Conv2d, nn.Module],
+        pyramid: nn.Module,
+        tail: nn.Module,
+        residual: bool,
+    ) -> None:
+        super().__init__()
+        conv, act = producer
+        sizes = [branch.out_channels for branch in pyramid.branches]
+        if sum(sizes) != conv.out_channels:
+            raise OptimizeError(f"branches cover {sum(sizes)} of {conv.out_channels} channels")
+        bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+        self.produce = nn.ModuleList(_conv_slice(conv, a, b) for a, b in bounds)
+        self.produce_act = nn.ModuleList(_act_slice(act, a, b) for a, b in bounds)
+        self.branches = pyramid.branches
+        self.branch_act = nn.ModuleList(_act_slice(pyramid.act, a, b) for a, b in bounds)
+        self.tail = tail
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [
+            branch_act(branch(produce_act(produce(x))))
+            for produce, produce_act, branch, branch_act in zip(
+                self.produce, self.produce_act, self.branches, self.branch_act, strict=True
+            )
+        ]
+        y = self.tail(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+        return x + y if self.residual else y
+
+
+def _splittable_pyramid(module: nn.Module) -> bool:
+    return (
+        isinstance(module, PyramidDepthwiseConv | MergedPyramidDepthwiseConv)
+        and not getattr(module, "fusion", False)
+        and isinstance(module.bn, nn.Identity)
+        and len(module.branches) > 1
+    )
+
+
+def split_pyramid_producers(model: nn.Module) -> int:
+    """Rewrite pyramid blocks into :class:`SplitPyramidBlock`, in place; return how many.
+
+    A block with a 1x1 expansion is rewritten on its own. The expansion-1 block (paper layer 1)
+    takes its producer from the conv block before it in the same ``nn.Sequential`` (the stem),
+    which then becomes ``nn.Identity`` so that layer indices (feature taps) stay as they were;
+    that happens only when the producer's output is not tapped and the block has no residual.
+    Apply after :func:`fold_batchnorm` (and after :func:`merge_pyramid_branches`).
+    """
+    rewritten = 0
+    for parent in list(model.modules()):
+        taps = set(getattr(parent, "taps", {}).values())
+        for seq in (
+            [parent.features]
+            if isinstance(getattr(parent, "features", None), nn.Sequential)
+            else []
+        ):
+            for index in range(1, len(seq)):
+                block = seq[index]
+                if not isinstance(block, PyramidInvertedResidual) or block.use_res_connect:
+                    continue
+                first = block.conv[0]
+                producer = _folded_producer(seq[index - 1])
+                if _splittable_pyramid(first) and producer and index - 1 not in taps:
+                    tail = nn.Sequential(*list(block.conv)[1:])
+                    seq[index] = SplitPyramidBlock(producer, first, tail, residual=False)
+                    seq[index - 1] = nn.Identity()
+                    rewritten += 1
+    for block in list(model.modules()):
+        if not isinstance(block, PyramidInvertedResidual) or len(block.conv) < 3:
+            continue
+        producer = _folded_producer(block.conv[0])
+        if producer is None or not _splittable_pyramid(block.conv[1]):
+            continue
+        tail = nn.Sequential(*list(block.conv)[2:])
+        new = SplitPyramidBlock(producer, block.conv[1], tail, block.use_res_connect)
+        _replace_module(model, block, new)
+        rewritten += 1
+    return rewritten
+
+
+# --------------------------------------------------------------------------- one entry point
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Which speed-ups :func:`optimize_for_inference` applies (defaults: the measured winners).
+
+    ``channels_last=None`` means: on CPU yes (oneDNN is faster in NHWC, measured), on CUDA only
+    with fp16 (where tensor-core kernels want NHWC). ``compile`` is off by default because it
+    adds tens of seconds of start-up; turn it on for long-running nodes.
+    """
+
+    fold_bn: bool = True
+    merge_pyramid: bool = True
+    split_pyramid: bool = True
+    channels_last: bool | None = None
+    compile: bool = False
+    compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    # inductor freezing: constant-folds the (frozen) weights and prepacks them for oneDNN
+    compile_freezing: bool = True
+
+    def resolved(self, device: torch.device, half: bool) -> InferenceOptions:
+        """The options with ``channels_last=None`` decided for this device."""
+        if self.channels_last is not None:
+            return self
+        return replace(self, channels_last=device.type == "cpu" or half)
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    device: torch.device | str = "cpu",
+    half: bool = False,
+    *,
+    example: Any = None,
+    options: InferenceOptions | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Return ``model`` ready for fast inference on ``device``: eval, BN folded, NHWC, fp16.
+
+    ``example`` (a batch the model accepts, on any device) lets BN folding see the data flow;
+    the pipeline passes its warm-up frame. Run the result under ``torch.inference_mode()`` and
+    feed it inputs on ``device`` (fp16 when ``half``); a channels-last input avoids one copy.
+    """
+    device = torch.device(device)
+    if half and device.type != "cuda":
+        raise OptimizeError(f"half precision needs a CUDA device, got {device}")
+    options = (options or InferenceOptions()).resolved(device, half)
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval().requires_grad_(False)
+    if options.fold_bn:
+        if isinstance(example, torch.Tensor):
+            first = next(model.parameters(), None)
+            example = example.to(first.device if first is not None else "cpu").float()
+        fold_batchnorm(model, example)
+    if options.merge_pyramid:
+        merge_pyramid_branches(model)
+    if options.split_pyramid and options.fold_bn:
+        split_pyramid_producers(model)
+    model.to(device)
+    if half:
+        model.half()
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if options.compile:
+        inductor = {"freezing": True} if options.compile_freezing else None
+        if options.compile_mode is not None and inductor:
+            raise OptimizeError("compile_mode and compile_freezing cannot be combined")
+        model = torch.compile(model, mode=options.compile_mode, dynamic=False, options=inductor)
+    return model
+
+
+def to_input_layout(
+    batch: torch.Tensor, options: InferenceOptions, device: torch.device, half: bool
+) -> torch.Tensor:
+    """Move a preprocessed NCHW batch to the device, dtype and memory layout the model wants."""
+    options = options.resolved(torch.device(device), half)
+    batch = batch.to(device, dtype=torch.float16 if half else torch.float32, non_blocking=True)
+    if options.channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
