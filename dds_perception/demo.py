@@ -12,7 +12,7 @@ recorder (`record`) run as separate processes on an isolated Cyclone DDS domain 
 recorded /detections are scored against the bag's ground truth by header stamp (evaluate-bag),
 and the node's latency (its /diagnostics) and annotated frames (its ~/debug_image) are read from
 the recording. Both APs are printed; they agree when the node saw every frame (the node runs the
-torch backend).
+same --backend).
 
 With KITTI_ROOT set (or --kitti-root), real KITTI frames (the first --frames of training/) are
 used instead of generated scenes.
@@ -195,9 +195,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"annotated frames: {frames_dir}; results: {results}; AP: {out / 'ap.json'}")
     if not args.no_bag:
         _bag_round(scenes, out / "bag", pipeline, evaluation.to_json(), weights)
-    if args.live and args.backend != "torch":
-        print(f"live leg skipped: the node runs the torch backend, not {args.backend}")
-    elif args.live:
+    if args.live:
         return live_leg(args, scenes, weights, len(frame_ids), evaluation)
     return 0
 
@@ -230,6 +228,7 @@ def live_leg(
             Path(args.out) / "live",
             weights=weights,
             device=args.device,
+            backend=args.backend,
             score_threshold=args.score_threshold,
             limit=frames,
             draw=args.draw,
