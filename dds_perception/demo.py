@@ -256,5 +256,47 @@ def live_leg(
             f"processed {d.get('frames_processed')}, dropped {d.get('frames_dropped')}, "
             f"failed {d.get('frames_failed')} (device {d.get('device')})"
         )
-    print(f"live annotated frames: {', '.join(str(p) for p in live.frames) or 'none'}")
+    drawn = _draw_live_frames(live, Path(args.out) / "live" / "frames", args)
+    print(f"live annotated frames (detections >= {args.draw_threshold}): {', '.join(drawn)}")
+    print(
+        f"the node's own ~/debug_image frames: {live.frames[0].parent if live.frames else 'none'}"
+    )
     return 0 if same else 1
+
+
+def _draw_live_frames(live: object, folder: Path, args: argparse.Namespace) -> list[str]:
+    """The first --draw frames of the live bag with ground truth and the recorded detections."""
+    from dds_perception.ros import messages
+    from dds_perception.ros.bag import BagReader
+    from dds_perception.ros.evaluate_bag import read_ground_truth
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with BagReader(live.recorded) as reader:
+        answers = {
+            messages.stamp_ns(m.msg.header): messages.msg_to_detections(m.msg)
+            for m in reader.messages(["/detections"])
+        }
+    written = []
+    with BagReader(live.bag) as reader:
+        frames = {f.stamp_ns: f for f in read_ground_truth(reader)}
+        camera = reader.first_topic(
+            "/kitti/camera/image_raw", "/kitti/camera/image_raw/compressed"
+        )
+        for item in reader.messages([camera]):
+            if len(written) >= args.draw:
+                break
+            stamp = messages.stamp_ns(item.msg.header)
+            if stamp not in answers or stamp not in frames:
+                continue
+            dets = answers[stamp]
+            image = annotate(
+                messages.image_msg_to_rgb(item.msg),
+                frames[stamp].objects,
+                dets.boxes,
+                dets.scores,
+                args.draw_threshold,
+            )
+            path = folder / f"live_{frames[stamp].name}.png"
+            cv2.imwrite(str(path), image)
+            written.append(str(path))
+    return written

@@ -382,12 +382,13 @@ def test_dds_demo_live_leg(weights, dds_env, tmp_path) -> None:
     assert report["matched_frames"] == 3 and report["messages_without_frame"] == 0
     assert all(k in report["diagnostics"] for k in LATENCY_KEYS)
     assert report["diagnostics"]["frames_processed"] == "3"
+    size = cv2.imread(str(out / "scenes" / "training" / "image_2" / "000000.png")).shape[:2]
     live_frames = sorted((out / "live" / "frames").glob("live_*.png"))
     assert [p.name for p in live_frames] == ["live_000000.png", "live_000001.png"]
-    assert (
-        cv2.imread(str(live_frames[0])).shape[:2]
-        == cv2.imread(str(out / "scenes" / "training" / "image_2" / "000000.png")).shape[:2]
-    )
+    assert cv2.imread(str(live_frames[0])).shape[:2] == size
+    debug_frames = sorted((out / "live" / "debug_frames").glob("*.png"))  # the node's own
+    assert [p.name for p in debug_frames] == ["000000.png", "000001.png"]
+    assert cv2.imread(str(debug_frames[0])).shape[:2] == size
 
     with BagReader(out / "live" / "kitti_bag") as reader:
         names = {f.stamp_ns: f.name for f in read_ground_truth(reader)}

@@ -12,7 +12,8 @@ processes on an isolated DDS domain restricted to loopback (unless ``CYCLONEDDS_
 
 then stops the recorder (SIGINT: the bag is finalised) and the node (SIGTERM), evaluates the
 recorded ``/detections`` against the bag's ground truth by header stamp (``evaluate-bag``), and
-reads the node's last diagnostics (latency) and annotated frames from the recorded bag. Every
+reads the node's last diagnostics (latency) and its annotated ``~/debug_image`` frames (every
+published detection drawn, into ``debug_frames/``) from the recorded bag. Every
 wait has a timeout; the processes are stopped whatever happens.
 """
 
@@ -50,7 +51,7 @@ class LiveResult:
     evaluation: Any  # evaluation.kitti result (markdown(), to_json(), mean_ap())
     report: dict[str, Any]  # evaluate-bag's report
     diagnostics: dict[str, str]  # the node's last diagnostics key/values
-    frames: list[Path] = field(default_factory=list)  # annotated frames written
+    frames: list[Path] = field(default_factory=list)  # the node's ~/debug_image frames written
     bag: Path | None = None
     recorded: Path | None = None
     domain: int = 0
@@ -194,7 +195,7 @@ def run_live(
     evaluation, report, _ = evaluate_bags(bag, recorded)
     diagnostics: dict[str, str] = {}
     written: list[Path] = []
-    frames_dir = out / "frames"
+    frames_dir = out / "debug_frames"
     frames_dir.mkdir(exist_ok=True)
     with bagmod.BagReader(recorded) as reader:
         if DIAGNOSTICS_TOPIC in reader.topics:
@@ -206,7 +207,7 @@ def run_live(
                     break
                 rgb = messages.image_msg_to_rgb(item.msg)
                 stamp = messages.stamp_ns(item.msg.header)
-                path = frames_dir / f"live_{names.get(stamp, stamp)}.png"
+                path = frames_dir / f"{names.get(stamp, stamp)}.png"
                 cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
                 written.append(path)
     return LiveResult(evaluation, report, diagnostics, written, bag, recorded, domain)
