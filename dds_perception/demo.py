@@ -6,12 +6,27 @@ source pixels), write KITTI result files, score them with the KITTI evaluator (e
 hard, AP_11 and AP_40), and draw a few annotated frames (ground truth green, Van/DontCare grey,
 detections red with their score).
 
+Then the same frames live, over real middleware (unless --no-live): the frames become a ROS 2
+bag (kitti2bag), and the node (`dds-perception node`), a player (`play --lockstep`) and a
+recorder (`record`) run as separate processes on an isolated Cyclone DDS domain on loopback; the
+recorded /detections are scored against the bag's ground truth by header stamp (evaluate-bag),
+and the node's latency (its /diagnostics) and annotated frames (its ~/debug_image) are read from
+the recording. Both APs are printed; they agree when the node saw every frame (the node runs the
+same --backend).
+
+With KITTI_ROOT set (or --kitti-root), real KITTI frames (the first --frames of training/) are
+used instead of generated scenes.
+
 Outputs under --out: scenes/ (the generated KITTI folder), results/ (one NNNNNN.txt per frame),
-ap.json and ap.md, latency.json, frames/NNNNNN.png, and bag/ (the scenes as a ROS 2 bag,
-replayed in-process: bag/replay/report.json with the same AP; skip with --no-bag).
+ap.json and ap.md, latency.json, frames/NNNNNN.png, bag/ (the scenes as a ROS 2 bag,
+replayed in-process: bag/replay/report.json with the same AP; skip with --no-bag), and live/:
+kitti_bag/, recorded/ (the bag of /detections, /diagnostics, debug images), report.json,
+node/play/record logs, frames/live_NNNNNN.png (skip with --no-live).
 
 examples:
   dds-perception demo
+  KITTI_ROOT=/data/kitti dds-perception demo --frames 100
+  dds-perception demo --no-live --no-bag --frames 10
   dds-perception demo --out /tmp/demo --frames 60 --seed 7 --device cpu
   dds-perception demo --weights runs/det_synth/model.safetensors --draw 8
   dds-perception demo --backend onnxruntime --device cpu          # the exported network
@@ -20,6 +35,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -68,6 +84,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the ROS 2 bag round (scenes -> bag -> in-process replay -> AP, latency)",
     )
+    parser.add_argument(
+        "--kitti-root",
+        type=Path,
+        default=os.environ.get("KITTI_ROOT") or None,
+        help="real KITTI folder to use instead of generated scenes (default: $KITTI_ROOT)",
+    )
+    parser.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="skip the live leg (node, player and recorder processes over Cyclone DDS)",
+    )
 
 
 def annotate(
@@ -103,11 +131,17 @@ def run(args: argparse.Namespace) -> int:
         f"input {pipeline.input_size})"
     )
 
-    scenes = out / "scenes"
-    generate_kitti_scenes(scenes, args.frames, seed=args.seed, val_fraction=0, overwrite=True)
-    layout = KittiLayout.find(scenes)
-    frame_ids = layout.frame_ids()
-    print(f"generated {len(frame_ids)} scenes (seed {args.seed}) in {scenes}")
+    if args.kitti_root is not None:
+        scenes = Path(args.kitti_root)
+        layout = KittiLayout.find(scenes)
+        frame_ids = layout.frame_ids()[: args.frames]
+        print(f"{len(frame_ids)} real KITTI frames from {scenes}")
+    else:
+        scenes = out / "scenes"
+        generate_kitti_scenes(scenes, args.frames, seed=args.seed, val_fraction=0, overwrite=True)
+        layout = KittiLayout.find(scenes)
+        frame_ids = layout.frame_ids()
+        print(f"generated {len(frame_ids)} scenes (seed {args.seed}) in {scenes}")
 
     results = out / "results"
     shutil.rmtree(results, ignore_errors=True)
@@ -151,12 +185,18 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "latency.json", {"device": str(pipeline.device), "stages": latency})
     print(table)
     print(
+        f"paper mAP (mean of easy/moderate/hard Car AP_40): {evaluation.mean_ap('AP_40'):.2f}; "
+        f"AP_11: {evaluation.mean_ap('AP_11'):.2f}"
+    )
+    print(
         "latency per frame (mean ms): "
         + ", ".join(f"{stage} {latency[stage]['mean_ms']:.1f}" for stage in timings)
     )
     print(f"annotated frames: {frames_dir}; results: {results}; AP: {out / 'ap.json'}")
     if not args.no_bag:
         _bag_round(scenes, out / "bag", pipeline, evaluation.to_json(), weights)
+    if args.live:
+        return live_leg(args, scenes, weights, len(frame_ids), evaluation)
     return 0
 
 
@@ -171,3 +211,92 @@ def _bag_round(scenes: Path, out: Path, pipeline: Pipeline, file_ap: dict, weigh
         f"bag {out / 'kitti_bag'} replayed: AP {'equals' if same else 'DIFFERS FROM'} the "
         f"label files' AP; report: {out / 'replay' / 'report.json'}"
     )
+
+
+def live_leg(
+    args: argparse.Namespace, root: Path, weights: Path, frames: int, in_process: object
+) -> int:
+    """The same frames through node, player and recorder processes over Cyclone DDS."""
+    from dds_perception.ros.dds import DdsError
+
+    print("\nlive: the same frames as a ROS 2 bag through node, player and recorder processes")
+    try:
+        from dds_perception.ros.dds.live import run_live
+
+        live = run_live(
+            root,
+            Path(args.out) / "live",
+            weights=weights,
+            device=args.device,
+            backend=args.backend,
+            score_threshold=args.score_threshold,
+            limit=frames,
+            draw=args.draw,
+        )
+    except DdsError as error:
+        print(f"demo: live leg failed: {error}")
+        return 1
+    report = live.report
+    write_json(
+        Path(args.out) / "live" / "report.json", {**report, "diagnostics": live.diagnostics}
+    )
+    print(
+        f"{report['frames']} frames played, {report['matched_frames']} answered with the "
+        f"image's header, {len(report['frames_without_detections_message'])} without an answer"
+    )
+    print(live.evaluation.markdown().rstrip())
+    same = live.evaluation.to_json() == in_process.to_json()
+    print(f"live AP equals the in-process AP: {'yes' if same else 'NO'}")
+    d = live.diagnostics
+    if d:
+        print(
+            "node latency (ms, its /diagnostics): end-to-end p50 "
+            f"{d.get('end_to_end_ms_p50')} p95 {d.get('end_to_end_ms_p95')}, inference mean "
+            f"{d.get('inference_ms_mean')}; frames received {d.get('frames_received')}, "
+            f"processed {d.get('frames_processed')}, dropped {d.get('frames_dropped')}, "
+            f"failed {d.get('frames_failed')} (device {d.get('device')})"
+        )
+    drawn = _draw_live_frames(live, Path(args.out) / "live" / "frames", args)
+    print(f"live annotated frames (detections >= {args.draw_threshold}): {', '.join(drawn)}")
+    print(
+        f"the node's own ~/debug_image frames: {live.frames[0].parent if live.frames else 'none'}"
+    )
+    return 0 if same else 1
+
+
+def _draw_live_frames(live: object, folder: Path, args: argparse.Namespace) -> list[str]:
+    """The first --draw frames of the live bag with ground truth and the recorded detections."""
+    from dds_perception.ros import messages
+    from dds_perception.ros.bag import BagReader
+    from dds_perception.ros.evaluate_bag import read_ground_truth
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with BagReader(live.recorded) as reader:
+        answers = {
+            messages.stamp_ns(m.msg.header): messages.msg_to_detections(m.msg)
+            for m in reader.messages(["/detections"])
+        }
+    written = []
+    with BagReader(live.bag) as reader:
+        frames = {f.stamp_ns: f for f in read_ground_truth(reader)}
+        camera = reader.first_topic(
+            "/kitti/camera/image_raw", "/kitti/camera/image_raw/compressed"
+        )
+        for item in reader.messages([camera]):
+            if len(written) >= args.draw:
+                break
+            stamp = messages.stamp_ns(item.msg.header)
+            if stamp not in answers or stamp not in frames:
+                continue
+            dets = answers[stamp]
+            image = annotate(
+                messages.image_msg_to_rgb(item.msg),
+                frames[stamp].objects,
+                dets.boxes,
+                dets.scores,
+                args.draw_threshold,
+            )
+            path = folder / f"live_{frames[stamp].name}.png"
+            cv2.imwrite(str(path), image)
+            written.append(str(path))
+    return written
