@@ -17,7 +17,7 @@ from dds_perception.detection import (
     postprocess,
     save_detector,
 )
-from dds_perception.detection.fuse import count_batchnorm, fuse_conv_bn
+from dds_perception.detection.optimize import count_batchnorm, fold_batchnorm
 from dds_perception.utils.checkpoint import CheckpointError, save_weights
 
 TINY = {"backbone_kwargs": {"width_mult": 0.25}, "input_size": (64, 128)}
@@ -154,7 +154,7 @@ def test_detection_fuse_batchnorm_keeps_outputs(tiny_config):
     images = torch.randn(1, 3, 64, 128)
     with torch.no_grad():
         before = model(images)
-        fused = fuse_conv_bn(model)
+        fused = fold_batchnorm(model, images)
         after = model(images)
     assert fused > 0 and count_batchnorm(model) == 0
     torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
