@@ -267,6 +267,28 @@ def add_speed_arguments(
     group.add_argument("--max-steps-per-epoch", type=int, default=0, help=max_steps_help)
 
 
+def training_command(
+    add_training_arguments: Callable[[argparse.ArgumentParser], None],
+    get_args_parser: Callable[[], argparse.ArgumentParser],
+    main: Callable[[argparse.Namespace], Any],
+) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    """``add_arguments`` and ``run`` of a CLI training command (see ``dds_perception.cli``).
+
+    The command's parser takes recipe files (``--config``); ``run`` resolves them against a
+    fresh :func:`get_args_parser` and trains with :func:`main`.
+    """
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_training_arguments(parser)
+        mark_config_defaults(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        main(resolve_args(args, get_args_parser()))
+        return 0
+
+    return add_arguments, run
+
+
 def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
     """JSON-friendly view of resolved arguments (paths as strings)."""
     return {
