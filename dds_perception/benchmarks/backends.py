@@ -11,6 +11,7 @@ then appears under ``--backend``.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import time
 from collections.abc import Callable, Iterator
@@ -121,15 +122,30 @@ def _timed_first_call(run: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-class TorchBackend:
-    """Eager PyTorch (optionally ``torch.compile``) with the settings' speed-ups."""
+class TimedBackend(abc.ABC):
+    """A :class:`Backend` whose ``prepare`` times :meth:`build` and the first call.
 
-    name = "torch"
+    Subclasses say how a network is made ready (:meth:`build`); the timing is written once here
+    so that every backend's ``prepare_s`` and ``first_call_s`` mean the same thing.
+    """
 
+    name: str
+
+    @abc.abstractmethod
     def unavailable(self, device: torch.device, half: bool) -> str | None:
-        if half and device.type != "cuda":
-            return "fp16 needs CUDA"
-        return None
+        """Why this backend cannot run here (None when it can)."""
+
+    @abc.abstractmethod
+    def build(
+        self,
+        module: nn.Module,
+        example: torch.Tensor,
+        *,
+        device: torch.device,
+        half: bool,
+        settings: Settings,
+    ) -> tuple[Callable[[], Any], list[str]]:
+        """Make ``module`` ready for ``example``; return (one forward pass, notes)."""
 
     def prepare(
         self,
@@ -141,19 +157,44 @@ class TorchBackend:
         settings: Settings,
     ) -> Prepared:
         start = time.perf_counter()
+        run, notes = self.build(module, example, device=device, half=half, settings=settings)
+        prepare_s = time.perf_counter() - start
+        # the first call compiles (torch.compile), creates oneDNN primitives or runtime buffers
+        return Prepared(
+            run=run, prepare_s=prepare_s, first_call_s=_timed_first_call(run), notes=notes
+        )
+
+
+class TorchBackend(TimedBackend):
+    """Eager PyTorch (optionally ``torch.compile``) with the settings' speed-ups."""
+
+    name = "torch"
+
+    def unavailable(self, device: torch.device, half: bool) -> str | None:
+        if half and device.type != "cuda":
+            return "fp16 needs CUDA"
+        return None
+
+    def build(
+        self,
+        module: nn.Module,
+        example: torch.Tensor,
+        *,
+        device: torch.device,
+        half: bool,
+        settings: Settings,
+    ) -> tuple[Callable[[], Any], list[str]]:
         with _run_context(settings):
             model = optimize_for_inference(
                 module, device, half, example=example, options=settings.options
             )
             x = to_input_layout(example, settings.options, device, half)
-        prepare_s = time.perf_counter() - start
 
         def run() -> Any:
             with _run_context(settings):
                 return model(x)
 
-        # the first call compiles (torch.compile) or creates oneDNN primitives
-        return Prepared(run=run, prepare_s=prepare_s, first_call_s=_timed_first_call(run))
+        return run, []
 
 
 def _flatten_outputs(outputs: Any) -> list[torch.Tensor]:

@@ -19,10 +19,10 @@ load too (a shared machine's load drifts between the bench's backend groups)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,12 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dds_perception.benchmarks.backends import (
-    Prepared,
-    Settings,
-    _timed_first_call,
-    _TupleOutputs,
-)
+from dds_perception.benchmarks.backends import Settings, TimedBackend, _TupleOutputs
 from dds_perception.deploy.backends import (
     ORT_INSTALL,
     TensorRTEngine,
@@ -85,7 +80,18 @@ def _export(
     return names, [f"{exporter} opset {DEFAULT_OPSET}"]
 
 
-class OnnxRuntimeBench:
+@contextlib.contextmanager
+def _exported(
+    module: nn.Module, example: torch.Tensor, half: bool, settings: Settings, *, prefix: str
+) -> Iterator[tuple[Path, list[str]]]:
+    """``module`` exported by :func:`_export` into a temporary folder: (ONNX path, notes)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        path = Path(tmp) / "model.onnx"
+        _names, notes = _export(module, example, path, half, settings)
+        yield path, notes
+
+
+class OnnxRuntimeBench(TimedBackend):
     """``torch.onnx`` export + ONNX Runtime (CPU or CUDA provider), as the pipeline runs it."""
 
     name = "onnxruntime"
@@ -103,7 +109,7 @@ class OnnxRuntimeBench:
             return f"no CUDAExecutionProvider; {ORT_INSTALL}"
         return None
 
-    def prepare(
+    def build(
         self,
         module: nn.Module,
         example: torch.Tensor,
@@ -111,26 +117,23 @@ class OnnxRuntimeBench:
         device: torch.device,
         half: bool,
         settings: Settings,
-    ) -> Prepared:
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="dds_bench_onnx_") as tmp:
-            path = Path(tmp) / "model.onnx"
-            _names, notes = _export(module, example, path, half, settings)
+    ) -> tuple[Callable[[], Any], list[str]]:
+        with _exported(module, example, half, settings, prefix="dds_bench_onnx_") as (
+            path,
+            notes,
+        ):
             session, _, providers = ort_session(path, device, threads=settings.threads)
         dtype = np.float16 if half else np.float32
         feed = {session.get_inputs()[0].name: np.ascontiguousarray(example.numpy(), dtype=dtype)}
-        prepare_s = time.perf_counter() - start
         notes.append(f"providers {providers}, threads {settings.threads or 'torch default'}")
 
         def run() -> Any:
             return session.run(None, feed)
 
-        return Prepared(
-            run=run, prepare_s=prepare_s, first_call_s=_timed_first_call(run), notes=notes
-        )
+        return run, notes
 
 
-class TensorRTBench:
+class TensorRTBench(TimedBackend):
     """``torch.onnx`` export + a TensorRT engine (fp16 builder flag with ``--half``)."""
 
     name = "tensorrt"
@@ -141,7 +144,7 @@ class TensorRTBench:
             reason = "TensorRT runs on CUDA devices only (use --device cuda)"
         return reason
 
-    def prepare(
+    def build(
         self,
         module: nn.Module,
         example: torch.Tensor,
@@ -149,24 +152,22 @@ class TensorRTBench:
         device: torch.device,
         half: bool,
         settings: Settings,
-    ) -> Prepared:
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="dds_bench_trt_") as tmp:
-            path = Path(tmp) / "model.onnx"
-            _names, notes = _export(module, example, path, False, settings)  # fp16: engine flag
+    ) -> tuple[Callable[[], Any], list[str]]:
+        # fp16 is the engine's builder flag, so the export stays float32
+        with _exported(module, example, False, settings, prefix="dds_bench_trt_") as (
+            path,
+            notes,
+        ):
             engine = TensorRTEngine(
-                path, device=device, fp16=half, engine_path=Path(tmp) / "model.engine"
+                path, device=device, fp16=half, engine_path=path.with_suffix(".engine")
             )
         x = example.to(engine.device, engine.input_dtype).contiguous()
-        prepare_s = time.perf_counter() - start
         notes.append(f"tensorrt {engine.trt.__version__}, {'fp16' if half else 'fp32'} engine")
 
         def run() -> Any:
             return engine(x)
 
-        return Prepared(
-            run=run, prepare_s=prepare_s, first_call_s=_timed_first_call(run), notes=notes
-        )
+        return run, notes
 
 
 def compare_backends(

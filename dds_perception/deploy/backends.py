@@ -24,6 +24,7 @@ must be), ``input_dtype``, ``channels_last`` (preferred input layout), and what 
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -67,7 +68,7 @@ class BackendError(ValueError):
     """A backend cannot run here: unknown name, missing package/provider/GPU, bad model file."""
 
 
-class Backend:
+class Backend(abc.ABC):
     """Base class: the attributes every backend sets, and the call signature."""
 
     name: str = ""
@@ -78,8 +79,9 @@ class Backend:
     config: DetectorConfig
     class_names: list[str]
 
+    @abc.abstractmethod
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Run the network on a normalised NCHW batch: ``{"scores", "boxes"}`` tensors."""
 
     @property
     def half(self) -> bool:

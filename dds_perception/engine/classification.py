@@ -58,25 +58,27 @@ from dds_perception.engine.common import (
     DistributedContext,
     MetricsWriter,
     TrainingError,
+    add_resume_argument,
+    add_speed_arguments,
     all_reduce_sum,
-    args_to_dict,
     autocast,
     barrier,
-    capture_rng_state,
     check_finite,
-    check_resume_matches,
-    cleanup_distributed,
     close_bar,
-    gather_objects,
-    init_distributed,
+    gather_random_streams,
     iter_with_progress,
-    load_checkpoint,
     make_grad_scaler,
+    make_run_dir,
     mark_config_defaults,
+    prepare_run_dir,
     read_metrics,
     resolve_args,
-    restore_rng_state,
+    resume_run,
+    run_distributed,
     save_checkpoint,
+    training_checkpoint,
+    wrap_ddp,
+    write_args_yaml,
 )
 from dds_perception.utils.checkpoint import (
     CheckpointError,
@@ -84,7 +86,7 @@ from dds_perception.utils.checkpoint import (
     load_weights,
     save_weights,
 )
-from dds_perception.utils.io import atomic_open, atomic_path, write_json
+from dds_perception.utils.io import atomic_path, write_json
 from dds_perception.utils.runtime import resolve_device, seed_everything
 
 PAPER_MILESTONES = (50, 100, 130, 160, 190, 220, 250, 280)
@@ -199,35 +201,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool 
         "--eval-every-epochs", type=int, default=1, help="test accuracy every N epochs (0: never)"
     )
     group.add_argument("--log-every-steps", type=int, default=10, help="training metrics period")
-    group.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        help="continue from OUT/checkpoint.pt (or the given checkpoint)",
-    )
+    add_resume_argument(group)
     group.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars"
     )
-    group = parser.add_argument_group("speed")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    group.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="float16 mixed precision on CUDA (ignored on CPU)",
-    )
-    group.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="channels_last memory format on CUDA (ignored on CPU)",
-    )
-    group.add_argument(
-        "--max-steps-per-epoch",
-        type=int,
-        default=0,
-        help="cap the optimizer steps of an epoch (0: no cap; for smoke tests and timing)",
+    add_speed_arguments(
+        parser,
+        channels_last_help="channels_last memory format on CUDA (ignored on CPU)",
+        max_steps_help="cap the optimizer steps of an epoch (0: no cap; for smoke tests and "
+        "timing)",
     )
     show_defaults(parser)
 
@@ -554,31 +536,16 @@ def _weights_meta(
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train with resolved ``args`` (see :func:`parse_args`); return the final summary."""
-    ctx = init_distributed(args.device)
-    try:
-        return train(args, ctx)
-    finally:
-        cleanup_distributed()
+    return run_distributed(train, args)
 
 
 def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
     """Train in the process group of ``ctx`` (runs may share one: see compare-backbones)."""
-    if args.out is None:
-        raise ValueError("--out is required (the run folder)")
-    out = Path(args.out)
+    out, resume_path = prepare_run_dir(
+        args.out, args.resume, checkpoint=CHECKPOINT, weights=WEIGHTS
+    )
     checkpoint_path = out / CHECKPOINT
-    resume_path = None
-    if args.resume is not None:
-        resume_path = checkpoint_path if args.resume == "auto" else Path(args.resume)
-        if not resume_path.is_file():
-            raise TrainingError(f"--resume: no checkpoint at {resume_path}")
-    elif checkpoint_path.exists() or (out / WEIGHTS).exists():
-        raise TrainingError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(ctx)
+    make_run_dir(out, ctx)
     seed_everything(args.seed)
 
     split_path = Path(args.split_file) if args.split_file else out / SPLIT
@@ -592,10 +559,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
-    if ctx.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
-        )
+    model = wrap_ddp(model, ctx)
     optimizer, scheduler = build_optimizer(model_without_ddp, args)
     scaler = make_grad_scaler(ctx.device, amp)
     train_loader, test_loader, sampler, generator = _make_loaders(args, train_set, test_set, ctx)
@@ -603,32 +567,20 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
 
     start_epoch, step, last_eval = 0, 0, None
     if resume_path is not None:
-        state = load_checkpoint(resume_path)
-        check_resume_matches(state["identity"], identity, RESUME_KEYS, resume_path)
-        model_without_ddp.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when saved without AMP (e.g. a CPU run resumed on CUDA)
-            scaler.load_state_dict(state["scaler"])
-        streams = state["random_streams"]  # one per process: [RNG states, loader generator]
-        if len(streams) == ctx.world_size:
-            rng, loader_state = streams[ctx.rank]
-            restore_rng_state(rng)
-            generator.set_state(loader_state)
-        else:
-            warnings.warn(
-                f"{resume_path} was written by {len(streams)} process(es), this run has "
-                f"{ctx.world_size}: training goes on, but its random augmentations differ from "
-                "an uninterrupted run's",
-                stacklevel=2,
-            )
-        start_epoch, step, last_eval = state["epoch"], state["step"], state.get("last_eval")
-        metrics.truncate_after(step)
-        if ctx.is_main:
-            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}")
-    if ctx.is_main:
-        with atomic_open(out / "args.yaml", "w", encoding="utf-8") as handle:
-            yaml.safe_dump(args_to_dict(args), handle, sort_keys=True)
+        start_epoch, step, last_eval = resume_run(
+            resume_path,
+            identity=identity,
+            resume_keys=RESUME_KEYS,
+            model=model_without_ddp,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            generator=generator,
+            metrics=metrics,
+            ctx=ctx,
+            strict_streams=False,
+        )
+    write_args_yaml(out, args, ctx)
 
     eval_kwargs = {"amp": amp, "channels_last": channels_last, "progress": args.progress}
 
@@ -683,7 +635,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         if (periodic or last_epoch) and (last_eval is None or last_eval["step"] != step):
             last_eval = run_eval(epoch, step)
         # every process's random streams, so each continues its own after --resume
-        streams = gather_objects([capture_rng_state(), generator.get_state()], ctx)
+        streams = gather_random_streams(generator, ctx)
         if ctx.is_main:
             if not args.progress:
                 print(
@@ -691,18 +643,19 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
                 )
             save_checkpoint(
                 checkpoint_path,
-                {
-                    "model": model_without_ddp.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "random_streams": streams,
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "last_eval": last_eval,
-                    "identity": {key: identity.get(key) for key in RESUME_KEYS},
-                    "args": args_to_dict(args),
-                },
+                training_checkpoint(
+                    model=model_without_ddp,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    random_streams=streams,
+                    epoch=epoch + 1,
+                    step=step,
+                    last_eval=last_eval,
+                    identity=identity,
+                    resume_keys=RESUME_KEYS,
+                    args=args,
+                ),
             )
         barrier(ctx)
 

@@ -19,7 +19,8 @@ import json
 import math
 import os
 import random
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from dds_perception.utils.checkpoint import load_training_state, save_training_state
 from dds_perception.utils.io import atomic_open
@@ -109,6 +111,27 @@ def gather_objects(obj: Any, ctx: DistributedContext) -> list[Any]:
     gathered: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def run_distributed(
+    train: Callable[[argparse.Namespace, DistributedContext], dict[str, Any]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Run ``train(args, ctx)`` in the process group torchrun describes, then leave it."""
+    ctx = init_distributed(args.device)
+    try:
+        return train(args, ctx)
+    finally:
+        cleanup_distributed()
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistributedContext) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when several processes train (else itself)."""
+    if not ctx.distributed:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+    )
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -212,6 +235,60 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> a
     return resolved
 
 
+def add_resume_argument(group: argparse._ArgumentGroup) -> None:
+    """``--resume [CHECKPOINT]``: continue a run (bare: OUT/checkpoint.pt)."""
+    group.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue from OUT/checkpoint.pt (or the given checkpoint)",
+    )
+
+
+def add_speed_arguments(
+    parser: argparse.ArgumentParser, *, channels_last_help: str, max_steps_help: str
+) -> None:
+    """The "speed" group both trainers share: --device, --amp, --channels-last, step cap."""
+    group = parser.add_argument_group("speed")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="float16 mixed precision on CUDA (ignored on CPU)",
+    )
+    group.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=channels_last_help,
+    )
+    group.add_argument("--max-steps-per-epoch", type=int, default=0, help=max_steps_help)
+
+
+def training_command(
+    add_training_arguments: Callable[[argparse.ArgumentParser], None],
+    get_args_parser: Callable[[], argparse.ArgumentParser],
+    main: Callable[[argparse.Namespace], Any],
+) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    """``add_arguments`` and ``run`` of a CLI training command (see ``dds_perception.cli``).
+
+    The command's parser takes recipe files (``--config``); ``run`` resolves them against a
+    fresh :func:`get_args_parser` and trains with :func:`main`.
+    """
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_training_arguments(parser)
+        mark_config_defaults(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        main(resolve_args(args, get_args_parser()))
+        return 0
+
+    return add_arguments, run
+
+
 def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
     """JSON-friendly view of resolved arguments (paths as strings)."""
     return {
@@ -279,6 +356,168 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 save_checkpoint = save_training_state
 load_checkpoint = load_training_state
+
+
+def prepare_run_dir(
+    out: str | os.PathLike[str] | None,
+    resume: str | None,
+    *,
+    checkpoint: str,
+    weights: str,
+) -> tuple[Path, Path | None]:
+    """Check ``--out`` / ``--resume`` before any work; return (run folder, checkpoint or None).
+
+    ``resume`` is ``None`` (a fresh run: the folder must not hold one already), ``"auto"``
+    (``out/checkpoint``) or a checkpoint path, which must exist. Nothing is created here.
+    """
+    if out is None:
+        raise ValueError("--out is required (the run folder)")
+    out = Path(out)
+    checkpoint_path = out / checkpoint
+    if resume is not None:
+        resume_path = checkpoint_path if resume == "auto" else Path(resume)
+        if not resume_path.is_file():
+            raise TrainingError(f"--resume: no checkpoint at {resume_path}")
+        return out, resume_path
+    if checkpoint_path.exists() or (out / weights).exists():
+        raise TrainingError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    return out, None
+
+
+def make_run_dir(out: Path, ctx: DistributedContext) -> None:
+    """Create the run folder on the main process; every process waits for it."""
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(ctx)
+
+
+def write_args_yaml(out: Path, args: argparse.Namespace, ctx: DistributedContext) -> None:
+    """Record the resolved arguments as ``out/args.yaml`` (main process, atomically)."""
+    if ctx.is_main:
+        with atomic_open(out / "args.yaml", "w", encoding="utf-8") as handle:
+            yaml.safe_dump(args_to_dict(args), handle, sort_keys=True)
+
+
+def restore_training_state(
+    state: Mapping[str, Any],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """Load model, optimizer, scheduler and grad-scaler states from a training checkpoint."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:  # empty when saved without AMP (e.g. a CPU run resumed on CUDA)
+        scaler.load_state_dict(state["scaler"])
+
+
+def gather_random_streams(generator: torch.Generator, ctx: DistributedContext) -> list[Any]:
+    """Every process's [RNG states, loader generator state], so each resumes its own streams.
+
+    All ranks must call.
+    """
+    return gather_objects([capture_rng_state(), generator.get_state()], ctx)
+
+
+def restore_random_streams(
+    streams: list[Any],
+    generator: torch.Generator,
+    ctx: DistributedContext,
+    *,
+    source: Path,
+    strict: bool,
+) -> None:
+    """Restore this process's streams saved by :func:`gather_random_streams`.
+
+    When the checkpoint was written by another number of processes, raise (``strict``) or warn
+    that the random augmentations will differ from an uninterrupted run's.
+    """
+    if len(streams) != ctx.world_size:
+        if strict:
+            raise TrainingError(
+                f"cannot resume exactly from {source}: written by {len(streams)} "
+                f"process(es), this run has {ctx.world_size}"
+            )
+        warnings.warn(
+            f"{source} was written by {len(streams)} process(es), this run has "
+            f"{ctx.world_size}: training goes on, but its random augmentations differ from "
+            "an uninterrupted run's",
+            stacklevel=4,  # the caller of the training function
+        )
+        return
+    rng, loader_state = streams[ctx.rank]
+    restore_rng_state(rng)
+    generator.set_state(loader_state)
+
+
+def resume_run(
+    path: Path,
+    *,
+    identity: Mapping[str, Any],
+    resume_keys: list[str],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    metrics: MetricsWriter,
+    ctx: DistributedContext,
+    strict_streams: bool,
+) -> tuple[int, int, dict[str, Any] | None]:
+    """Continue a run from checkpoint ``path``; return (start epoch, step, last eval record).
+
+    The checkpoint must have been trained with the same ``resume_keys`` of ``identity``; metrics
+    written after it (by a run killed mid-epoch) are dropped. ``strict_streams``: see
+    :func:`restore_random_streams`.
+    """
+    state = load_checkpoint(path)
+    check_resume_matches(state["identity"], identity, resume_keys, path)
+    restore_training_state(
+        state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+    )
+    # one per process: [RNG states, loader generator]
+    restore_random_streams(
+        state["random_streams"], generator, ctx, source=path, strict=strict_streams
+    )
+    start_epoch, step, last_eval = state["epoch"], state["step"], state.get("last_eval")
+    metrics.truncate_after(step)
+    if ctx.is_main:
+        print(f"resumed from {path}: epoch {start_epoch}, step {step}")
+    return start_epoch, step, last_eval
+
+
+def training_checkpoint(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    random_streams: list[Any],
+    epoch: int,
+    step: int,
+    last_eval: Mapping[str, Any] | None,
+    identity: Mapping[str, Any],
+    resume_keys: list[str],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The state :func:`save_checkpoint` writes after an epoch (``epoch`` = epochs done)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "random_streams": random_streams,
+        "epoch": epoch,
+        "step": step,
+        "last_eval": last_eval,
+        "identity": {key: identity.get(key) for key in resume_keys},
+        "args": args_to_dict(args),
+    }
 
 
 def check_resume_matches(

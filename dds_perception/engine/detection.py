@@ -46,24 +46,25 @@ from dds_perception.detection.weights import (
 from dds_perception.engine.common import (
     DistributedContext,
     MetricsWriter,
-    TrainingError,
-    args_to_dict,
+    add_resume_argument,
+    add_speed_arguments,
     autocast,
     barrier,
-    capture_rng_state,
     check_finite,
-    check_resume_matches,
-    cleanup_distributed,
     close_bar,
-    gather_objects,
-    init_distributed,
+    gather_random_streams,
     iter_with_progress,
-    load_checkpoint,
     make_grad_scaler,
+    make_run_dir,
     mark_config_defaults,
+    prepare_run_dir,
     resolve_args,
-    restore_rng_state,
+    resume_run,
+    run_distributed,
     save_checkpoint,
+    training_checkpoint,
+    wrap_ddp,
+    write_args_yaml,
 )
 from dds_perception.evaluation.kitti import evaluate as kitti_evaluate
 from dds_perception.utils.io import atomic_open, write_json
@@ -179,31 +180,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="score threshold for the AP (low: AP integrates over the whole PR curve)",
     )
     group.add_argument("--log-every-steps", type=int, default=10)
-    group.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        help="continue from OUT/checkpoint.pt (or the given checkpoint)",
-    )
+    add_resume_argument(group)
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    group = parser.add_argument_group("speed")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    group.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="float16 mixed precision on CUDA (ignored on CPU)",
-    )
-    group.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="channels_last memory format (CPU too: measured 2-4x faster for the dilated "
-        "depthwise convolutions of dds_mobilenet_v2)",
-    )
-    group.add_argument(
-        "--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (0: none)"
+    add_speed_arguments(
+        parser,
+        channels_last_help="channels_last memory format (CPU too: measured 2-4x faster for the "
+        "dilated depthwise convolutions of dds_mobilenet_v2)",
+        max_steps_help="cap steps per epoch (0: none)",
     )
 
 
@@ -474,33 +457,18 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train with resolved ``args`` (see :func:`parse_args`); return the final summary."""
-    ctx = init_distributed(args.device)
-    try:
-        return _train(args, ctx)
-    finally:
-        cleanup_distributed()
+    return run_distributed(_train, args)
 
 
 def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
-    if args.out is None:
-        raise ValueError("--out is required (the run folder)")
-    out = Path(args.out)
+    out, resume_path = prepare_run_dir(
+        args.out, args.resume, checkpoint=CHECKPOINT, weights=WEIGHTS
+    )
     checkpoint_path = out / CHECKPOINT
-    resume_path = None
-    if args.resume is not None:
-        resume_path = checkpoint_path if args.resume == "auto" else Path(args.resume)
-        if not resume_path.is_file():
-            raise TrainingError(f"--resume: no checkpoint at {resume_path}")
-    elif checkpoint_path.exists() or (out / WEIGHTS).exists():
-        raise TrainingError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
     if args.batch_size % ctx.world_size:
         raise ValueError(f"--batch-size {args.batch_size} not divisible by {ctx.world_size}")
     config = detector_config_from_args(args)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(ctx)
+    make_run_dir(out, ctx)
     seed_everything(args.seed)
     train_set, val_set = build_datasets(args, config)
 
@@ -515,10 +483,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     detector = model
-    if ctx.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
-        )
+    model = wrap_ddp(model, ctx)
 
     per_rank = args.batch_size // ctx.world_size
     sampler = DistributedSampler(
@@ -546,29 +511,20 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
 
     start_epoch, step, last_eval = 0, 0, None
     if resume_path is not None:
-        state = load_checkpoint(resume_path)
-        check_resume_matches(state["identity"], identity, RESUME_KEYS, resume_path)
-        detector.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when saved without AMP (e.g. a CPU run resumed on CUDA)
-            scaler.load_state_dict(state["scaler"])
-        streams = state["random_streams"]  # one per process: [RNG states, loader generator]
-        if len(streams) != ctx.world_size:
-            raise TrainingError(
-                f"cannot resume exactly from {resume_path}: written by {len(streams)} "
-                f"process(es), this run has {ctx.world_size}"
-            )
-        rng, loader_state = streams[ctx.rank]
-        restore_rng_state(rng)
-        generator.set_state(loader_state)
-        start_epoch, step, last_eval = state["epoch"], state["step"], state.get("last_eval")
-        metrics.truncate_after(step)
-        if ctx.is_main:
-            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}")
-    if ctx.is_main:
-        with atomic_open(out / "args.yaml", "w", encoding="utf-8") as handle:
-            yaml.safe_dump(args_to_dict(args), handle, sort_keys=True)
+        start_epoch, step, last_eval = resume_run(
+            resume_path,
+            identity=identity,
+            resume_keys=RESUME_KEYS,
+            model=detector,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            generator=generator,
+            metrics=metrics,
+            ctx=ctx,
+            strict_streams=True,
+        )
+    write_args_yaml(out, args, ctx)
 
     def run_eval(epoch: int, current_step: int) -> dict[str, Any] | None:
         if val_set is None or not ctx.is_main:
@@ -627,22 +583,23 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         if (args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0) or last_epoch:
             last_eval = run_eval(epoch, step)
         # every process's random streams, so each continues its own after --resume
-        streams = gather_objects([capture_rng_state(), generator.get_state()], ctx)
+        streams = gather_random_streams(generator, ctx)
         if ctx.is_main:
             save_checkpoint(
                 checkpoint_path,
-                {
-                    "model": detector.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "random_streams": streams,
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "last_eval": last_eval,
-                    "identity": {key: identity.get(key) for key in RESUME_KEYS},
-                    "args": args_to_dict(args),
-                },
+                training_checkpoint(
+                    model=detector,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    random_streams=streams,
+                    epoch=epoch + 1,
+                    step=step,
+                    last_eval=last_eval,
+                    identity=identity,
+                    resume_keys=RESUME_KEYS,
+                    args=args,
+                ),
             )
         barrier(ctx)
 

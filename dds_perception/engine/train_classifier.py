@@ -18,22 +18,7 @@ examples:
 
 from __future__ import annotations
 
-import argparse
+from dds_perception.engine.classification import add_training_arguments, get_args_parser, main
+from dds_perception.engine.common import training_command
 
-from dds_perception.engine.classification import (
-    add_training_arguments,
-    get_args_parser,
-    main,
-    resolve_args,
-)
-from dds_perception.engine.common import mark_config_defaults
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser)
-    mark_config_defaults(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    main(resolve_args(args, get_args_parser()))
-    return 0
+add_arguments, run = training_command(add_training_arguments, get_args_parser, main)

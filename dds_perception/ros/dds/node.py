@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from dds_perception.ros import core, messages
@@ -180,6 +181,33 @@ def install_stop_signals(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def run_stoppable(
+    command: str,
+    work: Callable[[argparse.Namespace, threading.Event], dict[str, int]],
+    args: argparse.Namespace,
+) -> dict[str, int] | None:
+    """``work(args, stop)`` for a bag command (play, record) until done or SIGINT/SIGTERM.
+
+    Returns its per-topic message counts, or None after printing ``dds-perception COMMAND:
+    error: ...`` when DDS is unavailable or fails.
+    """
+    from dds_perception.ros.dds import DdsError, require
+
+    stop = threading.Event()
+    install_stop_signals(stop)
+    try:
+        require()
+        return work(args, stop)
+    except DdsError as error:
+        print(f"dds-perception {command}: error: {error}", file=sys.stderr)
+        return None
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """``"topic_a 3, topic_b 5"`` (by topic), or ``"none"``."""
+    return ", ".join(f"{topic} {n}" for topic, n in sorted(counts.items())) or "none"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -217,18 +217,11 @@ def _wait_for_peers(
 
 
 def run(args: argparse.Namespace) -> int:
-    from dds_perception.ros.dds import DdsError, require
-    from dds_perception.ros.dds.node import install_stop_signals
+    from dds_perception.ros.dds.node import format_counts, run_stoppable
 
-    stop = threading.Event()
-    install_stop_signals(stop)
-    try:
-        require()
-        counts = play(args, stop)
-    except DdsError as error:
-        print(f"dds-perception play: error: {error}", file=sys.stderr)
+    counts = run_stoppable("play", play, args)
+    if counts is None:
         return 1
     total = sum(counts.values())
-    detail = ", ".join(f"{topic} {n}" for topic, n in sorted(counts.items()))
-    print(f"play: published {total} messages ({detail or 'none'})")
+    print(f"play: published {total} messages ({format_counts(counts)})")
     return 0

@@ -183,17 +183,10 @@ def record(args: argparse.Namespace, stop: threading.Event) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dds_perception.ros.dds import DdsError, require
-    from dds_perception.ros.dds.node import install_stop_signals
+    from dds_perception.ros.dds.node import format_counts, run_stoppable
 
-    stop = threading.Event()
-    install_stop_signals(stop)
-    try:
-        require()
-        counts = record(args, stop)
-    except DdsError as error:
-        print(f"dds-perception record: error: {error}", file=sys.stderr)
+    counts = run_stoppable("record", record, args)
+    if counts is None:
         return 1
-    detail = ", ".join(f"{topic} {n}" for topic, n in sorted(counts.items()))
-    print(f"record: wrote {sum(counts.values())} messages to {args.out} ({detail or 'none'})")
+    print(f"record: wrote {sum(counts.values())} messages to {args.out} ({format_counts(counts)})")
     return 0
