@@ -37,7 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dds_perception.data.kitti import KittiFormatError, KittiObject, parse_line, read_split
+from dds_perception.data.kitti import (
+    KittiFormatError,
+    KittiObject,
+    parse_line,
+    read_label_file,
+    read_split,
+)
 from dds_perception.utils.io import atomic_path, write_json
 
 DIFFICULTIES = ("easy", "moderate", "hard")
@@ -519,17 +525,6 @@ def read_result_file(path: str | os.PathLike[str]) -> list[KittiObject]:
     return objects
 
 
-def read_labels(path: str | os.PathLike[str]) -> list[KittiObject]:
-    """Read a ``label_2`` file (15 fields per line; a 16th, a score, is tolerated)."""
-    file = Path(path)
-    objects = []
-    with open(file, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if line.strip():
-                objects.append(parse_line(line, source=str(file), lineno=lineno))
-    return objects
-
-
 def _resolve_label_dir(path: Path) -> Path:
     """Accept ``label_2`` itself, a ``training`` folder or the dataset root."""
     for candidate in (path, path / "label_2", path / "training" / "label_2"):
@@ -592,7 +587,7 @@ def evaluate_folders(
         )
     for note in notes:
         warnings.warn(note, KittiEvalWarning, stacklevel=2)
-    gt = {f: read_labels(labels / f"{f}.txt") for f in frames}
+    gt = {f: read_label_file(labels / f"{f}.txt") for f in frames}
     dt = {f: read_result_file(results / f"{f}.txt") for f in frames if f in present}
     result = evaluate(gt, dt, classes)
     result.notes.extend(notes)
