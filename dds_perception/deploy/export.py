@@ -279,28 +279,16 @@ def _torch_export(
             axes = None
             if dynamic_batch:
                 axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
-            torch.onnx.export(
-                network,
-                (example,),
-                str(path),
-                dynamo=False,
-                opset_version=opset,
-                dynamic_axes=axes,
-                **names,
-            )
+            options = {"dynamo": False, "dynamic_axes": axes}
         else:
             shapes = ({0: torch.export.Dim("batch", min=1, max=256)},) if dynamic_batch else None
-            torch.onnx.export(
-                network,
-                (example,),
-                str(path),
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=shapes,
-                external_data=False,
-                verbose=False,
-                **names,
-            )
+            options = {
+                "dynamo": True,
+                "dynamic_shapes": shapes,
+                "external_data": False,
+                "verbose": False,
+            }
+        torch.onnx.export(network, (example,), str(path), opset_version=opset, **options, **names)
 
 
 def export_detector(
