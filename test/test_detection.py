@@ -100,9 +100,17 @@ def test_detection_van_and_dontcare_are_neither_positive_nor_negative(tiny_model
     assert labels.tolist() == [0.0, -1.0, 0.0, -1.0, 0.0, 0.0]  # only ignores in the frame
 
 
-def test_detection_training_losses_are_named_finite_and_backprop(tiny_config):
+@pytest.mark.parametrize(
+    "losses",
+    [
+        {"box_loss": "giou", "objectness_loss": "focal", "objectness_target": "iou"},
+        {"box_loss": "smooth_l1", "objectness_loss": "sampled", "objectness_target": "binary"},
+    ],
+    ids=["defaults", "faster_rcnn_rpn"],
+)
+def test_detection_training_losses_are_named_finite_and_backprop(tiny_config, losses):
     torch.manual_seed(0)
-    model = build_detector(tiny_config.replace(box_loss="giou")).train()
+    model = build_detector(tiny_config.replace(**losses)).train()
     images = torch.randn(2, 3, 64, 128)
     targets = [
         {
@@ -123,6 +131,79 @@ def test_detection_training_losses_are_named_finite_and_backprop(tiny_config):
     assert all(p.grad is not None for p in model.heads.parameters())
     with pytest.raises(ValueError, match="targets"):
         model(images)
+
+
+def _one_car_target() -> list[dict[str, torch.Tensor]]:
+    return [
+        {
+            "boxes": torch.tensor([[0.0, 0.0, 32.0, 32.0]]),
+            "labels": torch.ones(1, dtype=torch.int64),
+            "ignore_boxes": torch.zeros((0, 4)),
+        }
+    ]
+
+
+def test_detection_focal_iou_objectness_hand_computed():
+    """Focal loss over every non-ignored anchor, the positive's target = its box's IoU."""
+    config = DetectorConfig(
+        **TINY,
+        anchor_sizes=(32.0,),
+        aspect_ratios=(1.0,),
+        objectness_loss="focal",
+        objectness_target="iou",
+    )
+    model = build_detector(config).train()
+    # 2x4 stride-32 anchors of 32x32 centred on their cells: the car is exactly anchor 0,
+    # every other anchor misses it (IoU 0)
+    anchors = model.anchors((64, 128), [(2, 4)])
+    logits = torch.zeros(1, 8)  # p = 0.5 everywhere
+    deltas = torch.zeros(1, 8, 4)
+    deltas[0, 0] = torch.tensor([0.0, 0.0, math.log(0.5), 0.0])  # box 16 x 32: IoU 0.5
+    losses = model.losses(logits, deltas, anchors, _one_car_target())
+    bce_half = math.log(2.0)  # BCE of p = 0.5 for any target
+    # positive: target 0.5, |0.5 - 0.5|^2 = 0; 7 negatives: target 0, factor 0.25; one positive
+    assert losses["loss_objectness"].item() == pytest.approx(7 * 0.25 * bce_half)
+    binary = build_detector(config.replace(objectness_target="binary")).train()
+    losses = binary.losses(logits, deltas, anchors, _one_car_target())
+    assert losses["loss_objectness"].item() == pytest.approx(8 * 0.25 * bce_half)
+    # the RetinaNet prior: an untrained head scores every anchor 0.01
+    with torch.no_grad():
+        scores = model.eval()(torch.zeros(1, 3, 64, 128))["scores"]
+    torch.testing.assert_close(scores, torch.full_like(scores, 0.01), atol=2e-3, rtol=0)
+
+
+def test_detection_sampled_iou_objectness_uses_the_box_iou():
+    config = DetectorConfig(
+        **TINY,
+        anchor_sizes=(32.0,),
+        aspect_ratios=(1.0,),
+        objectness_loss="sampled",
+        objectness_target="iou",
+    )
+    model = build_detector(config).train()
+    anchors = model.anchors((64, 128), [(2, 4)])
+    logits = torch.full((1, 8), -20.0)
+    logits[0, 0] = 20.0  # confident everywhere: the loss is the positive's soft target's
+    deltas = torch.zeros(1, 8, 4)
+    deltas[0, 0, 2] = math.log(0.5)  # IoU 0.5 with the car
+    loss = model.losses(logits, deltas, anchors, _one_car_target())["loss_objectness"]
+    # BCE(logit 20, target 0.5) = 20 * 0.5 + log(1 + e^-20) ~ 10, averaged over 8 sampled
+    assert loss.item() == pytest.approx(10.0 / 8, rel=1e-4)
+
+
+def test_detection_narrow_head_channels():
+    wide = build_detector(DetectorConfig(**TINY))
+    narrow = build_detector(DetectorConfig(**TINY, head_channels=16))
+    channels = wide.backbone.feature_info["layer17"].channels
+    assert wide.heads[0].conv[0][0].out_channels == channels
+    conv = narrow.heads[0].conv[0][0]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (channels, 16, (3, 3))
+    assert narrow.heads[0].cls_logits.in_channels == 16
+    assert narrow.heads[0].bbox_pred.in_channels == 16
+    capped = build_detector(DetectorConfig(**TINY, head_channels=4 * channels))
+    assert capped.heads[0].conv[0][0].out_channels == channels  # a cap, never a widening
+    out = narrow.eval()(torch.zeros(1, 3, 64, 128))
+    assert out["boxes"].shape == (1, 2 * 4 * 15, 4)
 
 
 def test_detection_postprocess_threshold_nms_topk():
@@ -168,6 +249,12 @@ def test_detection_config_rejects_bad_values():
         DetectorConfig(input_size=(375, 1242))
     with pytest.raises(DetectorConfigError, match="bg_iou"):
         DetectorConfig(fg_iou=0.3, bg_iou=0.5)
+    with pytest.raises(DetectorConfigError, match="objectness_loss"):
+        DetectorConfig(objectness_loss="ohem")
+    with pytest.raises(DetectorConfigError, match="objectness_target"):
+        DetectorConfig(objectness_target="centerness")
+    with pytest.raises(DetectorConfigError, match="head_channels"):
+        DetectorConfig(head_channels=-1)
     config = DetectorConfig()
     assert DetectorConfig.from_dict(config.to_dict()) == config
 

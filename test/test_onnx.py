@@ -60,6 +60,7 @@ def make_detector(input_size=INPUT_SIZE, width_mult: float = 0.5, seed: int = 0)
     for head in model.heads:
         torch.nn.init.normal_(head.conv[0][0].weight, 0.0, 0.05)
         torch.nn.init.normal_(head.cls_logits.weight, 0.0, 0.05)
+        torch.nn.init.zeros_(head.cls_logits.bias)  # not the focal prior's p = 0.01
         torch.nn.init.normal_(head.bbox_pred.weight, 0.0, 0.005)
     frames = [network_input(street_scene(s), model, input_size) for s in range(100, 104)]
     model.train()

@@ -51,16 +51,21 @@ class DetectorConfig:
     aspect_ratios: tuple[float, ...] = (0.473, 0.678, 0.848)
     use_layer13: bool = False
     layer13_max_size: float = 64.0
-    head_channels: int = 0  # 0 = the feature map's channel count (Faster R-CNN's RPN)
+    head_channels: int = 128  # cap on the RPN 3x3 conv's width; 0 = the map's (Faster R-CNN)
     # training: matching, sampling and losses
     fg_iou: float = 0.6
     bg_iou: float = 0.3
     ignore_ioa: float = 0.5  # anchor inside a Van/DontCare region by more than this: ignored
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
-    box_loss: str = "smooth_l1"  # or "giou"
+    box_loss: str = "giou"  # or "smooth_l1"
     smooth_l1_beta: float = 1.0 / 9.0
     box_loss_weight: float = 1.0
+    objectness_target: str = "iou"  # positives learn their decoded box's IoU; or "binary"
+    # "sampled": BCE on the balanced sample (Faster R-CNN's RPN); "focal": focal BCE over every
+    # anchor that is not ignored, summed over the positives (RetinaNet / GFL's quality focal loss)
+    objectness_loss: str = "focal"
+    focal_gamma: float = 2.0
     # inference
     score_threshold: float = 0.3
     nms_iou: float = 0.5
@@ -92,6 +97,14 @@ class DetectorConfig:
             )
         if self.box_loss not in ("smooth_l1", "giou"):
             raise DetectorConfigError(f"box_loss {self.box_loss!r}: use 'smooth_l1' or 'giou'")
+        if self.objectness_loss not in ("sampled", "focal"):
+            raise DetectorConfigError(
+                f"objectness_loss {self.objectness_loss!r}: use 'sampled' or 'focal'"
+            )
+        if self.objectness_target not in ("binary", "iou"):
+            raise DetectorConfigError(
+                f"objectness_target {self.objectness_target!r}: use 'binary' or 'iou'"
+            )
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise DetectorConfigError(f"mean {self.mean} / std {self.std}: need 3 values, std > 0")
         if self.use_layer13:
@@ -101,6 +114,8 @@ class DetectorConfig:
                     f"use_layer13 with layer13_max_size={self.layer13_max_size}: anchor_sizes "
                     f"{self.anchor_sizes} must fall on both sides of it"
                 )
+        if self.head_channels < 0:
+            raise DetectorConfigError(f"head_channels {self.head_channels}: must be >= 0")
         for name in ("score_threshold", "nms_iou", "positive_fraction", "ignore_ioa"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -4,10 +4,17 @@
 stride 16, with its own head) and predicts, per location and anchor, an objectness logit (the car
 score: one class) and four box deltas. Anchors come from torchvision's ``AnchorGenerator``
 shifted by half a stride so they are centred on their cell (torchvision puts the centre of cell
-(0, 0) at pixel (0, 0)). Matching (``Matcher``), sampling (``BalancedPositiveNegativeSampler``) and
-box coding (``BoxCoder``) are torchvision's; the losses are BCE on the sampled anchors and
-smooth-L1 (or GIoU) on the positives; the objectness loss is averaged over the sampled anchors,
-the box loss over the positives.
+(0, 0) at pixel (0, 0)). Matching (``Matcher``) and box coding (``BoxCoder``) are torchvision's.
+
+Objectness: ``focal`` (default) is a focal BCE over every anchor that is not ignored, summed over
+the positives (RetinaNet); ``sampled`` is BCE on torchvision's ``BalancedPositiveNegativeSampler``
+sample (Faster R-CNN's RPN, which has a second stage to clean up after it; this detector has
+none). With ``objectness_target="iou"`` (default) a positive's target is the IoU of its own
+decoded box (GFL's quality focal loss), so the score ranks boxes by how well they fit, which is
+what KITTI's IoU 0.7 rewards. Box loss: GIoU (default) or smooth-L1 on the deltas, averaged over
+the positives. Measured on generated scenes (MobileNetV2 x0.35, 128x416, 3,200 steps of 8
+frames, Car AP_40 moderate on 160 validation frames): sampled + IoU target + smooth-L1 36.7;
+focal + IoU target + smooth-L1 61.1; focal + IoU target + GIoU 63.2.
 
 Van boxes and DontCare regions (``targets[i]["ignore_boxes"]``) are matched together with the cars:
 an anchor whose best match is an ignore box is neither positive nor negative, and an anchor that is
@@ -21,6 +28,7 @@ network-input pixels, for :func:`dds_perception.detection.postprocess.postproces
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -33,12 +41,38 @@ from torchvision.models.detection._utils import (
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import box_iou, generalized_box_iou_loss
+from torchvision.ops import Conv2dNormActivation, box_iou, generalized_box_iou_loss
 
 from dds_perception.detection.config import DetectorConfig
 from dds_perception.models import get_model
 
 Target = Mapping[str, Tensor]
+
+
+def rpn_head(in_channels: int, num_anchors: int, channels: int = 0) -> RPNHead:
+    """torchvision's RPN head whose 3x3 conv maps ``in_channels`` to at most ``channels``.
+
+    ``channels`` 0 keeps Faster R-CNN's width (``in_channels``). A narrower 3x3 conv is the
+    cheap part to trim: at 384x1248 the full-width head of the 320-channel layer17 map costs
+    0.43 GMACs, 14 % of the whole detector.
+    """
+    channels = min(int(channels), in_channels) if channels else in_channels
+    head = RPNHead(channels, num_anchors)
+    if channels != in_channels:
+        conv = Conv2dNormActivation(in_channels, channels, kernel_size=3, norm_layer=None)
+        nn.init.normal_(conv[0].weight, std=0.01)  # RPNHead's own initialisation
+        nn.init.zeros_(conv[0].bias)
+        head.conv[0] = conv
+    return head
+
+
+def elementwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of ``a[i]`` with ``b[i]`` (both (N, 4) x1,y1,x2,y2)."""
+    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    return inter / (area_a + area_b - inter).clamp(min=1e-6)
 
 
 class RPNDetector(nn.Module):
@@ -52,9 +86,16 @@ class RPNDetector(nn.Module):
         level_sizes = config.level_sizes()
         self.feature_names = config.feature_names()
         self.heads = nn.ModuleList(
-            RPNHead(info[name].channels, len(sizes) * len(config.aspect_ratios))
+            rpn_head(
+                info[name].channels, len(sizes) * len(config.aspect_ratios), config.head_channels
+            )
             for name, sizes in zip(self.feature_names, level_sizes, strict=True)
         )
+        if config.objectness_loss == "focal":
+            # RetinaNet's prior: every anchor starts at p = 0.01, so the thousands of background
+            # anchors do not swamp the first steps
+            for head in self.heads:
+                nn.init.constant_(head.cls_logits.bias, -math.log(99.0))
         self.anchor_generator = AnchorGenerator(
             sizes=tuple(tuple(float(s) for s in sizes) for sizes in level_sizes),
             aspect_ratios=tuple(tuple(config.aspect_ratios) for _ in level_sizes),
@@ -187,23 +228,45 @@ class RPNDetector(nn.Module):
             label, box = self.assign_targets(anchors, target["boxes"], target.get("ignore_boxes"))
             labels.append(label)
             matched.append(box)
-        pos_masks, neg_masks = self.sampler(labels)
-        pos = torch.cat(pos_masks).bool()
-        sampled = pos | torch.cat(neg_masks).bool()
+        if self.config.objectness_loss == "focal":
+            pos = torch.cat(labels) > 0
+            sampled = None
+        else:
+            pos_masks, neg_masks = self.sampler(labels)
+            pos = torch.cat(pos_masks).bool()
+            sampled = pos | torch.cat(neg_masks).bool()
         flat_logits = logits.reshape(-1).float()
         flat_labels = torch.cat(labels)
-        num_sampled = max(int(sampled.sum()), 1)
-        loss_obj = (
-            F.binary_cross_entropy_with_logits(
-                flat_logits[sampled], flat_labels[sampled], reduction="sum"
-            )
-            / num_sampled
-        )
         flat_deltas = deltas.reshape(-1, 4).float()
         flat_anchors = anchors.repeat(logits.shape[0], 1)
         flat_matched = torch.cat(matched)
-        if self.config.box_loss == "giou":
+        pred = None
+        if self.config.box_loss == "giou" or self.config.objectness_target == "iou":
             pred = self.box_coder.decode_single(flat_deltas[pos], flat_anchors[pos])
+        if self.config.objectness_target == "iou":
+            # IoU-aware score (as in VarifocalNet / GFL): a positive's target is how well its
+            # own box fits, so NMS keeps the best-localised box and the score ranks boxes by
+            # the quality KITTI's IoU 0.7 asks for
+            quality = elementwise_iou(pred.detach(), flat_matched[pos])
+            flat_labels = flat_labels.clone()
+            flat_labels[pos] = quality
+        if self.config.objectness_loss == "focal":
+            # every anchor that is not ignored, the easy ones damped by |target - p|^gamma
+            # (RetinaNet's focal loss; with IoU targets GFL's quality focal loss)
+            valid = flat_labels >= 0
+            logit, target = flat_logits[valid], flat_labels[valid]
+            bce = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+            factor = (logit.sigmoid() - target).abs().pow(self.config.focal_gamma)
+            loss_obj = (bce * factor).sum() / max(int(pos.sum()), 1)
+        else:
+            num_sampled = max(int(sampled.sum()), 1)
+            loss_obj = (
+                F.binary_cross_entropy_with_logits(
+                    flat_logits[sampled], flat_labels[sampled], reduction="sum"
+                )
+                / num_sampled
+            )
+        if self.config.box_loss == "giou":
             loss_box = generalized_box_iou_loss(pred, flat_matched[pos], reduction="sum")
         else:
             wanted = self.box_coder.encode_single(flat_matched[pos], flat_anchors[pos])
