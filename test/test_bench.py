@@ -126,6 +126,7 @@ def test_bench_quick_json_has_every_section(quick_bench: Path) -> None:
         "channels_last",
         "mkldnn",
         "threads",
+        "reuse_memory",
     ):
         assert f"{switch}=off" in variants
     for entry in data["speedups"]["table"]:
@@ -326,3 +327,40 @@ def test_bench_timing_and_memory_helpers() -> None:
 
     peak = measure_peak_memory(allocate)
     assert peak.peak_rss_delta_mb >= 48, peak
+
+
+def test_bench_reuse_freed_memory_switches_glibc_and_back() -> None:
+    """Freed feature maps stay in the heap: the same buffer comes back without a new mmap."""
+    import ctypes
+    import sys
+
+    from dds_perception.utils.runtime import reuse_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        assert reuse_freed_memory() is False
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.malloc_usable_size.restype = ctypes.c_size_t
+    libc.malloc_usable_size.argtypes = [ctypes.c_void_p]
+    size = 48 * 2**20  # a 1 x 96 x 192 x 640 float32 map: served by mmap under glibc defaults
+
+    def is_mmapped(pointer: int) -> bool:
+        # glibc's chunk header: bit 1 of the size field marks an mmap'd chunk
+        return bool(
+            ctypes.c_size_t.from_address(pointer - ctypes.sizeof(ctypes.c_size_t)).value & 2
+        )
+
+    try:
+        assert reuse_freed_memory(False)
+        block = libc.malloc(2**31)  # bigger than any free heap space: glibc's default is mmap
+        assert is_mmapped(block)
+        libc.free(block)
+        assert reuse_freed_memory(True)
+        block = libc.malloc(size)
+        assert not is_mmapped(block)  # from the heap, and kept there after free
+        libc.free(block)
+    finally:
+        reuse_freed_memory(True)

@@ -27,6 +27,7 @@ from dds_perception.detection.optimize import (
     optimize_for_inference,
     to_input_layout,
 )
+from dds_perception.utils.runtime import reuse_freed_memory
 
 
 class BenchError(ValueError):
@@ -38,14 +39,17 @@ class Settings:
     """One point of the speed-up study: the inference options plus run-time switches.
 
     ``options`` are what the pipeline applies (:class:`InferenceOptions`); the rest are process
-    settings a user controls: autograd off (``inference_mode``), oneDNN on (``mkldnn``) and the
-    intra-op thread count (``threads``; None = the run's count).
+    settings a user controls: autograd off (``inference_mode``), oneDNN on (``mkldnn``), the
+    intra-op thread count (``threads``; None = the run's count) and glibc keeping freed memory
+    for reuse (``reuse_memory``, :func:`~dds_perception.utils.runtime.reuse_freed_memory`, which
+    the pipeline turns on for CPU inference).
     """
 
     options: InferenceOptions = field(default_factory=InferenceOptions)
     inference_mode: bool = True
     mkldnn: bool = True
     threads: int | None = None
+    reuse_memory: bool = True
 
     @classmethod
     def plain(cls) -> Settings:
@@ -55,6 +59,7 @@ class Settings:
                 fold_bn=False, channels_last=False, merge_pyramid=False, split_pyramid=False
             ),
             inference_mode=False,
+            reuse_memory=False,
         )
 
     def with_(self, **changes: Any) -> Settings:
@@ -102,6 +107,8 @@ class Backend(Protocol):
 
 @contextlib.contextmanager
 def _run_context(settings: Settings) -> Iterator[None]:
+    # process-wide and set on every call, so interleaved variants each run with their own
+    reuse_freed_memory(settings.reuse_memory)
     with contextlib.ExitStack() as stack:
         stack.enter_context(num_threads(settings.threads))
         if not settings.mkldnn:

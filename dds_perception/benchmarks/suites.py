@@ -450,6 +450,12 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
     ("channels_last", "NCHW layout", True),
     ("mkldnn", "oneDNN off (ATen's own convolutions)", True),
     ("threads", "1 intra-op thread", True),
+    (
+        "reuse_memory",
+        "glibc's static defaults: blocks > 128 KiB mmap'd and page-faulted again on every call "
+        "(a fresh process raises that bound up to 32 MiB by itself; mallopt cannot restore that)",
+        True,
+    ),
 )
 
 

@@ -83,11 +83,26 @@ def letterbox_params(src_hw: Size, dst_hw: Size) -> Letterbox:
     )
 
 
-def resize_image(image: np.ndarray, new_w: int, new_h: int) -> np.ndarray:
-    """Resize an HxW[xC] array with ``cv2.INTER_LINEAR`` (the project's one resize)."""
+def resize_image(
+    image: np.ndarray, new_w: int, new_h: int, dst: np.ndarray | None = None
+) -> np.ndarray:
+    """Resize an HxW[xC] array with ``cv2.INTER_LINEAR`` (the project's one resize).
+
+    ``dst`` (``new_h x new_w``, e.g. a view into a letterbox canvas) receives the result without
+    a temporary copy; it is returned.
+    """
     if image.shape[1] == new_w and image.shape[0] == new_h:
-        return image
-    return cv2.resize(image, (int(new_w), int(new_h)), interpolation=cv2.INTER_LINEAR)
+        if dst is None:
+            return image
+        dst[...] = image
+        return dst
+    size = (int(new_w), int(new_h))
+    if dst is None:
+        return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    out = cv2.resize(image, size, dst=dst, interpolation=cv2.INTER_LINEAR)
+    if out is not dst:  # cv2 could not write into the view: copy (same pixels)
+        dst[...] = out
+    return dst
 
 
 def letterbox_image(

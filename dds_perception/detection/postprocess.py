@@ -42,11 +42,13 @@ def postprocess(
     for i in range(scores.shape[0]):
         score, box = scores[i], boxes[i]
         label = torch.zeros_like(score, dtype=torch.int64) if labels is None else labels[i]
+        # threshold first, then top-k of the survivors: the same set as top-k then threshold,
+        # but the sort sees only the few anchors above the threshold
+        keep = score > params.score_threshold
+        score, box, label = score[keep], box[keep], label[keep]
         if params.pre_nms_top_k and score.numel() > params.pre_nms_top_k:
             score, top = score.topk(params.pre_nms_top_k)
             box, label = box[top], label[top]
-        keep = score > params.score_threshold
-        score, box, label = score[keep], box[keep], label[keep]
         if clip_size is not None:
             box = clip_boxes_to_image(box, clip_size)
         keep = remove_small_boxes(box, params.min_box_size)

@@ -1,8 +1,13 @@
-"""Device selection and seeding shared by training, the pipeline and the benchmarks."""
+"""Device selection, seeding and the CPU allocator setting shared by training, the pipeline and
+the benchmarks."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import random
+import sys
 
 import numpy as np
 import torch
@@ -36,3 +41,44 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+# glibc mallopt parameters (malloc.h) and their defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl has no such symbol)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def reuse_freed_memory(enabled: bool = True) -> bool:
+    """Make glibc keep freed blocks for reuse instead of returning them to the kernel.
+
+    By default glibc serves every block over 32 MB (and, adaptively, many smaller ones) with a
+    fresh ``mmap`` and unmaps it on free, so each full-resolution feature map the CPU forward
+    pass allocates is page-faulted in again on every frame: measured on a (1, 96, 192, 624)
+    channels-last map, 2 threads, ``relu`` 13.0 ms -> 1.8 ms and ``prelu`` 14.3 ms -> 2.1 ms
+    with this on. It is what jemalloc or tcmalloc would give, without preloading either. The
+    cost: the process keeps its peak heap (its RSS does not shrink after a frame). Process-wide;
+    ``enabled=False`` restores glibc's defaults. Returns False where it cannot apply (not glibc).
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    if enabled:
+        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    else:
+        ok = libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) and libc.mallopt(
+            _M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD
+        )
+    return bool(ok)
