@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torchvision.ops import box_iou
 
 from dds_perception.data.detection_dataset import KittiDetectionDataset
 from dds_perception.data.scenes import generate_kitti_scenes
 from dds_perception.data.transforms import DetectionEvalTransform
-from dds_perception.detection import build_detector, load_detector, save_detector
+from dds_perception.detection import build_detector, load_detector
 from dds_perception.engine.common import ConfigError, TrainingError, read_metrics
 from dds_perception.engine.detection import (
     detector_config_from_args,
+    evaluate,
     main,
     parse_args,
-    predict_dataset,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,53 +41,53 @@ TINY = [
 def scenes(tmp_path_factory) -> Path:
     """Generated KITTI-format scenes: ImageSets/train.txt and a disjoint val.txt."""
     root = tmp_path_factory.mktemp("det_train") / "scenes"
-    return generate_kitti_scenes(root, 48, seed=21, val_fraction=0.25)
+    return generate_kitti_scenes(root, 96, seed=21, val_fraction=0.25)
 
 
-def _recall_at_half_iou(weights: Path, scenes: Path) -> float:
-    """Share of large unoccluded validation cars (>= 40 px, easy) found at IoU >= 0.5."""
-    model = load_detector(weights)
-    val = KittiDetectionDataset(scenes, "val", DetectionEvalTransform(model.config.input_size))
-    found = total = 0
-    detections = predict_dataset(model, val, device=torch.device("cpu"), score_threshold=0.05)
-    for index, frame_id in enumerate(val.frame_ids):
-        cars = [o.bbox for o in val.objects(index)
-                if o.type == "Car" and o.height >= 40 and o.occluded == 0]  # fmt: skip
-        if not cars:
-            continue
-        total += len(cars)
-        boxes = [o.bbox for o in detections[frame_id]]
-        if boxes:
-            iou = box_iou(torch.tensor(cars), torch.tensor(boxes))
-            found += int((iou.max(1).values >= 0.5).sum())
-    return found / max(total, 1)
+# The learning test's detector: the shipped recipe's 192x640 input (KITTI frames at ~1/2, which
+# learns in fewer steps than 128x416: README ablation) with the MobileNetV2 baseline at width 0.25
+# (~2x faster to train on CPU than dds_mobilenet_v2); anchors from `dds-perception anchors
+# --input-size 192 640` on generated scenes.
+LEARN = [
+    "--model", "mobilenet_v2", "--width-mult", "0.25", "--input-size", "192", "640",
+    "--anchor-sizes", "12.1", "17.6", "27.6", "48.5", "94.3",
+    "--aspect-ratios", "0.444", "0.674", "0.863", "--use-layer13", "--set", "layer13_max_size=30",
+    "--workers", "0", "--no-progress", "--batch-size", "4", "--lr", "6e-3", "--warmup-steps", "20",
+]  # fmt: skip
+LEARN_EPOCHS = 40
+# Car AP_40 (KITTI rules, IoU > 0.7) on the 24 validation scenes after LEARN_EPOCHS epochs of the
+# 72 training scenes: about half of what was measured (see the test's docstring)
+MIN_EASY_AP, MIN_MODERATE_AP = 15.0, 10.0
 
 
 def test_detection_training_learns_generated_scenes(scenes, tmp_path):
-    """A short CPU training run localises the large cars of unseen scenes.
+    """A few CPU minutes of training reach a clearly high KITTI AP on unseen generated scenes.
 
-    Measured (126 steps of 4 frames): 43-48 % of the easy validation cars found at IoU >= 0.5,
-    0 % by the untrained network; KITTI AP (IoU > 0.7) stays near 0 after so few steps, so the
-    test checks the proposal recall that a from-scratch RPN reaches in this budget.
+    From scratch (MobileNetV2 x0.25, 720 steps of 4 frames, about 100 s on 2 cores), measured:
+    Car AP_40 easy / moderate / hard 32.6 / 24.4 / 22.0 on the 24 validation scenes (with
+    validation every 5 epochs, which shifts the random streams: 26.5 / 21.6 / 19.0); the
+    untrained network scores ~0. The AP is still climbing steeply here, so the bounds keep a
+    2x margin. The full recipe (config/train/detector_synthetic.yaml, ~25 min) reaches 85.6 /
+    72.9 / 63.3 on 160 validation scenes: test_pipeline checks the shipped weights.
     """
     torch.manual_seed(0)
     out = tmp_path / "run"
-    common = [*TINY, "--data-root", str(scenes), "--lr", "6e-3", "--warmup-steps", "5"]
-    untrained = save_detector(
-        tmp_path / "untrained.safetensors",
-        build_detector(detector_config_from_args(parse_args(common))),
-    )
+    common = [*LEARN, "--data-root", str(scenes)]
+    config = detector_config_from_args(parse_args(common))
+    val = KittiDetectionDataset(scenes, "val", DetectionEvalTransform(config.input_size))
+    untrained = evaluate(build_detector(config), val, device=torch.device("cpu"))
     summary = main(
-        parse_args([*common, "--out", str(out), "--epochs", "14", "--eval-every-epochs", "0"])
+        parse_args(
+            [*common, "--out", str(out), "--epochs", str(LEARN_EPOCHS), "--eval-every-epochs", "0"]
+        )
     )
-    before = _recall_at_half_iou(untrained, scenes)
-    after = _recall_at_half_iou(out / "model.safetensors", scenes)
-    assert before < 0.1 and after > 0.3, (before, after)
+    assert untrained["ap_easy"] < 1.0 and untrained["ap"] < 1.0, untrained["markdown"]
+    assert summary["val_ap_easy_40"] > MIN_EASY_AP, summary
+    assert summary["val_ap_moderate_40"] > MIN_MODERATE_AP, summary
     model = load_detector(out / "model.safetensors")
     assert model.meta["metrics"]["val_ap_easy_40"] == pytest.approx(summary["val_ap_easy_40"])
-    assert 0.0 <= summary["val_ap_moderate_40"] <= 100.0
     assert model.meta["recipe"]["optimizer"] == "AdamW"
-    assert model.config.input_size == (96, 320)
+    assert model.config.input_size == (192, 640)
     records = read_metrics(out / "metrics.jsonl")
     assert {r["type"] for r in records} == {"train", "epoch", "eval"}
     losses = [r["loss"] for r in records if r["type"] == "epoch"]
@@ -154,6 +153,7 @@ def test_detection_training_recipe_file_and_errors(tmp_path, scenes):
 def test_detection_shipped_recipe_file_parses():
     args = parse_args(["--config", str(REPO / "config" / "train" / "detector_synthetic.yaml")])
     config = detector_config_from_args(args)
-    assert config.use_layer13 and config.input_size == (128, 416)
+    assert config.use_layer13 and config.input_size == (192, 640)
+    assert config.backbone == "dds_mobilenet_v2"
     assert len(config.level_sizes()[0]) == 3  # the three smallest anchors on layer13
     assert json.dumps(vars(args), default=str)
