@@ -143,19 +143,19 @@ def _one_car_target() -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def test_detection_focal_iou_objectness_hand_computed():
-    """Focal loss over every non-ignored anchor, the positive's target = its box's IoU."""
+def _one_anchor_per_cell(**losses: str) -> tuple[DetectorConfig, torch.nn.Module, torch.Tensor]:
+    """2x4 stride-32 anchors of 32x32 centred on their cells (IoU-aware target): the car of
+    :func:`_one_car_target` is exactly anchor 0, every other anchor misses it (IoU 0)."""
     config = DetectorConfig(
-        **TINY,
-        anchor_sizes=(32.0,),
-        aspect_ratios=(1.0,),
-        objectness_loss="focal",
-        objectness_target="iou",
+        **TINY, anchor_sizes=(32.0,), aspect_ratios=(1.0,), objectness_target="iou", **losses
     )
     model = build_detector(config).train()
-    # 2x4 stride-32 anchors of 32x32 centred on their cells: the car is exactly anchor 0,
-    # every other anchor misses it (IoU 0)
-    anchors = model.anchors((64, 128), [(2, 4)])
+    return config, model, model.anchors((64, 128), [(2, 4)])
+
+
+def test_detection_focal_iou_objectness_hand_computed():
+    """Focal loss over every non-ignored anchor, the positive's target = its box's IoU."""
+    config, model, anchors = _one_anchor_per_cell(objectness_loss="focal")
     logits = torch.zeros(1, 8)  # p = 0.5 everywhere
     deltas = torch.zeros(1, 8, 4)
     deltas[0, 0] = torch.tensor([0.0, 0.0, math.log(0.5), 0.0])  # box 16 x 32: IoU 0.5
@@ -173,15 +173,7 @@ def test_detection_focal_iou_objectness_hand_computed():
 
 
 def test_detection_sampled_iou_objectness_uses_the_box_iou():
-    config = DetectorConfig(
-        **TINY,
-        anchor_sizes=(32.0,),
-        aspect_ratios=(1.0,),
-        objectness_loss="sampled",
-        objectness_target="iou",
-    )
-    model = build_detector(config).train()
-    anchors = model.anchors((64, 128), [(2, 4)])
+    _, model, anchors = _one_anchor_per_cell(objectness_loss="sampled")
     logits = torch.full((1, 8), -20.0)
     logits[0, 0] = 20.0  # confident everywhere: the loss is the positive's soft target's
     deltas = torch.zeros(1, 8, 4)
