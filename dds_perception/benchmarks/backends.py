@@ -53,13 +53,16 @@ class Settings:
 
     @classmethod
     def plain(cls) -> Settings:
-        """Plain eager PyTorch as a user writes it first: ``model.eval()(x)``, nothing else."""
+        """Plain eager PyTorch as a user writes it first: ``model.eval()(x)``, nothing else.
+
+        The process-wide settings (threads, the allocator's ``reuse_memory``) stay the run's:
+        they cannot be interleaved per call (see the speed-up study's allocator block).
+        """
         return cls(
             options=InferenceOptions(
                 fold_bn=False, channels_last=False, merge_pyramid=False, split_pyramid=False
             ),
             inference_mode=False,
-            reuse_memory=False,
         )
 
     def with_(self, **changes: Any) -> Settings:
