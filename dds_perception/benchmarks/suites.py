@@ -452,9 +452,9 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
     ("threads", "1 intra-op thread", True),
     (
         "reuse_memory",
-        "glibc's static defaults: blocks > 128 KiB mmap'd and page-faulted again on every call "
-        "(a fresh process raises that bound up to 32 MiB by itself; mallopt cannot restore "
-        "that); measured as a block, against a block of the default after it",
+        "glibc's defaults as far as mallopt restores them: blocks above the mmap threshold "
+        "(which glibc had raised up to 32 MiB and now stops adapting) mmap'd and page-faulted "
+        "again on every call; measured as a block, against a block of the default after it",
         True,
     ),
 )
