@@ -272,13 +272,7 @@ class Pipeline:
         self, outputs: dict[str, torch.Tensor], lb: Letterbox
     ) -> tuple[np.ndarray, np.ndarray]:
         """Threshold, NMS, top-k, then map to source pixels: ``(boxes (N, 4), scores (N,))``."""
-        params = PostprocessParams(
-            score_threshold=self.score_threshold,
-            nms_iou=self.nms_iou,
-            max_detections=self.max_detections,
-            pre_nms_top_k=self.pre_nms_top_k,
-            min_box_size=self.min_box_size,
-        )
+        params = PostprocessParams.from_config(self)  # the run-time settable thresholds
         with torch.inference_mode():
             ((boxes, scores, _labels),) = postprocess(
                 outputs["scores"].float(), outputs["boxes"].float(), params, self.input_size

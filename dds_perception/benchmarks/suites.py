@@ -459,8 +459,10 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
     ),
 )
 
-
-_ALLOCATOR_OFF, _ALLOCATOR_ON = "reuse_memory=off|", "reuse_memory=on|"
+# process-wide switches whose "off" changes state the next "on" call pays for (the allocator's
+# "off" trims the heap that "on" then faults in again): measured as an off block, then an on
+# block, each with its own warm-up, instead of interleaved with the pool
+BLOCK_SWITCHES = ("reuse_memory",)
 
 
 def _switch_off(settings: Settings, switch: str) -> tuple[Settings, str | None]:
@@ -485,16 +487,20 @@ def bench_speedups(config: BenchConfig) -> dict[str, Any]:
         ("plain", "none of the speed-ups", Settings.plain().with_(threads=config.threads)),
         ("default", "all eager speed-ups (the pipeline's default)", default),
     ]
+    blocks: list[tuple[str, str, Settings]] = []
     for switch, off_meaning, _ in SWITCHES:
         if config.device.type == "cuda" and switch in ("mkldnn", "threads"):
             continue
         off, meaning = _switch_off(default, switch)
         variants.append((f"{switch}=off", meaning or off_meaning, off))
+        if switch in BLOCK_SWITCHES:
+            on_meaning = "default, measured as a block after the off block"
+            blocks += [variants[-1], (f"{switch}=on", on_meaning, default)]
     if config.compile:
         variants.append(("compile", "torch.compile (inductor) on top of default", default))
     prepared: dict[str, Prepared] = {}
     meta: dict[str, dict[str, Any]] = {}
-    for label, meaning, settings in variants:
+    for label, meaning, settings in [*variants, *(b for b in blocks if b not in variants)]:
         for name, candidate in models.items():
             key = f"{label}|{name}"
             config.progress(f"speed-ups: preparing {key}")
@@ -510,29 +516,20 @@ def bench_speedups(config: BenchConfig) -> dict[str, Any]:
                 "prepare_s": round(prepared[key].prepare_s, 3),
                 "first_call_s": round(prepared[key].first_call_s, 3),
             }
+
+    def measure(labels: list[str]) -> dict[str, Any]:
+        keys = [f"{label}|{name}" for label in labels for name in models]
+        runs = {key: prepared[key].run for key in keys}
+        return measure_interleaved(
+            runs, warmup=config.warmup, repeats=config.repeats, device=config.device
+        )
+
     config.progress("speed-ups: measuring (interleaved)")
-    # the allocator switch is process-wide and its "off" trims the heap that "on" then faults
-    # in again, so it cannot interleave with the rest: the pool runs with it on, and its own
-    # off/on pair is measured as two blocks below, warm-up calls absorbing each change
-    pooled = {k: p.run for k, p in prepared.items() if not k.startswith(_ALLOCATOR_OFF)}
-    timings = measure_interleaved(
-        pooled, warmup=config.warmup, repeats=config.repeats, device=config.device
-    )
-    allocator_keys = [k for k in prepared if k.startswith(_ALLOCATOR_OFF)]
-    if allocator_keys:
-        config.progress("speed-ups: measuring the allocator switch (off block, then on block)")
-        for label in (_ALLOCATOR_OFF, "default|"):
-            block = {k: prepared[k].run for k in prepared if k.startswith(label)}
-            measured = measure_interleaved(
-                block, warmup=config.warmup, repeats=config.repeats, device=config.device
-            )
-            if label == "default|":  # the block's own baseline, not the pool's default
-                measured = {k.replace("default|", _ALLOCATOR_ON): v for k, v in measured.items()}
-                for key in measured:
-                    meta[key] = {**meta[key.replace(_ALLOCATOR_ON, "default|")]}
-                    meta[key]["variant"] = _ALLOCATOR_ON[:-1]
-                    meta[key]["meaning"] = "default, measured as a block after the off block"
-            timings.update(measured)
+    block_labels = [label for label, _, _ in blocks]
+    timings = measure([label for label, _, _ in variants if label not in block_labels])
+    for label in block_labels:
+        config.progress(f"speed-ups: measuring {label} as a block")
+        timings.update(measure([label]))
     _free(prepared)
     rows = []
     for key, timing in timings.items():
@@ -551,7 +548,7 @@ def bench_speedups(config: BenchConfig) -> dict[str, Any]:
         if label.endswith("=off"):
             switch = label[: -len("=off")]
             applies = {s: a for s, _, a in SWITCHES}[switch]
-            base = _ALLOCATOR_ON[:-1] if switch == "reuse_memory" else "default"
+            base = f"{switch}=on" if switch in BLOCK_SWITCHES else "default"
             entry[f"{OURS}_gain"] = round(ours / by[(base, OURS)], 3)
             entry[f"{REFERENCE}_gain"] = round(ref / by[(base, REFERENCE)], 3) if applies else None
         elif label in ("default", "compile"):

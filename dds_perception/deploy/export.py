@@ -479,13 +479,7 @@ def _compare(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray])
 
 
 def _count_detections(config, scores: np.ndarray, boxes: np.ndarray) -> list[int]:
-    params = PostprocessParams(
-        score_threshold=config.score_threshold,
-        nms_iou=config.nms_iou,
-        max_detections=config.max_detections,
-        pre_nms_top_k=config.pre_nms_top_k,
-        min_box_size=config.min_box_size,
-    )
+    params = PostprocessParams.from_config(config)
     results = postprocess(
         torch.from_numpy(scores).float(),
         torch.from_numpy(boxes).float(),

@@ -220,7 +220,7 @@ class RPNDetector(nn.Module):
     def losses(
         self, logits: Tensor, deltas: Tensor, anchors: Tensor, targets: Sequence[Target]
     ) -> dict[str, Tensor]:
-        """Sampled BCE objectness loss and positive-anchor box loss."""
+        """Objectness loss (focal or sampled BCE) and positive-anchor box loss."""
         if len(targets) != logits.shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {logits.shape[0]} images")
         labels, matched = [], []
@@ -228,15 +228,18 @@ class RPNDetector(nn.Module):
             label, box = self.assign_targets(anchors, target["boxes"], target.get("ignore_boxes"))
             labels.append(label)
             matched.append(box)
+        flat_labels = torch.cat(labels)
         if self.config.objectness_loss == "focal":
-            pos = torch.cat(labels) > 0
-            sampled = None
+            pos = flat_labels > 0
+            scored = flat_labels >= 0  # every anchor that is not ignored
         else:
             pos_masks, neg_masks = self.sampler(labels)
             pos = torch.cat(pos_masks).bool()
-            sampled = pos | torch.cat(neg_masks).bool()
+            scored = pos | torch.cat(neg_masks).bool()
+        # normalised by the positives (SSD / RetinaNet), not by all sampled anchors as in
+        # torchvision's RPN: with a handful of cars per frame the latter starves the regression
+        num_pos = max(int(pos.sum()), 1)
         flat_logits = logits.reshape(-1).float()
-        flat_labels = torch.cat(labels)
         flat_deltas = deltas.reshape(-1, 4).float()
         flat_anchors = anchors.repeat(logits.shape[0], 1)
         flat_matched = torch.cat(matched)
@@ -247,25 +250,16 @@ class RPNDetector(nn.Module):
             # IoU-aware score (as in VarifocalNet / GFL): a positive's target is how well its
             # own box fits, so NMS keeps the best-localised box and the score ranks boxes by
             # the quality KITTI's IoU 0.7 asks for
-            quality = elementwise_iou(pred.detach(), flat_matched[pos])
-            flat_labels = flat_labels.clone()
-            flat_labels[pos] = quality
+            flat_labels[pos] = elementwise_iou(pred.detach(), flat_matched[pos])
+        logit, target = flat_logits[scored], flat_labels[scored]
+        bce = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
         if self.config.objectness_loss == "focal":
-            # every anchor that is not ignored, the easy ones damped by |target - p|^gamma
-            # (RetinaNet's focal loss; with IoU targets GFL's quality focal loss)
-            valid = flat_labels >= 0
-            logit, target = flat_logits[valid], flat_labels[valid]
-            bce = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+            # the easy anchors damped by |target - p|^gamma (RetinaNet's focal loss; with IoU
+            # targets GFL's quality focal loss), summed over the positives
             factor = (logit.sigmoid() - target).abs().pow(self.config.focal_gamma)
-            loss_obj = (bce * factor).sum() / max(int(pos.sum()), 1)
+            loss_obj = (bce * factor).sum() / num_pos
         else:
-            num_sampled = max(int(sampled.sum()), 1)
-            loss_obj = (
-                F.binary_cross_entropy_with_logits(
-                    flat_logits[sampled], flat_labels[sampled], reduction="sum"
-                )
-                / num_sampled
-            )
+            loss_obj = bce.sum() / max(int(scored.sum()), 1)
         if self.config.box_loss == "giou":
             loss_box = generalized_box_iou_loss(pred, flat_matched[pos], reduction="sum")
         else:
@@ -273,9 +267,6 @@ class RPNDetector(nn.Module):
             loss_box = F.smooth_l1_loss(
                 flat_deltas[pos], wanted, beta=self.config.smooth_l1_beta, reduction="sum"
             )
-        # normalised by the positives (SSD / RetinaNet), not by all sampled anchors as in
-        # torchvision's RPN: with a handful of cars per frame the latter starves the regression
-        num_pos = max(int(pos.sum()), 1)
         return {
             "loss_objectness": loss_obj,
             "loss_box": self.config.box_loss_weight * loss_box / num_pos,

@@ -7,7 +7,8 @@ the pipeline's job (the letterbox inverse).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +24,13 @@ class PostprocessParams:
     max_detections: int = 100
     pre_nms_top_k: int = 1000
     min_box_size: float = 2.0
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> PostprocessParams:
+        """The thresholds a :class:`DetectorConfig` (or any object with these fields) holds,
+        ``overrides`` (e.g. a lower ``score_threshold`` for AP) applied on top."""
+        values = {f.name: getattr(config, f.name) for f in fields(cls)}
+        return cls(**{**values, **overrides})
 
 
 def postprocess(

@@ -342,13 +342,7 @@ def predict_dataset(
     """Detections (KittiObject with score, source pixels) for every frame of ``dataset``."""
     model.eval()
     config = model.config
-    params = PostprocessParams(
-        score_threshold=score_threshold,
-        nms_iou=config.nms_iou,
-        max_detections=config.max_detections,
-        pre_nms_top_k=config.pre_nms_top_k,
-        min_box_size=config.min_box_size,
-    )
+    params = PostprocessParams.from_config(config, score_threshold=score_threshold)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=detection_collate
     )
