@@ -30,6 +30,7 @@ examples:
   dds-perception demo --out /tmp/demo --frames 60 --seed 7 --device cpu
   dds-perception demo --weights runs/det_synth/model.safetensors --draw 8
   dds-perception demo --backend onnxruntime --device cpu          # the exported network
+  dds-perception demo --device cuda --half --no-live              # fp16 on a GPU
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help="scene generator seed")
     parser.add_argument("--weights", type=Path, default=None, help="default: shipped weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--half", action="store_true", help="fp16 inference (CUDA only)")
     parser.add_argument(
         "--backend",
         default="torch",
@@ -124,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     weights = Path(args.weights) if args.weights else default_weights()
-    pipeline = Pipeline.from_weights(weights, device=args.device, backend=args.backend)
+    pipeline = Pipeline.from_weights(
+        weights, device=args.device, half=args.half, backend=args.backend
+    )
     pipeline.score_threshold = args.score_threshold
     print(
         f"weights: {weights} ({pipeline.backend.name} on {pipeline.device}, "
@@ -229,6 +233,7 @@ def live_leg(
             weights=weights,
             device=args.device,
             backend=args.backend,
+            half=args.half,
             score_threshold=args.score_threshold,
             limit=frames,
             draw=args.draw,

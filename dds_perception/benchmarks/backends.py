@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from torch import nn
 
 from dds_perception.benchmarks.timing import num_threads
 from dds_perception.detection.optimize import (
+    CUDAGraphModule,
     InferenceOptions,
     optimize_for_inference,
     to_input_layout,
@@ -40,9 +42,10 @@ class Settings:
 
     ``options`` are what the pipeline applies (:class:`InferenceOptions`); the rest are process
     settings a user controls: autograd off (``inference_mode``), oneDNN on (``mkldnn``), the
-    intra-op thread count (``threads``; None = the run's count) and glibc keeping freed memory
+    intra-op thread count (``threads``; None = the run's count), glibc keeping freed memory
     for reuse (``reuse_memory``, :func:`~dds_perception.utils.runtime.reuse_freed_memory`, which
-    the pipeline turns on for CPU inference).
+    the pipeline turns on for CPU inference) and the precision (``half``; None = the run's
+    ``--half``).
     """
 
     options: InferenceOptions = field(default_factory=InferenceOptions)
@@ -50,6 +53,7 @@ class Settings:
     mkldnn: bool = True
     threads: int | None = None
     reuse_memory: bool = True
+    half: bool | None = None
 
     @classmethod
     def plain(cls) -> Settings:
@@ -60,7 +64,12 @@ class Settings:
         """
         return cls(
             options=InferenceOptions(
-                fold_bn=False, channels_last=False, merge_pyramid=False, split_pyramid=False
+                fold_bn=False,
+                channels_last=False,
+                merge_pyramid=False,
+                split_pyramid=False,
+                cudnn_benchmark=False,
+                cuda_graphs=False,
             ),
             inference_mode=False,
         )
@@ -109,9 +118,12 @@ class Backend(Protocol):
 
 
 @contextlib.contextmanager
-def _run_context(settings: Settings) -> Iterator[None]:
+def _run_context(settings: Settings, device: torch.device) -> Iterator[None]:
     # process-wide and set on every call, so interleaved variants each run with their own
     reuse_freed_memory(settings.reuse_memory)
+    if device.type == "cuda":  # decides cuDNN's algorithms at build (and capture) time
+        cudnn_benchmark = settings.options.resolved(device, bool(settings.half)).cudnn_benchmark
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
     with contextlib.ExitStack() as stack:
         stack.enter_context(num_threads(settings.threads))
         if not settings.mkldnn:
@@ -194,17 +206,21 @@ class TorchBackend(TimedBackend):
         half: bool,
         settings: Settings,
     ) -> tuple[Callable[[], Any], list[str]]:
-        with _run_context(settings):
+        with _run_context(settings, device), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             model = optimize_for_inference(
                 module, device, half, example=example, options=settings.options
             )
             x = to_input_layout(example, settings.options, device, half)
+        notes = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
+        if isinstance(model, CUDAGraphModule):
+            notes.append("replayed as one CUDA graph")
 
         def run() -> Any:
-            with _run_context(settings):
+            with _run_context(settings, device):
                 return model(x)
 
-        return run, []
+        return run, notes
 
 
 def _flatten_outputs(outputs: Any) -> list[torch.Tensor]:

@@ -53,6 +53,7 @@ class Candidate:
     # the user-level call on a float frame (3, H, W) in [0, 1]; None when not applicable
     call: Callable[[torch.Tensor], Any] | None = None
     exportable: bool = True  # can torch.onnx export the network (for the ONNX backend)
+    static_shapes: bool = True  # every tensor's shape fixed by the input's (CUDA graphs apply)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def example(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -120,6 +121,7 @@ def torchvision_detector(name: str, frame: tuple[int, int] = KITTI_FRAME) -> Can
     else:
         network = _SSDNetwork(model)
         exportable = True
+    static_shapes = exportable  # the two-stage network's proposals vary in number
     return Candidate(
         name,
         "torchvision",
@@ -128,6 +130,7 @@ def torchvision_detector(name: str, frame: tuple[int, int] = KITTI_FRAME) -> Can
         description=f"resizes a {frame[1]}x{frame[0]} frame to {size[1]}x{size[0]} itself",
         call=lambda frame_tensor: model([frame_tensor]),
         exportable=exportable,
+        static_shapes=static_shapes,
         extra={"model": model},
     )
 

@@ -26,10 +26,15 @@ def _g(value: float | int) -> str:
     return f"{value / 1e9:.2f}"
 
 
+def _t(ms: float) -> str:
+    """Milliseconds with a precision that suits the value (GPU calls take fractions of one)."""
+    return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
+
+
 def _ms(timing: dict[str, Any] | None) -> str:
     if not timing:
         return "-"
-    return f"{timing['median_ms']:.1f} ({timing['min_ms']:.1f}-{timing['max_ms']:.1f})"
+    return f"{_t(timing['median_ms'])} ({_t(timing['min_ms'])}-{_t(timing['max_ms'])})"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -189,9 +194,7 @@ def _memory(rows: list[dict[str, Any]]) -> list[str]:
             r["what"],
             f"{r['peak_rss_mb']:.0f}",
             f"{r['peak_rss_delta_mb']:.0f}",
-            "-"
-            if r.get("cuda_peak_allocated_mb") is None
-            else f"{r['cuda_peak_allocated_mb']:.0f}",
+            "-" if r.get("cuda_footprint_mb") is None else f"{r['cuda_footprint_mb']:.0f}",
             r["method"],
         ]
         for r in rows
@@ -205,7 +208,7 @@ def _memory(rows: list[dict[str, Any]]) -> list[str]:
                 "what",
                 "peak RSS MiB",
                 "added by the call MiB",
-                "CUDA peak alloc MiB",
+                "CUDA footprint MiB",
                 "method",
             ],
             body,
@@ -225,9 +228,9 @@ def _speedups(section: dict[str, Any]) -> list[str]:
             [
                 e["variant"],
                 e["meaning"],
-                f"{e[f'{OURS}_ms']:.1f}",
+                _t(e[f"{OURS}_ms"]),
                 "-" if gain_ours is None else f"{gain_ours:.2f}x",
-                f"{e[f'{REFERENCE}_ms']:.1f}",
+                _t(e[f"{REFERENCE}_ms"]),
                 "n/a" if gain_ref is None else f"{gain_ref:.2f}x",
                 f"**{e['ratio']:.2f}x**",
             ]
@@ -237,14 +240,19 @@ def _speedups(section: dict[str, Any]) -> list[str]:
         f"- compile time of {r['model']}: {r['first_call_s']:.1f} s (first call)"
         for r in compile_rows
     ]
+    notes += [
+        f"- not measured: {e['variant']} of {e['model']}: {e['error']}"
+        for e in section.get("errors", [])
+    ]
     return [
         f"## Speed-ups on and off ({OURS} against {REFERENCE}, torch backend, median ms)",
         "",
         "`default` = every eager speed-up on (the pipeline's default); each `X=off` row turns "
         "one off and keeps the rest, so its gain (off / default) is that switch's own "
-        "contribution; `plain` and `compile` gains are against plain eager. n/a: the switch "
-        "does not apply to that model (SSD300-VGG16 has no BatchNorm and no pyramid block). "
-        "All rows were measured interleaved in one pool.",
+        "contribution (an `X=on` row turns on one that is off by default on this device; "
+        "its gain is default / on); `plain` and `compile` gains are against plain eager. "
+        "n/a: the switch does not apply to that model (SSD300-VGG16 has no BatchNorm and no "
+        "pyramid block). All rows were measured interleaved in one pool.",
         "",
         *_table(
             ["variant", "meaning", f"{OURS} ms", "gain", f"{REFERENCE} ms", "gain", "speed ratio"],

@@ -138,16 +138,25 @@ def _prepare(
     batch: int = 1,
 ) -> Prepared:
     backend = get_backend(backend_name)
-    reason = backend.unavailable(config.device, config.half)
+    half = config.half if settings.half is None else settings.half
+    reason = backend.unavailable(config.device, half)
     if reason:
         raise BenchError(f"backend {backend_name}: {reason}")
-    return backend.prepare(
-        candidate.network,
-        candidate.example(batch),
-        device=config.device,
-        half=config.half,
-        settings=settings,
-    )
+    if not candidate.static_shapes:  # a CUDA graph cannot hold data-dependent shapes
+        settings = settings.with_(cuda_graphs=False)
+    try:
+        return backend.prepare(
+            candidate.network,
+            candidate.example(batch),
+            device=config.device,
+            half=half,
+            settings=settings,
+        )
+    except BenchError:
+        raise
+    except Exception as error:  # one variant that cannot be built must not end the run
+        message = f"{candidate.name} on {backend_name}: {type(error).__name__}: {error}"
+        raise BenchError(message) from error
 
 
 def _free(*objects: Any) -> None:
@@ -283,7 +292,8 @@ def bench_detectors(config: BenchConfig) -> dict[str, Any]:
             for row in rows:
                 row["prepare_s"] = round(prepared[row["name"]].prepare_s, 3)
                 row["notes"] = prepared[row["name"]].notes
-            if backend == "torch" and label == "optimized" and "memory" in config.sections:
+            cpu = config.device.type == "cpu"  # on CUDA each network is measured alone
+            if backend == "torch" and label == "optimized" and "memory" in config.sections and cpu:
                 config.cache["memory"] = [
                     _memory_row(name, p, config) for name, p in prepared.items()
                 ]
@@ -305,19 +315,30 @@ def _memory_row(name: str, prepared: Prepared, config: BenchConfig) -> dict[str,
 
 
 def bench_memory(config: BenchConfig) -> list[dict[str, Any]]:
-    """Peak RSS (and CUDA peak allocated) of one batch-1 inference per detector.
+    """Peak RSS (and on CUDA the network's footprint) of one batch-1 inference per detector.
 
-    Measured on the networks the detectors section prepared (torch backend, default
-    settings) when that section ran; prepared here otherwise.
+    CPU: measured on the networks the detectors section prepared (torch backend, default
+    settings) when that section ran; prepared here otherwise. CUDA: each network is prepared
+    alone, and its footprint is the peak of allocated device memory over what was allocated
+    before it was prepared (weights, the CUDA graph's pool of activations, the input).
     """
     if "memory" in config.cache:
         return config.cache["memory"]
     rows = []
     settings = _settings_default(config)
+    cuda = config.device.type == "cuda"
     for name, candidate in _detector_candidates(config).items():
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            base_mb = torch.cuda.memory_allocated(config.device) / 2**20
         prepared = _prepare(candidate, "torch", settings, config)
-        rows.append(_memory_row(name, prepared, config))
-        _free(prepared)
+        row = _memory_row(name, prepared, config)
+        if cuda:
+            row["cuda_footprint_mb"] = round(row["cuda_peak_allocated_mb"] - base_mb, 1)
+        rows.append(row)
+        del prepared
+        _free()
     return rows
 
 
@@ -368,9 +389,10 @@ def _message_builder() -> tuple[Callable[[Any], Any] | None, str]:
             header_msg,
             rosbags_classes,
         )
+
+        classes = rosbags_classes()  # imports rosbags
     except ImportError as error:
         return None, f"unavailable ({error})"
-    classes = rosbags_classes()
     header = header_msg(1_700_000_000_000_000_000, "camera", classes)
     return (lambda d: detections_to_msg(d, header, classes)), "rosbags typestore classes"
 
@@ -457,7 +479,12 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
         "again on every call; measured as a block, against a block of the default after it",
         True,
     ),
+    ("cudnn_benchmark", "cuDNN's heuristic algorithm choice instead of timing them once", True),
+    ("cuda_graphs", "eager launches instead of one replayed CUDA graph", True),
+    ("half", "fp32 instead of the run's fp16", True),
 )
+CPU_ONLY = ("mkldnn", "threads", "reuse_memory")  # CPU libraries and the CPU allocator
+CUDA_ONLY = ("cudnn_benchmark", "cuda_graphs", "half")
 
 # process-wide switches whose "off" changes state the next "on" call pays for (the allocator's
 # "off" trims the heap that "on" then faults in again): measured as an off block, then an on
@@ -465,13 +492,29 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
 BLOCK_SWITCHES = ("reuse_memory",)
 
 
-def _switch_off(settings: Settings, switch: str) -> tuple[Settings, str | None]:
-    """The settings with ``switch`` off, and what "off" means when it depends on the run."""
+def _switch_off(
+    settings: Settings, switch: str, config: BenchConfig
+) -> tuple[Settings, str | None, str]:
+    """The settings with ``switch`` flipped from the default, what that means when it depends
+    on the run, and the row's label (``switch=off``, or ``switch=on`` where the default is off
+    on this device, e.g. channels_last for fp32 on CUDA)."""
     if switch == "threads":
         current = settings.threads or torch.get_num_threads()
         other = 1 if current > 1 else (os.cpu_count() or 2)
-        return settings.with_(threads=other), f"{other} intra-op thread(s) instead of {current}"
-    return settings.with_(**{switch: False}), None
+        meaning = f"{other} intra-op thread(s) instead of {current}"
+        return settings.with_(threads=other), meaning, f"{switch}=off"
+    if switch == "channels_last":
+        default = settings.options.resolved(config.device, config.half).channels_last
+        if not default:
+            return settings.with_(channels_last=True), "NHWC layout", f"{switch}=on"
+    return settings.with_(**{switch: False}), None, f"{switch}=off"
+
+
+def _applies(switch: str, config: BenchConfig) -> bool:
+    """Whether the switch means anything on this run's device (and precision)."""
+    if config.device.type == "cuda":
+        return switch not in CPU_ONLY and (switch != "half" or config.half)
+    return switch not in CUDA_ONLY
 
 
 def bench_speedups(config: BenchConfig) -> dict[str, Any]:
@@ -489,10 +532,10 @@ def bench_speedups(config: BenchConfig) -> dict[str, Any]:
     ]
     blocks: list[tuple[str, str, Settings]] = []
     for switch, off_meaning, _ in SWITCHES:
-        if config.device.type == "cuda" and switch in ("mkldnn", "threads"):
+        if not _applies(switch, config):
             continue
-        off, meaning = _switch_off(default, switch)
-        variants.append((f"{switch}=off", meaning or off_meaning, off))
+        off, meaning, label = _switch_off(default, switch, config)
+        variants.append((label, meaning or off_meaning, off))
         if switch in BLOCK_SWITCHES:
             on_meaning = "default, measured as a block after the off block"
             blocks += [variants[-1], (f"{switch}=on", on_meaning, default)]
@@ -500,6 +543,7 @@ def bench_speedups(config: BenchConfig) -> dict[str, Any]:
         variants.append(("compile", "torch.compile (inductor) on top of default", default))
     prepared: dict[str, Prepared] = {}
     meta: dict[str, dict[str, Any]] = {}
+    errors: list[dict[str, str]] = []
     for label, meaning, settings in [*variants, *(b for b in blocks if b not in variants)]:
         for name, candidate in models.items():
             key = f"{label}|{name}"
@@ -507,7 +551,11 @@ def bench_speedups(config: BenchConfig) -> dict[str, Any]:
             settings_here = settings
             if label == "compile":
                 settings_here = settings.with_(compile=True)
-            prepared[key] = _prepare(candidate, "torch", settings_here, config)
+            try:
+                prepared[key] = _prepare(candidate, "torch", settings_here, config)
+            except BenchError as error:  # e.g. torch.compile without a C compiler
+                errors.append({"variant": label, "model": name, "error": str(error)})
+                continue
             meta[key] = {
                 "variant": label,
                 "meaning": meaning,
@@ -515,7 +563,13 @@ def bench_speedups(config: BenchConfig) -> dict[str, Any]:
                 "settings": settings_here.to_json(),
                 "prepare_s": round(prepared[key].prepare_s, 3),
                 "first_call_s": round(prepared[key].first_call_s, 3),
+                "notes": prepared[key].notes,
             }
+
+    failed = {e["variant"] for e in errors}  # a ratio needs both models
+    variants = [v for v in variants if v[0] not in failed]
+    failed_switches = {label.split("=")[0] for label in failed}
+    blocks = [b for b in blocks if b[0].split("=")[0] not in failed_switches]
 
     def measure(labels: list[str]) -> dict[str, Any]:
         keys = [f"{label}|{name}" for label in labels for name in models]
@@ -545,17 +599,20 @@ def bench_speedups(config: BenchConfig) -> dict[str, Any]:
             f"{REFERENCE}_ms": ref,
             "ratio": round(ref / ours, 3),
         }
-        if label.endswith("=off"):
-            switch = label[: -len("=off")]
+        if label.endswith(("=off", "=on")) and ("default", OURS) in by:
+            # the switch's speed-up: time without it over time with it (a "=on" row flips a
+            # switch that is off by default on this device)
+            switch, state = label.split("=")
             applies = {s: a for s, _, a in SWITCHES}[switch]
             base = f"{switch}=on" if switch in BLOCK_SWITCHES else "default"
-            entry[f"{OURS}_gain"] = round(ours / by[(base, OURS)], 3)
-            entry[f"{REFERENCE}_gain"] = round(ref / by[(base, REFERENCE)], 3) if applies else None
-        elif label in ("default", "compile"):
+            for model, ms, applied in ((OURS, ours, True), (REFERENCE, ref, applies)):
+                gain = ms / by[(base, model)] if state == "off" else by[(base, model)] / ms
+                entry[f"{model}_gain"] = round(gain, 3) if applied else None
+        elif label in ("default", "compile") and ("plain", OURS) in by:
             entry[f"{OURS}_gain_vs_plain"] = round(by[("plain", OURS)] / ours, 3)
             entry[f"{REFERENCE}_gain_vs_plain"] = round(by[("plain", REFERENCE)] / ref, 3)
         table.append(entry)
-    return {"models": [OURS, REFERENCE], "table": table, "runs": rows}
+    return {"models": [OURS, REFERENCE], "table": table, "runs": rows, "errors": errors}
 
 
 # ----------------------------------------------------------------------------- profile

@@ -4,7 +4,8 @@
 stride 16, with its own head) and predicts, per location and anchor, an objectness logit (the car
 score: one class) and four box deltas. Anchors come from torchvision's ``AnchorGenerator``
 shifted by half a stride so they are centred on their cell (torchvision puts the centre of cell
-(0, 0) at pixel (0, 0)). Matching (``Matcher``) and box coding (``BoxCoder``) are torchvision's.
+(0, 0) at pixel (0, 0)). Matching (``Matcher``) and box coding (``BoxCoder``) are torchvision's
+(decoding written out in :meth:`RPNDetector.decode` so that a CUDA graph can capture it).
 
 Objectness: ``focal`` (default) is a focal BCE over every anchor that is not ignored, summed over
 the positives (RetinaNet); ``sampled`` is BCE on torchvision's ``BalancedPositiveNegativeSampler``
@@ -170,10 +171,30 @@ class RPNDetector(nn.Module):
                 raise ValueError("training forward needs targets (boxes, labels, ignore_boxes)")
             return self.losses(logits, deltas, anchors, targets)
         n, k = logits.shape
-        boxes = self.box_coder.decode_single(
-            deltas.reshape(-1, 4).float(), anchors.repeat(n, 1).to(deltas.device)
-        ).view(n, k, 4)
+        boxes = self.decode(deltas.reshape(-1, 4).float(), anchors.repeat(n, 1)).view(n, k, 4)
         return {"scores": logits.float().sigmoid(), "boxes": boxes}
+
+    def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
+        """Boxes (M, 4) x1,y1,x2,y2 from deltas (M, 4) and anchors (M, 4): the inverse of the
+        box coder's ``encode_single``, as torchvision's ``decode_single`` computes it.
+
+        Written out here because ``decode_single`` builds a CPU scalar tensor on every call,
+        a host-to-device copy that a CUDA graph cannot capture.
+        """
+        anchors = anchors.to(deltas.dtype)
+        widths = anchors[:, 2] - anchors[:, 0]
+        heights = anchors[:, 3] - anchors[:, 1]
+        ctr_x = anchors[:, 0] + 0.5 * widths
+        ctr_y = anchors[:, 1] + 0.5 * heights
+        wx, wy, ww, wh = self.box_coder.weights
+        clip = self.box_coder.bbox_xform_clip
+        pred_x = deltas[:, 0] / wx * widths + ctr_x
+        pred_y = deltas[:, 1] / wy * heights + ctr_y
+        half_w = 0.5 * torch.exp(torch.clamp(deltas[:, 2] / ww, max=clip)) * widths
+        half_h = 0.5 * torch.exp(torch.clamp(deltas[:, 3] / wh, max=clip)) * heights
+        return torch.stack(
+            (pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h), dim=1
+        )
 
     # ----------------------------------------------------------------------------- training
     def assign_targets(
@@ -245,7 +266,7 @@ class RPNDetector(nn.Module):
         flat_matched = torch.cat(matched)
         pred = None
         if self.config.box_loss == "giou" or self.config.objectness_target == "iou":
-            pred = self.box_coder.decode_single(flat_deltas[pos], flat_anchors[pos])
+            pred = self.decode(flat_deltas[pos], flat_anchors[pos])
         if self.config.objectness_target == "iou":
             # IoU-aware score (as in VarifocalNet / GFL): a positive's target is how well its
             # own box fits, so NMS keeps the best-localised box and the score ranks boxes by

@@ -15,6 +15,13 @@ What each one does (measured on/off by ``dds-perception bench``, section "speed-
 * ``compile``: ``torch.compile`` (inductor; on CPU it needs a C compiler), which fuses the
   element-wise work (PReLU, residual additions, concatenation) around the convolutions. It
   costs tens of seconds at start-up, so it is opt-in.
+* ``cudnn_benchmark`` (CUDA): cuDNN times its convolution algorithms once per input shape and
+  keeps the fastest (``torch.backends.cudnn.benchmark``, a process-wide flag). The pipeline's
+  input size never changes, so the one-off cost buys every later frame.
+* ``cuda_graphs`` (CUDA): the whole forward pass is captured once as a CUDA graph and replayed
+  (:class:`CUDAGraphModule`). A batch-1 forward of these small networks launches a few hundred
+  kernels that each run for microseconds, so eager time is mostly Python and launch overhead;
+  a replay is one launch. Needs static shapes (not the two-stage Faster R-CNN).
 
 The folding finds conv -> BN pairs by *recording one forward pass* (a ``TorchFunctionMode``
 plus module hooks): a BN is folded only when its input is the output of one convolution (or a
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -467,12 +475,20 @@ class InferenceOptions:
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
     # inductor freezing: constant-folds the (frozen) weights and prepacks them for oneDNN
     compile_freezing: bool = True
+    cudnn_benchmark: bool | None = None  # None: on CUDA yes (ignored on CPU)
+    cuda_graphs: bool | None = None  # None: on CUDA yes (needs ``example``; ignored on CPU)
 
     def resolved(self, device: torch.device, half: bool) -> InferenceOptions:
-        """The options with ``channels_last=None`` decided for this device."""
-        if self.channels_last is not None:
-            return self
-        return replace(self, channels_last=device.type == "cpu" or half)
+        """The options with every ``None`` decided for this device."""
+        cuda = device.type == "cuda"
+        return replace(
+            self,
+            channels_last=(not cuda or half) if self.channels_last is None else self.channels_last,
+            cudnn_benchmark=cuda
+            if self.cudnn_benchmark is None
+            else self.cudnn_benchmark and cuda,
+            cuda_graphs=cuda if self.cuda_graphs is None else self.cuda_graphs and cuda,
+        )
 
 
 def optimize_for_inference(
@@ -511,12 +527,69 @@ def optimize_for_inference(
         model.half()
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
+    if options.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # process-wide; see the module docstring
     if options.compile:
         inductor = {"freezing": True} if options.compile_freezing else None
         if options.compile_mode is not None and inductor:
             raise OptimizeError("compile_mode and compile_freezing cannot be combined")
         model = torch.compile(model, mode=options.compile_mode, dynamic=False, options=inductor)
+    if options.cuda_graphs and isinstance(example, torch.Tensor):
+        try:
+            model = CUDAGraphModule(model, to_input_layout(example, options, device, half))
+        except RuntimeError as error:  # an op that cannot be captured: slower, still correct
+            warnings.warn(f"CUDA graph capture failed, running eagerly: {error}", stacklevel=2)
     return model
+
+
+class CUDAGraphModule(nn.Module):
+    """Runs ``module`` by replaying one CUDA graph captured for inputs like ``example``.
+
+    The input is copied into a static buffer and the graph replayed; the outputs are the same
+    static tensors on every call, overwritten by the next call (consume or clone them first,
+    as the pipeline's postprocess does). An input of another shape, dtype or layout runs
+    ``module`` eagerly. Captured under ``torch.inference_mode``; warm-up runs on a side stream
+    first (cuDNN's algorithm search and the allocator must not happen during capture).
+    """
+
+    def __init__(self, module: nn.Module, example: torch.Tensor, warmup: int = 3) -> None:
+        super().__init__()
+        if example.device.type != "cuda":
+            raise OptimizeError(f"CUDA graphs need a CUDA input, got {example.device}")
+        self.module = module
+        with torch.inference_mode():
+            self.static_input = example.clone(memory_format=_memory_format(example))
+            stream = torch.cuda.Stream(example.device)
+            stream.wait_stream(torch.cuda.current_stream(example.device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    module(self.static_input)
+            torch.cuda.current_stream(example.device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_output = module(self.static_input)
+
+    def _matches(self, x: torch.Tensor) -> bool:
+        s = self.static_input
+        return (
+            x.shape == s.shape
+            and x.dtype == s.dtype
+            and x.device == s.device
+            and x.is_contiguous(memory_format=_memory_format(s))
+        )
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if not self._matches(x):
+            return self.module(x)
+        with torch.inference_mode():
+            self.static_input.copy_(x)
+            self.graph.replay()
+        return self.static_output
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def to_input_layout(

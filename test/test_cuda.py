@@ -1,0 +1,215 @@
+"""The CUDA paths: graph replay, on-device normalisation, fp16 and the bench on a GPU.
+
+Skipped without a CUDA device (CI has none); run on a GPU machine with
+``python -m pytest test/test_cuda.py``. The CPU-side logic of the same options (their
+resolution per device, the switches the bench measures per device) is tested on every run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torchvision.ops import box_iou
+
+from dds_perception.benchmarks.suites import CPU_ONLY, CUDA_ONLY, SWITCHES, BenchConfig, _applies
+from dds_perception.detection import DetectorConfig, build_detector
+from dds_perception.detection.optimize import (
+    CUDAGraphModule,
+    InferenceOptions,
+    OptimizeError,
+    optimize_for_inference,
+)
+from dds_perception.models import get_model, list_models
+from dds_perception.pipeline import Pipeline, default_weights
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (CI has none)")
+
+
+def _detector() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = DetectorConfig(backbone_kwargs={"width_mult": 0.25}, input_size=(192, 640))
+    return build_detector(config).eval()
+
+
+# ----------------------------------------------------------------------------- everywhere
+def test_options_resolve_per_device():
+    cpu = InferenceOptions().resolved(torch.device("cpu"), half=False)
+    assert (cpu.channels_last, cpu.cudnn_benchmark, cpu.cuda_graphs) == (True, False, False)
+    cuda = InferenceOptions().resolved(torch.device("cuda"), half=False)
+    assert (cuda.channels_last, cuda.cudnn_benchmark, cuda.cuda_graphs) == (False, True, True)
+    cuda_half = InferenceOptions().resolved(torch.device("cuda"), half=True)
+    assert cuda_half.channels_last is True
+    # an explicit True cannot switch a CUDA-only option on for the CPU
+    forced = InferenceOptions(cuda_graphs=True, cudnn_benchmark=True)
+    assert forced.resolved(torch.device("cpu"), False).cuda_graphs is False
+    off = InferenceOptions(cuda_graphs=False).resolved(torch.device("cuda"), False)
+    assert off.cuda_graphs is False
+
+
+def test_bench_switches_per_device():
+    cpu = BenchConfig(device=torch.device("cpu"))
+    cuda = BenchConfig(device=torch.device("cuda"), half=True)
+    cuda32 = BenchConfig(device=torch.device("cuda"), half=False)
+    names = [s for s, _, _ in SWITCHES]
+    assert [s for s in names if _applies(s, cpu)] == [s for s in names if s not in CUDA_ONLY]
+    assert [s for s in names if _applies(s, cuda)] == [s for s in names if s not in CPU_ONLY]
+    assert not _applies("half", cuda32) and _applies("cuda_graphs", cuda32)
+
+
+def test_cuda_graph_module_refuses_a_cpu_input():
+    with pytest.raises(OptimizeError, match="CUDA input"):
+        CUDAGraphModule(_detector(), torch.zeros(1, 3, 192, 640))
+
+
+def test_cpu_optimisation_captures_no_graph():
+    model = optimize_for_inference(_detector(), "cpu", example=torch.zeros(1, 3, 192, 640))
+    assert not isinstance(model, CUDAGraphModule)
+
+
+# ----------------------------------------------------------------------------- on a GPU
+@needs_cuda
+def test_cuda_graph_replay_matches_eager_and_follows_new_inputs():
+    model = _detector()
+    example = torch.randn(1, 3, 192, 640)
+    eager = optimize_for_inference(
+        model, "cuda", example=example, options=InferenceOptions(cuda_graphs=False)
+    )
+    graphed = optimize_for_inference(model, "cuda", example=example)
+    assert isinstance(graphed, CUDAGraphModule)
+    for seed in (1, 2):  # fresh inputs: the replay must read the new data
+        x = torch.randn(1, 3, 192, 640, generator=torch.Generator().manual_seed(seed)).cuda()
+        with torch.inference_mode():
+            want = eager(x)
+            got = {k: v.clone() for k, v in graphed(x).items()}
+        for key in ("scores", "boxes"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-3)
+    with torch.inference_mode():  # another shape runs eagerly instead of replaying
+        other = graphed(torch.randn(1, 3, 128, 416).cuda())
+    assert other["scores"].shape[1] < got["scores"].shape[1]
+
+
+def _scenes_ap(pipeline: Pipeline, root) -> dict[str, float]:
+    from dds_perception.data.kitti import detection_to_object, read_label_file
+    from dds_perception.evaluation.kitti import evaluate
+
+    gt, dt = {}, {}
+    for png in sorted((root / "training" / "image_2").glob("*.png")):
+        gt[png.stem] = read_label_file(root / "training" / "label_2" / f"{png.stem}.txt")
+        found = pipeline(png.read_bytes(), "png")
+        dt[png.stem] = [
+            detection_to_object(tuple(box), score)
+            for box, score in zip(found.boxes.tolist(), found.scores.tolist(), strict=True)
+        ]
+    result = evaluate(gt, dt, classes=("Car",))
+    return {d: result.ap("Car", d, "AP_40") for d in ("easy", "moderate", "hard")}
+
+
+@needs_cuda
+def test_cuda_pipeline_matches_cpu_and_fp16_keeps_the_accuracy(tmp_path):
+    """The shipped weights on 24 unseen scenes: CPU fp32, CUDA fp32 and CUDA fp16 AP_40."""
+    from dds_perception.data.scenes import generate_kitti_scenes
+
+    root = generate_kitti_scenes(tmp_path / "scenes", 24, seed=77, val_fraction=0.0)
+    aps, outputs = {}, {}
+    frame = next((root / "training" / "image_2").glob("*.png")).read_bytes()
+    runs = (("cpu", "cpu", False), ("cuda", "cuda", False), ("fp16", "cuda", True))
+    for label, device, half in runs:
+        pipeline = Pipeline.from_weights(
+            default_weights(), device=device, half=half, score_threshold=0.01
+        )
+        aps[label] = _scenes_ap(pipeline, root)
+        outputs[label] = pipeline(frame, "png")
+    print(json.dumps(aps))
+    cpu = outputs["cpu"]
+    assert len(cpu) > 0
+    for label, tolerance in (("cuda", 0.98), ("fp16", 0.95)):  # cuDNN's TF32, then fp16
+        other = outputs[label]
+        assert abs(len(other) - len(cpu)) <= max(2, len(cpu) // 10), (label, len(other))
+        # every confident CPU box is found again (order may swap between near-equal scores)
+        best = box_iou(torch.from_numpy(cpu.boxes[:10]), torch.from_numpy(other.boxes))
+        assert best.max(dim=1).values.min() > tolerance, (label, best.max(dim=1).values)
+    for difficulty in ("easy", "moderate", "hard"):
+        assert abs(aps["cuda"][difficulty] - aps["cpu"][difficulty]) < 0.5, aps
+        assert abs(aps["fp16"][difficulty] - aps["cpu"][difficulty]) < 2.0, aps
+
+
+@needs_cuda
+@pytest.mark.parametrize("half", [False, True])
+def test_cuda_bench_quick_measures_the_cuda_switches(tmp_path, half):
+    from dds_perception.benchmarks.suites import run_bench
+
+    config = BenchConfig.quick_config(
+        device=torch.device("cuda"), half=half, sections=("detectors", "speedups", "pipeline")
+    )
+    results = run_bench(config)
+    variants = {e["variant"] for e in results["speedups"]["table"]}
+    assert {"cuda_graphs=off", "cudnn_benchmark=off"} <= variants
+    assert ("half=off" in variants) == half
+    assert not results["speedups"]["errors"]
+    defaults = [r for r in results["speedups"]["runs"] if r["variant"] == "default"]
+    assert len(defaults) == 2
+    assert all("replayed as one CUDA graph" in r["notes"] for r in defaults), defaults
+    assert results["environment"]["gpu"]
+    assert results["pipeline"]["device"].startswith("cuda")
+
+
+@needs_cuda
+def test_cuda_pipeline_replays_a_graph_at_its_input_size():
+    pipeline = Pipeline.from_weights(default_weights(), device="cuda", input_size=(384, 1248))
+    assert isinstance(pipeline.model, CUDAGraphModule)
+    assert tuple(pipeline.model.static_input.shape[-2:]) == (384, 1248)
+    frame = torch.randint(0, 255, (375, 1242, 3), dtype=torch.uint8).numpy()
+    tensor, _ = pipeline.preprocess(frame)
+    assert pipeline.model._matches(tensor)  # frames replay the graph, not the eager fallback
+
+
+def test_decode_matches_torchvision_box_coder():
+    """The written-out decoding is torchvision's ``decode_single``, clip included."""
+    model = _detector()
+    generator = torch.Generator().manual_seed(3)
+    xy = torch.rand(500, 2, generator=generator) * 600
+    anchors = torch.cat([xy, xy + 8 + torch.rand(500, 2, generator=generator) * 200], 1)
+    deltas = torch.randn(500, 4, generator=generator) * 2
+    deltas[0, 2] = 50.0  # beyond bbox_xform_clip
+    torch.testing.assert_close(
+        model.decode(deltas, anchors), model.box_coder.decode_single(deltas, anchors)
+    )
+
+
+class _HostTensors(TorchFunctionMode):
+    """Records tensors built from Python values (a host-to-device copy on a GPU)."""
+
+    FACTORIES = (torch.tensor, torch.as_tensor, torch.from_numpy)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FACTORIES:
+            self.made.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _host_tensors(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """Tensors the second forward pass builds from host values (the first caches anchors)."""
+    with torch.inference_mode():
+        model.eval()(x)
+        with _HostTensors() as mode:
+            model(x)
+    return mode.made
+
+
+def test_eval_forward_builds_no_tensor_from_host_values():
+    """A CUDA graph cannot capture a host-to-device copy, so the detector's eval forward must
+    not build tensors from Python values."""
+    assert not _host_tensors(_detector(), torch.randn(1, 3, 192, 640))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_backbones_build_no_tensor_from_host_values(name):
+    assert not _host_tensors(get_model(name, num_classes=10), torch.randn(1, 3, 64, 64))
