@@ -20,6 +20,7 @@ from dds_perception.detection.optimize import (
     CUDAGraphModule,
     InferenceOptions,
     OptimizeError,
+    has_depthwise_conv,
     optimize_for_inference,
 )
 from dds_perception.models import get_model, list_models
@@ -37,17 +38,31 @@ def _detector() -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------- everywhere
 def test_options_resolve_per_device():
-    cpu = InferenceOptions().resolved(torch.device("cpu"), half=False)
-    assert (cpu.channels_last, cpu.cudnn_benchmark, cpu.cuda_graphs) == (True, False, False)
-    cuda = InferenceOptions().resolved(torch.device("cuda"), half=False)
-    assert (cuda.channels_last, cuda.cudnn_benchmark, cuda.cuda_graphs) == (False, True, True)
-    cuda_half = InferenceOptions().resolved(torch.device("cuda"), half=True)
-    assert cuda_half.channels_last is True
-    # an explicit True cannot switch a CUDA-only option on for the CPU
+    """The measured winners per device (H200 and 2-core CPU numbers in the README)."""
+
+    def picks(options: InferenceOptions) -> tuple[bool, ...]:
+        return (
+            options.channels_last,
+            options.split_pyramid,
+            options.cudnn_benchmark,
+            options.cuda_graphs,
+        )
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    detector, dense = _detector(), torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    assert picks(InferenceOptions().resolved(cpu, False, detector)) == (True, True, False, False)
+    assert picks(InferenceOptions().resolved(cuda, False, detector)) == (False, False, True, True)
+    # NHWC on CUDA only in fp16 and only without depthwise convolutions
+    assert InferenceOptions().resolved(cuda, True, detector).channels_last is False
+    assert InferenceOptions().resolved(cuda, True, dense).channels_last is True
+    assert InferenceOptions().resolved(cuda, False, dense).channels_last is False
+    assert InferenceOptions().resolved(cuda, True).channels_last is False  # model unknown
+    # an explicit True cannot switch a CUDA-only option on for the CPU; False is kept
     forced = InferenceOptions(cuda_graphs=True, cudnn_benchmark=True)
-    assert forced.resolved(torch.device("cpu"), False).cuda_graphs is False
-    off = InferenceOptions(cuda_graphs=False).resolved(torch.device("cuda"), False)
-    assert off.cuda_graphs is False
+    assert forced.resolved(cpu, False).cuda_graphs is False
+    assert InferenceOptions(cuda_graphs=False).resolved(cuda, False).cuda_graphs is False
+    assert InferenceOptions(channels_last=True).resolved(cuda, False).channels_last is True
+    assert has_depthwise_conv(detector) and not has_depthwise_conv(dense)
 
 
 def test_bench_switches_per_device():

@@ -206,12 +206,11 @@ class TorchBackend(TimedBackend):
         half: bool,
         settings: Settings,
     ) -> tuple[Callable[[], Any], list[str]]:
+        options = settings.options.resolved(device, half, module)  # e.g. NHWC for this network
         with _run_context(settings, device), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = optimize_for_inference(
-                module, device, half, example=example, options=settings.options
-            )
-            x = to_input_layout(example, settings.options, device, half)
+            model = optimize_for_inference(module, device, half, example=example, options=options)
+            x = to_input_layout(example, options, device, half)
         notes = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
         if isinstance(model, CUDAGraphModule):
             notes.append("replayed as one CUDA graph")

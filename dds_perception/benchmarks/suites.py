@@ -484,6 +484,11 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
     ("half", "fp32 instead of the run's fp16", True),
 )
 CPU_ONLY = ("mkldnn", "threads", "reuse_memory")  # CPU libraries and the CPU allocator
+# switches whose default depends on the device: where it is off, the row turns it on
+FLIPPABLE = {
+    "channels_last": "NHWC layout for both",
+    "split_pyramid": "the expansion split per pyramid branch",
+}
 CUDA_ONLY = ("cudnn_benchmark", "cuda_graphs", "half")
 
 # process-wide switches whose "off" changes state the next "on" call pays for (the allocator's
@@ -503,10 +508,11 @@ def _switch_off(
         other = 1 if current > 1 else (os.cpu_count() or 2)
         meaning = f"{other} intra-op thread(s) instead of {current}"
         return settings.with_(threads=other), meaning, f"{switch}=off"
-    if switch == "channels_last":
-        default = settings.options.resolved(config.device, config.half).channels_last
-        if not default:
-            return settings.with_(channels_last=True), "NHWC layout", f"{switch}=on"
+    if switch in FLIPPABLE:  # decided per device (and network): flip what our detector gets
+        ours = _detector(OURS, config).network
+        resolved = settings.options.resolved(config.device, config.half, ours)
+        if not getattr(resolved, switch):
+            return settings.with_(**{switch: True}), FLIPPABLE[switch], f"{switch}=on"
     return settings.with_(**{switch: False}), None, f"{switch}=off"
 
 

@@ -103,9 +103,10 @@ class TorchBackend(Backend):
     optimize_for_inference` (BatchNorm folded, pyramid branches merged/split, NHWC, fp16 on CUDA).
 
     ``channels_last`` defaults to NHWC on the CPU (measured about 3x faster for these
-    depthwise-separable networks; the pipeline's buffer already has that layout) and on CUDA
-    with fp16 (tensor-core kernels). On CUDA, ``cuda_graphs`` (default on) replays the network
-    as one captured graph; its outputs are overwritten by the next call.
+    depthwise-separable networks; the pipeline's buffer already has that layout) and to NCHW on
+    CUDA (cuDNN's NHWC depthwise kernels were slower; see :class:`InferenceOptions`). On CUDA,
+    ``cuda_graphs`` (default on) replays the network as one captured graph; its outputs are
+    overwritten by the next call.
     """
 
     name = "torch"
@@ -128,7 +129,7 @@ class TorchBackend(Backend):
         self.input_dtype = torch.float16 if half else torch.float32
         options = InferenceOptions(
             fold_bn=fold_batchnorm, channels_last=channels_last, cuda_graphs=cuda_graphs
-        ).resolved(self.device, half)
+        ).resolved(self.device, half, model)
         self.channels_last = bool(options.channels_last)
         self.config = model.config
         self.class_names = list((getattr(model, "meta", None) or {}).get("class_names", ["car"]))

@@ -462,14 +462,24 @@ def split_pyramid_producers(model: nn.Module) -> int:
 class InferenceOptions:
     """Which speed-ups :func:`optimize_for_inference` applies (defaults: the measured winners).
 
-    ``channels_last=None`` means: on CPU yes (oneDNN is faster in NHWC, measured), on CUDA only
-    with fp16 (where tensor-core kernels want NHWC). ``compile`` is off by default because it
-    adds tens of seconds of start-up; turn it on for long-running nodes.
+    ``None`` means "decided per device" by :meth:`resolved`, from measurements (``bench``,
+    section speed-ups; H200 numbers in the README):
+
+    * ``channels_last``: on CPU yes (oneDNN is about 3x faster in NHWC for these networks). On
+      CUDA only with fp16 and only for networks without depthwise convolutions: NHWC made
+      SSD300-VGG16 1.45x faster in fp16 but our detector 1.35x slower (cuDNN's NHWC depthwise
+      kernels), and fp32 NHWC was slower for ours too.
+    * ``split_pyramid``: on CPU yes (it exists to avoid NHWC channel-slice copies); on CUDA no
+      (one 1x1 convolution instead of one per branch: 1.37x faster in fp32, 1.16x in fp16).
+    * ``cudnn_benchmark`` and ``cuda_graphs``: on CUDA yes (graphs: 3.98x on ours in fp32).
+
+    ``compile`` is off by default because it adds tens of seconds of start-up; turn it on for
+    long-running nodes.
     """
 
     fold_bn: bool = True
     merge_pyramid: bool = True
-    split_pyramid: bool = True
+    split_pyramid: bool | None = None
     channels_last: bool | None = None
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
@@ -478,17 +488,33 @@ class InferenceOptions:
     cudnn_benchmark: bool | None = None  # None: on CUDA yes (ignored on CPU)
     cuda_graphs: bool | None = None  # None: on CUDA yes (needs ``example``; ignored on CPU)
 
-    def resolved(self, device: torch.device, half: bool) -> InferenceOptions:
-        """The options with every ``None`` decided for this device."""
-        cuda = device.type == "cuda"
+    def resolved(
+        self, device: torch.device, half: bool, model: nn.Module | None = None
+    ) -> InferenceOptions:
+        """The options with every ``None`` decided for this device (and ``model``: whether it
+        has depthwise convolutions decides NHWC on CUDA; without it, it is assumed to)."""
+        cuda = torch.device(device).type == "cuda"
+        nhwc = not cuda or (half and model is not None and not has_depthwise_conv(model))
+
+        def decide(value: bool | None, default: bool, cuda_only: bool = False) -> bool:
+            chosen = default if value is None else value
+            return chosen and (cuda or not cuda_only)
+
         return replace(
             self,
-            channels_last=(not cuda or half) if self.channels_last is None else self.channels_last,
-            cudnn_benchmark=cuda
-            if self.cudnn_benchmark is None
-            else self.cudnn_benchmark and cuda,
-            cuda_graphs=cuda if self.cuda_graphs is None else self.cuda_graphs and cuda,
+            channels_last=decide(self.channels_last, nhwc),
+            split_pyramid=decide(self.split_pyramid, not cuda),
+            cudnn_benchmark=decide(self.cudnn_benchmark, cuda, cuda_only=True),
+            cuda_graphs=decide(self.cuda_graphs, cuda, cuda_only=True),
         )
+
+
+def has_depthwise_conv(model: nn.Module) -> bool:
+    """Whether ``model`` has a depthwise convolution (groups == input channels > 1)."""
+    return any(
+        isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+        for m in model.modules()
+    )
 
 
 def optimize_for_inference(
@@ -509,7 +535,7 @@ def optimize_for_inference(
     device = torch.device(device)
     if half and device.type != "cuda":
         raise OptimizeError(f"half precision needs a CUDA device, got {device}")
-    options = (options or InferenceOptions()).resolved(device, half)
+    options = (options or InferenceOptions()).resolved(device, half, model)
     if not inplace:
         model = copy.deepcopy(model)
     model.eval().requires_grad_(False)
