@@ -174,6 +174,27 @@ def test_bench_rejects_bad_options(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "bench.json").exists()
 
 
+def test_bench_compare_puts_runs_side_by_side(quick_bench: Path, tmp_path: Path, capsys) -> None:
+    from dds_perception.cli import main
+
+    data = json.loads((quick_bench / "bench.json").read_text())
+    gpu = tmp_path / "gpu"  # the same run, relabelled as a fp16 GPU run
+    gpu.mkdir()
+    data["environment"]["gpu"], data["config"]["half"] = "Some GPU", True
+    (gpu / "bench.json").write_text(json.dumps(data))
+    out = tmp_path / "cmp"
+    assert main(["bench", "--compare", str(quick_bench), str(gpu), "--out", str(out)]) == 0
+    text = (out / "compare.md").read_text()
+    assert "| CPU, 1 thread(s) | Some GPU fp16 |" in text
+    rows = {r["what"]: r["values"] for r in json.loads((out / "compare.json").read_text())["rows"]}
+    ours = rows["dds_rpn_s32 network ms (default)"]
+    ref = rows["ssd300_vgg16 network ms (default)"]
+    assert ours[0] == ours[1] > 0 and rows["speed ratio (default)"][0] == ref[0] / ours[0]
+    assert 0 <= rows["share outside the network"][0] <= 1
+    assert main(["bench", "--compare", str(tmp_path / "nope"), "--out", str(out)]) == 1
+    assert "nope/bench.json: cannot read a bench result" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- folding
 @pytest.mark.parametrize("name", list_models())
 def test_bench_fold_batchnorm_keeps_outputs(name: str) -> None:

@@ -11,6 +11,7 @@ examples:
   dds-perception bench --backend torch,onnxruntime --out bench_out
   dds-perception bench --sections detectors,speedups --repeats 20 --out bench_out
   dds-perception bench --device cuda --half --out bench_gpu # fp16 on a CUDA GPU
+  dds-perception bench --compare bench_out bench_gpu --out cpu_vs_gpu   # runs side by side
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights", type=Path, help="pipeline weights (default: the shipped ones)"
     )
     parser.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="measure nothing: put earlier runs (folders with bench.json) side by side in "
+        "OUT/compare.md and OUT/compare.json",
+    )
+    parser.add_argument(
         "--frame",
         type=Path,
         help="a real image for the pipeline section (default: a KITTI sample frame when "
@@ -94,10 +103,37 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(**changes)
 
 
+def compare(dirs: list[Path], out: Path) -> int:
+    """Write OUT/compare.md and OUT/compare.json from earlier runs' bench.json files."""
+    import json
+
+    from dds_perception.benchmarks.report import comparison_rows, render_comparison
+    from dds_perception.utils.io import atomic_open, write_json
+
+    runs = []
+    for folder in dirs:
+        path = folder / "bench.json"
+        try:
+            runs.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as error:
+            raise BenchError(f"--compare {path}: cannot read a bench result ({error})") from None
+        if "environment" not in runs[-1]:
+            raise BenchError(f"--compare {path}: not a bench.json (no 'environment')")
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [str(d) for d in dirs]
+    write_json(out / "compare.json", {"runs": sources, "rows": comparison_rows(runs)})
+    with atomic_open(out / "compare.md", "w", encoding="utf-8") as handle:
+        handle.write(render_comparison(runs, sources))
+    print(f"wrote {out / 'compare.md'} and {out / 'compare.json'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from dds_perception.benchmarks.report import render_markdown, write_plots
     from dds_perception.utils.io import atomic_open, write_json
 
+    if args.compare:
+        return compare(args.compare, args.out)
     config = config_from_args(args)
     results = run_bench(config, command=["dds-perception", "bench", *sys.argv[2:]])
     out: Path = args.out

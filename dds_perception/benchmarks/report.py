@@ -401,3 +401,90 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
         ax.set_title("Speed-ups on/off")
         save(fig, "speedups.png")
     return written
+
+
+# ----------------------------------------------------------------------------- several runs
+def _run_label(results: dict[str, Any]) -> str:
+    env, cfg = results["environment"], results["config"]
+    if env.get("gpu"):
+        return f"{env['gpu']} {'fp16' if cfg.get('half') else 'fp32'}"
+    return f"CPU, {env['torch_threads']} thread(s)"
+
+
+def _network_ms(results: dict[str, Any], model: str, settings: str) -> float | None:
+    """Median network ms of ``model``: the detectors section's row, else the speed-up pool's."""
+    detectors = {"default": "optimized", "plain": "plain"}.get(settings)
+    for row in results.get("detectors", {}).get("runs", []):
+        if (row["name"], row.get("backend"), row.get("settings")) == (model, "torch", detectors):
+            return row["network_ms"]["median_ms"] if "network_ms" in row else None
+    for entry in results.get("speedups", {}).get("table", []):
+        if entry["variant"] == settings:
+            return entry.get(f"{model}_ms")
+    return None
+
+
+def comparison_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per quantity, one value per run (None where a run did not measure it)."""
+    rows: list[dict[str, Any]] = []
+    for settings in ("plain", "default", "compile"):
+        ours = [_network_ms(r, OURS, settings) for r in runs]
+        ref = [_network_ms(r, REFERENCE, settings) for r in runs]
+        if all(v is None for v in ours):
+            continue
+        rows.append({"what": f"{OURS} network ms ({settings})", "values": ours})
+        rows.append({"what": f"{REFERENCE} network ms ({settings})", "values": ref})
+        ratios = [
+            None if a is None or b is None else b / a for a, b in zip(ours, ref, strict=True)
+        ]
+        rows.append({"what": f"speed ratio ({settings})", "values": ratios, "ratio": True})
+    pipelines = [r.get("pipeline") or {} for r in runs]
+    if any(pipelines):
+        rows.append(
+            {
+                "what": "pipeline end to end ms",
+                "values": [p["total_ms"]["median_ms"] if p else None for p in pipelines],
+            }
+        )
+        rows.append(
+            {
+                "what": "share outside the network",
+                "values": [p["outside_network_share"] if p else None for p in pipelines],
+                "share": True,
+            }
+        )
+    return rows
+
+
+def render_comparison(runs: list[dict[str, Any]], sources: list[str]) -> str:
+    """``compare.md``: several bench runs (e.g. CPU and GPU) side by side."""
+
+    def cell(value: float | None, row: dict[str, Any]) -> str:
+        if value is None:
+            return "-"
+        if row.get("ratio"):
+            return f"**{value:.2f}x**"
+        return f"{value:.1%}" if row.get("share") else _t(value)
+
+    header = ["", *(_run_label(r) for r in runs)]
+    body = [[row["what"], *(cell(v, row) for v in row["values"])] for row in comparison_rows(runs)]
+    lines = [
+        "# dds_perception benchmark: runs side by side",
+        "",
+        f"Batch 1, {OURS} on the 1242x375 frame letterboxed to 384x1248, {REFERENCE} on its own "
+        "300x300; median ms. `default` = the pipeline's speed-ups for that device (see each "
+        "run's bench.md), `plain` = eager PyTorch, `compile` = torch.compile on top of default. "
+        "A ratio above 1 means ours is faster.",
+        "",
+        *_table(header, body),
+        "",
+        "Runs:",
+        "",
+    ]
+    for results, source in zip(runs, sources, strict=True):
+        env = results["environment"]
+        machine = env.get("gpu") or env["cpu"]
+        lines.append(
+            f"- {_run_label(results)}: `{source}`, {env['date_utc']}, {machine}, "
+            f"torch {env['torch']}; command: `{' '.join(results.get('command') or [])}`"
+        )
+    return "\n".join(lines) + "\n"
