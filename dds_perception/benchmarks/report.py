@@ -423,6 +423,18 @@ def _network_ms(results: dict[str, Any], model: str, settings: str) -> float | N
     return None
 
 
+def _ratio(results: dict[str, Any], settings: str) -> float | None:
+    """The run's own speed ratio of ours to the reference (the same source as the ms)."""
+    detectors = {"default": "optimized", "plain": "plain"}.get(settings)
+    for row in results.get("detectors", {}).get("runs", []):
+        if (row["name"], row.get("backend"), row.get("settings")) == (OURS, "torch", detectors):
+            return row.get("ratio_to_ssd300_vgg16")
+    for entry in results.get("speedups", {}).get("table", []):
+        if entry["variant"] == settings:
+            return entry.get("ratio")
+    return None
+
+
 def comparison_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per quantity, one value per run (None where a run did not measure it)."""
     rows: list[dict[str, Any]] = []
@@ -433,9 +445,7 @@ def comparison_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         rows.append({"what": f"{OURS} network ms ({settings})", "values": ours})
         rows.append({"what": f"{REFERENCE} network ms ({settings})", "values": ref})
-        ratios = [
-            None if a is None or b is None else b / a for a, b in zip(ours, ref, strict=True)
-        ]
+        ratios = [_ratio(r, settings) for r in runs]
         rows.append({"what": f"speed ratio ({settings})", "values": ratios, "ratio": True})
     pipelines = [r.get("pipeline") or {} for r in runs]
     if any(pipelines):
