@@ -73,3 +73,25 @@ def run_cli(
 def cli():
     """The ``run_cli`` helper as a fixture."""
     return run_cli
+
+
+def scenes_car_ap(pipeline, root: Path):
+    """KITTI evaluation (Car) of ``pipeline`` on every frame of a generated scene folder."""
+    from dds_perception.data.kitti import detection_to_object, read_label_file
+    from dds_perception.evaluation.kitti import evaluate
+
+    gt, dt = {}, {}
+    for png in sorted((root / "training" / "image_2").glob("*.png")):
+        gt[png.stem] = read_label_file(root / "training" / "label_2" / f"{png.stem}.txt")
+        found = pipeline(png.read_bytes(), "png")
+        dt[png.stem] = [
+            detection_to_object(tuple(box), score)
+            for box, score in zip(found.boxes.tolist(), found.scores.tolist(), strict=True)
+        ]
+    return evaluate(gt, dt, classes=("Car",))
+
+
+@pytest.fixture
+def scene_ap():
+    """The ``scenes_car_ap`` helper as a fixture: ``scene_ap(pipeline, root)``."""
+    return scenes_car_ap

@@ -107,24 +107,8 @@ def test_cuda_graph_replay_matches_eager_and_follows_new_inputs():
     assert other["scores"].shape[1] < got["scores"].shape[1]
 
 
-def _scenes_ap(pipeline: Pipeline, root) -> dict[str, float]:
-    from dds_perception.data.kitti import detection_to_object, read_label_file
-    from dds_perception.evaluation.kitti import evaluate
-
-    gt, dt = {}, {}
-    for png in sorted((root / "training" / "image_2").glob("*.png")):
-        gt[png.stem] = read_label_file(root / "training" / "label_2" / f"{png.stem}.txt")
-        found = pipeline(png.read_bytes(), "png")
-        dt[png.stem] = [
-            detection_to_object(tuple(box), score)
-            for box, score in zip(found.boxes.tolist(), found.scores.tolist(), strict=True)
-        ]
-    result = evaluate(gt, dt, classes=("Car",))
-    return {d: result.ap("Car", d, "AP_40") for d in ("easy", "moderate", "hard")}
-
-
 @needs_cuda
-def test_cuda_pipeline_matches_cpu_and_fp16_keeps_the_accuracy(tmp_path):
+def test_cuda_pipeline_matches_cpu_and_fp16_keeps_the_accuracy(tmp_path, scene_ap):
     """The shipped weights on 24 unseen scenes: CPU fp32, CUDA fp32 and CUDA fp16 AP_40."""
     from dds_perception.data.scenes import generate_kitti_scenes
 
@@ -136,7 +120,8 @@ def test_cuda_pipeline_matches_cpu_and_fp16_keeps_the_accuracy(tmp_path):
         pipeline = Pipeline.from_weights(
             default_weights(), device=device, half=half, score_threshold=0.01
         )
-        aps[label] = _scenes_ap(pipeline, root)
+        result = scene_ap(pipeline, root)
+        aps[label] = {d: result.ap("Car", d, "AP_40") for d in ("easy", "moderate", "hard")}
         outputs[label] = pipeline(frame, "png")
     print(json.dumps(aps))
     cpu = outputs["cpu"]

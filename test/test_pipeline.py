@@ -137,26 +137,16 @@ def test_pipeline_default_weights_is_the_shipped_detector():
     assert len(pipeline(np.zeros((375, 1242, 3), dtype=np.uint8)).timings) == 4
 
 
-def test_pipeline_shipped_detector_finds_the_cars_of_unseen_scenes(tmp_path):
+def test_pipeline_shipped_detector_finds_the_cars_of_unseen_scenes(tmp_path, scene_ap):
     """The shipped weights, through the pipeline, on 24 scenes it never saw (seed 77).
 
     Measured: Car AP_40 easy / moderate / hard 83.9 / 74.8 / 67.1 (KITTI rules, IoU > 0.7).
     """
-    from dds_perception.data.kitti import detection_to_object, read_label_file
     from dds_perception.data.scenes import generate_kitti_scenes
-    from dds_perception.evaluation.kitti import evaluate
 
     root = generate_kitti_scenes(tmp_path / "scenes", 24, seed=77, val_fraction=0.0)
     pipeline = Pipeline.from_weights(default_weights(), device="cpu", score_threshold=0.01)
-    gt, dt = {}, {}
-    for png in sorted((root / "training" / "image_2").glob("*.png")):
-        gt[png.stem] = read_label_file(root / "training" / "label_2" / f"{png.stem}.txt")
-        found = pipeline(png.read_bytes(), "png")
-        dt[png.stem] = [
-            detection_to_object(tuple(box), score)
-            for box, score in zip(found.boxes.tolist(), found.scores.tolist(), strict=True)
-        ]
-    result = evaluate(gt, dt, classes=("Car",))
+    result = scene_ap(pipeline, root)
     assert result.ap("Car", "easy", "AP_40") > 70.0, result.markdown()
     assert result.ap("Car", "moderate", "AP_40") > 60.0, result.markdown()  # 74.8 measured
 
