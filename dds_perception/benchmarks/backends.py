@@ -70,6 +70,7 @@ class Settings:
                 split_pyramid=False,
                 cudnn_benchmark=False,
                 cuda_graphs=False,
+                inplace_prelu=False,
             ),
             inference_mode=False,
         )

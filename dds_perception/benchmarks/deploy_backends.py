@@ -48,7 +48,7 @@ def _export(
 ) -> tuple[list[str], list[str]]:
     """Export ``module`` for ``example`` to ``path``; return (output names, notes)."""
     # the torch backend's graph rewrites; layout and compilation are the runtime's business
-    options = replace(settings.options, channels_last=False, compile=False)
+    options = replace(settings.options, channels_last=False, compile=False, inplace_prelu=False)
     if isinstance(module, RPNDetector):
         detector = copy.deepcopy(module).eval()
         report = export_detector(

@@ -468,6 +468,7 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
     ("inference_mode", "autograd on (plain call)", True),
     ("fold_bn", "BatchNorm kept as separate layers", False),
     ("merge_pyramid", "one depthwise conv per branch (4 per pyramid stage)", False),
+    ("inplace_prelu", "PyTorch's PReLU, which writes a new tensor", False),
     ("split_pyramid", "torch.split of the expanded map (copies in NHWC)", False),
     ("channels_last", "NCHW layout", True),
     ("mkldnn", "oneDNN off (ATen's own convolutions)", True),
@@ -483,7 +484,8 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
     ("cuda_graphs", "eager launches instead of one replayed CUDA graph", True),
     ("half", "fp32 instead of the run's fp16", True),
 )
-CPU_ONLY = ("mkldnn", "threads", "reuse_memory")  # CPU libraries and the CPU allocator
+# CPU libraries, the CPU allocator and the CPU kernel
+CPU_ONLY = ("mkldnn", "threads", "reuse_memory", "inplace_prelu")
 # switches whose default depends on the device: where it is off, the row turns it on
 FLIPPABLE = {
     "channels_last": "NHWC layout for both",

@@ -57,7 +57,7 @@ from dds_perception.detection.detector import RPNDetector
 from dds_perception.detection.optimize import InferenceOptions, optimize_for_inference
 from dds_perception.detection.postprocess import PostprocessParams, postprocess
 from dds_perception.detection.weights import load_detector
-from dds_perception.utils.io import atomic_path
+from dds_perception.utils.io import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,9 @@ def export_detector(
         detector,
         "cpu",
         example=torch.zeros(1, 3, *size),
-        options=replace(options or InferenceOptions(), channels_last=False, compile=False),
+        options=replace(
+            options or InferenceOptions(), channels_last=False, compile=False, inplace_prelu=False
+        ),
         inplace=True,
     )
     decompose_prelu(detector)
@@ -421,15 +423,6 @@ def export_onnx(
 ) -> ExportReport:
     """Load a detector weights file and :func:`export_detector` it (options passed through)."""
     return export_detector(load_detector(weights, device="cpu"), out, source=weights, **options)
-
-
-def cache_dir() -> Path:
-    """Where on-the-fly exports go: ``$DDS_PERCEPTION_CACHE`` or ``~/.cache/dds_perception``."""
-    root = os.environ.get("DDS_PERCEPTION_CACHE")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "dds_perception"
 
 
 def cached_onnx(

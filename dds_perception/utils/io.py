@@ -51,3 +51,13 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     with atomic_open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, sort_keys=False)
         handle.write("\n")
+
+
+def cache_dir() -> Path:
+    """Where derived files go (exports, compiled kernels): ``$DDS_PERCEPTION_CACHE`` or
+    ``$XDG_CACHE_HOME/dds_perception`` (default ``~/.cache/dds_perception``)."""
+    root = os.environ.get("DDS_PERCEPTION_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dds_perception"
