@@ -215,6 +215,28 @@ def test_detection_postprocess_threshold_nms_topk():
     assert clipped.tolist() == [[0.0, 0.0, 5.0, 5.0]]
 
 
+def test_detection_postprocess_single_class_equals_class_aware_with_one_class():
+    """The label-free fast path keeps exactly what class-aware NMS keeps with one class, top-k
+    included; with two classes, overlapping boxes of different classes both survive."""
+    generator = torch.Generator().manual_seed(5)
+    corners = torch.rand(2, 3000, 2, generator=generator) * 300
+    boxes = torch.cat([corners, corners + 5 + torch.rand(2, 3000, 2, generator=generator) * 60], 2)
+    scores = torch.rand(2, 3000, generator=generator)
+    params = PostprocessParams(
+        score_threshold=0.2, nms_iou=0.5, max_detections=50, pre_nms_top_k=500
+    )
+    fast = postprocess(scores, boxes, params, clip_size=(320, 320))
+    aware = postprocess(
+        scores, boxes, params, clip_size=(320, 320), labels=torch.zeros(2, 3000, dtype=torch.int64)
+    )
+    for (b1, s1, l1), (b2, s2, l2) in zip(fast, aware, strict=True):
+        assert torch.equal(b1, b2) and torch.equal(s1, s2) and torch.equal(l1, l2)
+        assert len(s1) == 50
+    pair = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0]]])
+    two = postprocess(torch.tensor([[0.9, 0.8]]), pair, params, labels=torch.tensor([[0, 1]]))
+    assert two[0][2].tolist() == [0, 1]
+
+
 def test_detection_fuse_batchnorm_keeps_outputs(tiny_config):
     torch.manual_seed(0)
     model = build_detector(tiny_config)

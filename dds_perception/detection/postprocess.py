@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import batched_nms, clip_boxes_to_image, nms, remove_small_boxes
 
 
 @dataclass(frozen=True)
@@ -48,19 +48,30 @@ def postprocess(
     """
     results = []
     for i in range(scores.shape[0]):
-        score, box = scores[i], boxes[i]
-        label = torch.zeros_like(score, dtype=torch.int64) if labels is None else labels[i]
+        # the single-class case carries no labels through the steps (fewer small ops per frame:
+        # they are a good part of the pipeline's time outside the network)
+        score, box, label = scores[i], boxes[i], None if labels is None else labels[i]
         # threshold first, then top-k of the survivors: the same set as top-k then threshold,
         # but the sort sees only the few anchors above the threshold
         keep = score > params.score_threshold
-        score, box, label = score[keep], box[keep], label[keep]
+        score, box, label = _take(keep, score, box, label)
         if params.pre_nms_top_k and score.numel() > params.pre_nms_top_k:
             score, top = score.topk(params.pre_nms_top_k)
-            box, label = box[top], label[top]
+            _, box, label = _take(top, None, box, label)
         if clip_size is not None:
             box = clip_boxes_to_image(box, clip_size)
         keep = remove_small_boxes(box, params.min_box_size)
-        score, box, label = score[keep], box[keep], label[keep]
-        keep = batched_nms(box, score, label, params.nms_iou)[: params.max_detections]
-        results.append((box[keep], score[keep], label[keep]))
+        score, box, label = _take(keep, score, box, label)
+        if label is None:
+            keep = nms(box, score, params.nms_iou)[: params.max_detections]
+        else:
+            keep = batched_nms(box, score, label, params.nms_iou)[: params.max_detections]
+        score, box, label = _take(keep, score, box, label)
+        if label is None:
+            label = torch.zeros(score.shape, dtype=torch.int64, device=score.device)
+        results.append((box, score, label))
     return results
+
+
+def _take(index: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    return tuple(None if t is None else t[index] for t in tensors)
