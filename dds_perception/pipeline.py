@@ -113,6 +113,8 @@ class Pipeline:
         warmup: bool = True,
         reuse_memory: bool = True,
     ) -> None:
+        if input_size is not None:
+            input_size = tuple(int(v) for v in input_size)
         # a module runs on the torch backend; a Backend brings its own device/precision/layout
         if isinstance(model, Backend):
             backend = model
@@ -122,7 +124,7 @@ class Pipeline:
                 device=device,
                 half=half,
                 channels_last=channels_last,
-                input_size=None if input_size is None else tuple(int(v) for v in input_size),
+                input_size=input_size,
             )
         self.backend = backend
         config: DetectorConfig = backend.config
@@ -132,16 +134,16 @@ class Pipeline:
             # in again on every frame (measured by `bench`, speed-up "reuse_memory")
             reuse_freed_memory(True)
         self.half = backend.half
-        if input_size is not None and tuple(input_size) != tuple(config.input_size):
+        if input_size is not None and input_size != tuple(config.input_size):
             if backend.name != "torch":  # an exported graph has its input size built in
                 raise ValueError(
-                    f"input_size {tuple(input_size)}: the {backend.name} model was exported for "
+                    f"input_size {input_size}: the {backend.name} model was exported for "
                     f"{tuple(config.input_size)}; re-export with --height/--width"
                 )
             try:
-                config.replace(input_size=tuple(int(v) for v in input_size))
+                config.replace(input_size=input_size)
             except DetectorConfigError as error:
-                raise ValueError(f"input_size {tuple(input_size)}: {error}") from None
+                raise ValueError(f"input_size {input_size}: {error}") from None
         self.input_size: tuple[int, int] = tuple(int(v) for v in (input_size or config.input_size))
         self.class_names: list[str] = list(backend.class_names)
         self.score_threshold = float(
@@ -166,10 +168,10 @@ class Pipeline:
             canvas = torch.full((*self.input_size, 3), PAD_VALUE, dtype=torch.uint8)
             self._canvas_tensor = canvas.pin_memory()
             self._canvas = self._canvas_tensor.numpy()
-            self._scale = torch.tensor(1.0 / std, dtype=torch.float32, device=input_device)
-            self._shift = torch.tensor(-mean / std, dtype=torch.float32, device=input_device)
-            self._scale, self._shift = (t.view(1, 3, 1, 1) for t in (self._scale, self._shift))
-            self._copied: torch.cuda.Event | None = None
+            per_channel = {"dtype": torch.float32, "device": input_device}
+            self._scale = torch.tensor(1.0 / std, **per_channel).view(1, 3, 1, 1)
+            self._shift = torch.tensor(-mean / std, **per_channel).view(1, 3, 1, 1)
+            self._copied = torch.cuda.Event()  # recorded after each upload of the canvas
         else:
             # (value - mean) / std for every 0-255 value of each channel, as a cv2.LUT table
             values = np.arange(256, dtype=np.float64)[:, None]
@@ -270,8 +272,9 @@ class Pipeline:
     def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, Letterbox]:
         """Letterbox and normalise an HxWx3 RGB uint8 frame into a (1, 3, H, W) input tensor."""
         lb = letterbox_params(rgb.shape[:2], self.input_size)
-        if self._normalise_on_device and self._copied is not None:
-            self._copied.synchronize()  # the last frame's upload has left the pinned canvas
+        if self._normalise_on_device:
+            # the last frame's upload has left the pinned canvas (a no-op before the first)
+            self._copied.synchronize()
         canvas = self._canvas
         geometry = (lb.pad_x, lb.pad_y, lb.new_w, lb.new_h)
         if geometry != self._canvas_geometry:  # the padding changes only with the geometry
@@ -282,7 +285,6 @@ class Pipeline:
         if self._normalise_on_device:
             device = self.backend.input_device
             pixels = self._canvas_tensor.to(device, non_blocking=True)
-            self._copied = torch.cuda.Event()
             self._copied.record(torch.cuda.current_stream(device))
             # HWC -> NCHW view with channels-last strides; (pixel - mean) / std in float32
             pixels = pixels.permute(2, 0, 1).unsqueeze(0).float()

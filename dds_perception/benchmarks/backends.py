@@ -119,12 +119,12 @@ class Backend(Protocol):
 
 
 @contextlib.contextmanager
-def _run_context(settings: Settings, device: torch.device) -> Iterator[None]:
-    # process-wide and set on every call, so interleaved variants each run with their own
+def _run_context(settings: Settings, cudnn_benchmark: bool | None = None) -> Iterator[None]:
+    # process-wide and set on every call, so interleaved variants each run with their own;
+    # ``cudnn_benchmark`` (None on the CPU) decides cuDNN's algorithms at build / capture time
     reuse_freed_memory(settings.reuse_memory)
-    if device.type == "cuda":  # decides cuDNN's algorithms at build (and capture) time
-        cudnn_benchmark = settings.options.resolved(device, bool(settings.half)).cudnn_benchmark
-        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    if cudnn_benchmark is not None:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     with contextlib.ExitStack() as stack:
         stack.enter_context(num_threads(settings.threads))
         if not settings.mkldnn:
@@ -208,7 +208,8 @@ class TorchBackend(TimedBackend):
         settings: Settings,
     ) -> tuple[Callable[[], Any], list[str]]:
         options = settings.options.resolved(device, half, module)  # e.g. NHWC for this network
-        with _run_context(settings, device), warnings.catch_warnings(record=True) as caught:
+        cudnn = options.cudnn_benchmark if device.type == "cuda" else None
+        with _run_context(settings, cudnn), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = optimize_for_inference(module, device, half, example=example, options=options)
             x = to_input_layout(example, options, device, half)
@@ -217,7 +218,7 @@ class TorchBackend(TimedBackend):
             notes.append("replayed as one CUDA graph")
 
         def run() -> Any:
-            with _run_context(settings, device):
+            with _run_context(settings, cudnn):
                 return model(x)
 
         return run, notes

@@ -411,41 +411,34 @@ def _run_label(results: dict[str, Any]) -> str:
     return f"CPU, {env['torch_threads']} thread(s)"
 
 
-def _network_ms(results: dict[str, Any], model: str, settings: str) -> float | None:
-    """Median network ms of ``model``: the detectors section's row, else the speed-up pool's."""
+def _measured(
+    results: dict[str, Any], model: str, settings: str
+) -> tuple[float | None, float | None]:
+    """(median network ms of ``model``, its speed ratio to the reference) under ``settings``:
+    the detectors section's row, else the speed-up pool's (the run's own ratio, not recomputed
+    from rounded medians)."""
     detectors = {"default": "optimized", "plain": "plain"}.get(settings)
     for row in results.get("detectors", {}).get("runs", []):
         if (row["name"], row.get("backend"), row.get("settings")) == (model, "torch", detectors):
-            return row["network_ms"]["median_ms"] if "network_ms" in row else None
+            ms = row["network_ms"]["median_ms"] if "network_ms" in row else None
+            return ms, row.get("ratio_to_ssd300_vgg16")
     for entry in results.get("speedups", {}).get("table", []):
         if entry["variant"] == settings:
-            return entry.get(f"{model}_ms")
-    return None
-
-
-def _ratio(results: dict[str, Any], settings: str) -> float | None:
-    """The run's own speed ratio of ours to the reference (the same source as the ms)."""
-    detectors = {"default": "optimized", "plain": "plain"}.get(settings)
-    for row in results.get("detectors", {}).get("runs", []):
-        if (row["name"], row.get("backend"), row.get("settings")) == (OURS, "torch", detectors):
-            return row.get("ratio_to_ssd300_vgg16")
-    for entry in results.get("speedups", {}).get("table", []):
-        if entry["variant"] == settings:
-            return entry.get("ratio")
-    return None
+            return entry.get(f"{model}_ms"), entry.get("ratio")
+    return None, None
 
 
 def comparison_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per quantity, one value per run (None where a run did not measure it)."""
     rows: list[dict[str, Any]] = []
     for settings in ("plain", "default", "compile"):
-        ours = [_network_ms(r, OURS, settings) for r in runs]
-        ref = [_network_ms(r, REFERENCE, settings) for r in runs]
+        ours, ratios = zip(*(_measured(r, OURS, settings) for r in runs), strict=True)
+        ref = [_measured(r, REFERENCE, settings)[0] for r in runs]
         if all(v is None for v in ours):
             continue
-        rows.append({"what": f"{OURS} network ms ({settings})", "values": ours})
+        rows.append({"what": f"{OURS} network ms ({settings})", "values": list(ours)})
         rows.append({"what": f"{REFERENCE} network ms ({settings})", "values": ref})
-        ratios = [_ratio(r, settings) for r in runs]
+        ratios = list(ratios)
         rows.append({"what": f"speed ratio ({settings})", "values": ratios, "ratio": True})
     pipelines = [r.get("pipeline") or {} for r in runs]
     if any(pipelines):

@@ -557,7 +557,8 @@ class InferenceOptions:
             split_pyramid=decide(self.split_pyramid, not cuda),
             cudnn_benchmark=decide(self.cudnn_benchmark, cuda, cuda_only=True),
             cuda_graphs=decide(self.cuda_graphs, cuda, cuda_only=True),
-            inplace_prelu=decide(self.inplace_prelu, not cuda),
+            # inductor fuses the activations itself (and cannot trace the kernel call)
+            inplace_prelu=decide(self.inplace_prelu, not cuda) and not self.compile,
         )
 
 
@@ -600,7 +601,7 @@ def optimize_for_inference(
         merge_pyramid_branches(model)
     if options.split_pyramid and options.fold_bn:
         split_pyramid_producers(model)
-    if options.inplace_prelu and not options.compile:  # inductor fuses activations itself
+    if options.inplace_prelu:
         inplace_activations(model)
     model.to(device)
     if half:
