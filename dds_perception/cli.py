@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kitti2bag": ("dds_perception.ros.kitti2bag", "convert KITTI frames into a ROS 2 bag (10 Hz)"),
     "replay": ("dds_perception.ros.replay", "run a bag through the detector: AP + latency"),
     "evaluate-bag": ("dds_perception.ros.evaluate_bag", "AP of a recorded /detections bag"),
+    "pseudo-label": ("dds_perception.ros.pseudo_label", "KITTI labels from a teacher ONNX"),
 }
 
 
