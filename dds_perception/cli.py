@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-detector": ("dds_perception.engine.train_detector", "train the car detector (RPN)"),
     "train-classifier": ("dds_perception.engine.train_classifier", "train a Caltech classifier"),
     "evaluate-classifier": ("dds_perception.engine.evaluate_classifier", "classifier top-1/5"),
+    "import-weights": (
+        "dds_perception.engine.import_weights",
+        "torchvision MobileNetV2 .pth -> backbone weights file",
+    ),
     "compare-backbones": ("dds_perception.engine.compare_backbones", "paper's backbone table"),
     "plot-accuracy": ("dds_perception.engine.plot_accuracy", "accuracy vs steps PNG"),
     "bench": ("dds_perception.benchmarks.command", "benchmark backbones, detectors, pipeline"),

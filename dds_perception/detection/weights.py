@@ -17,6 +17,12 @@ import torch
 
 from dds_perception.detection.config import DetectorConfig, DetectorConfigError
 from dds_perception.detection.detector import RPNDetector
+from dds_perception.models.pretrained import (
+    WeightsImportError,
+    batchnorm_state_dict,
+    convert_mobilenet_v2,
+    read_torchvision_checkpoint,
+)
 from dds_perception.utils.checkpoint import (
     CheckpointError,
     load_state_into,
@@ -68,7 +74,8 @@ def save_detector(
     """Write ``model`` and its description to ``path`` atomically; return the path."""
     model = getattr(model, "module", model)  # unwrap DDP
     meta = detector_meta(model.config, recipe=recipe, metrics=metrics, **extra)
-    return save_weights(path, model.state_dict(), meta)
+    # frozen BatchNorms (fine-tuning) save as plain ones: the file loads into a fresh build
+    return save_weights(path, batchnorm_state_dict(model), meta)
 
 
 def config_from_meta(meta: Mapping[str, Any], source: str | os.PathLike[str]) -> DetectorConfig:
@@ -103,12 +110,44 @@ def load_detector(path: str | os.PathLike[str], device: str | torch.device = "cp
     return model.to(device).eval()
 
 
+TORCH_SUFFIXES = (".pth", ".pt")
+
+
+def backbone_normalization(
+    path: str | os.PathLike[str],
+) -> tuple[list[float], list[float]] | None:
+    """(mean, std) on a 0-1 scale that a backbone weights file was trained with, if it says."""
+    if Path(path).suffix in TORCH_SUFFIXES:
+        return None  # a bare state dict does not say
+    norm = read_meta(path).get("normalization") or {}
+    if "mean" in norm and "std" in norm:
+        return [float(v) for v in norm["mean"]], [float(v) for v in norm["std"]]
+    return None
+
+
 def load_backbone_weights(model: RPNDetector, path: str | os.PathLike[str]) -> int:
     """Copy the ``features.`` tensors of a classification weights file into the backbone.
 
-    Returns the number of tensors loaded. The backbone names must match (a classifier of another
+    ``path`` is a dds_perception weights file (``train-classifier``, ``import-weights``) or a
+    torchvision MobileNetV2 state dict (``.pth``/``.pt``, read with ``weights_only=True`` and
+    mapped by :func:`~dds_perception.models.pretrained.convert_mobilenet_v2`). Returns the
+    number of tensors loaded. The backbone names must match (a classifier of another
     architecture or width is a :class:`CheckpointError` naming the file).
     """
+    if Path(path).suffix in TORCH_SUFFIXES:
+        if model.config.backbone not in ("mobilenet_v2", "dds_mobilenet_v2"):
+            raise CheckpointError(
+                f"{path}: torchvision MobileNetV2 checkpoints map into mobilenet_v2 and "
+                f"dds_mobilenet_v2, not {model.config.backbone}"
+            )
+        try:
+            state = convert_mobilenet_v2(
+                read_torchvision_checkpoint(path), model.backbone, source=str(path)
+            )
+        except WeightsImportError as error:
+            raise CheckpointError(str(error)) from error
+        model.backbone.load_state_dict(state)
+        return len(state)
     meta = read_meta(path)
     state, _ = load_weights(path)
     features = {k: v for k, v in state.items() if k.startswith("features.")}
