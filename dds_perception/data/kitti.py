@@ -186,6 +186,21 @@ def random_split(
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def kfold_splits(
+    ids: Sequence[str], folds: int, seed: int = 0
+) -> list[tuple[list[str], list[str]]]:
+    """Seeded k-fold cross-validation: ``folds`` (train, val) pairs; every id is validated once.
+
+    The shuffled ids are dealt into ``folds`` near-equal parts (sizes differ by at most one).
+    """
+    if not 2 <= folds <= len(ids):
+        raise ValueError(f"folds must be in [2, {len(ids)}] for {len(ids)} frames, got {folds}")
+    order = sorted(ids)
+    random.Random(seed).shuffle(order)
+    parts = [sorted(order[k::folds]) for k in range(folds)]
+    return [(sorted(set(order) - set(part)), part) for part in parts]
+
+
 @dataclass(frozen=True)
 class KittiLayout:
     """Paths of a KITTI ``training`` (or ``testing``) folder."""
