@@ -76,6 +76,32 @@ def test_pasted_cars_are_labelled_where_they_are(tmp_path):
         assert not (red & ~painted).any()  # and no car pixel lies outside a box
 
 
+def test_labelled_crops_paste_with_their_own_box(tmp_path):
+    """A crop whose car fills only part of it (as the teacher labelled it): the pasted box is
+    the car's, scaled with the crop, not the whole crop."""
+    root = _kitti_root(tmp_path / "kitti")
+    crops = _kitti_root(tmp_path / "crops", frames=0)
+    crop = np.zeros((64, 64, 3), np.uint8)
+    crop[8:56, 10:50] = (0, 0, 255)  # BGR red: the car, x 10..50, y 8..56
+    cv2.imwrite(str(crops / "training" / "image_2" / "000000.png"), crop)
+    label = "Car -1 -1 -10 10.00 8.00 50.00 56.00 -1 -1 -1 -1000 -1000 -1000 -10 0.9\n"
+    (crops / "training" / "label_2" / "000000.txt").write_text(label)
+    cv2.imwrite(str(crops / "training" / "image_2" / "000001.png"), crop)
+    (crops / "training" / "label_2" / "000001.txt").write_text("")  # the teacher saw no car
+    dataset = CopyPasteDataset(KittiDetectionDataset(root), crops, paste=(3, 3), feather=1)
+    assert [c.path.name for c in dataset.crops] == ["000000.png"]
+    torch.manual_seed(2)
+    image, target = dataset[0]
+    red = (image[0] > 128) & (image[2] < 64)
+    assert target["pasted"] == len(target["boxes"]) > 0
+    for x1, y1, x2, y2 in target["boxes"].tolist():
+        inside = red[round(y1) + 1 : round(y2) - 1, round(x1) + 1 : round(x2) - 1]
+        assert inside.all()  # the box holds the car...
+        ring = red[round(y1) - 3 : round(y2) + 3, round(x1) - 3 : round(x2) + 3]
+        assert ring.sum() <= (x2 - x1 + 2) * (y2 - y1 + 2)  # ...and no more than the car
+        assert 22 <= y2 - y1 <= 110.5
+
+
 def test_pasted_cars_keep_the_frames_own_labels(tmp_path):
     label = "Car 0.00 0 0.0 100.00 150.00 300.00 250.00 1.5 1.6 3.9 0.0 1.6 10.0 0.0\n"
     root = _kitti_root(tmp_path / "kitti", frames=1, label=label)

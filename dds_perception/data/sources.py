@@ -6,7 +6,9 @@ A source is described by a small mapping (from a YAML recipe or ``--sources``):
   KITTI, generated scenes (``make-scenes``), or frames labelled by a teacher (``pseudo-label``);
 - ``{kind: copy_paste, crops: DIR, negatives: DIR, root: DIR, split: ..., paste: [A, B],
   weight: W}``: frames of a KITTI folder with ``A``..``B`` real car crops (and as many car-free
-  road patches from ``negatives``) pasted on the road (:class:`CopyPasteDataset`).
+  road patches from ``negatives``) pasted on the road (:class:`CopyPasteDataset`). ``crops``
+  is best a KITTI folder of crops labelled by a teacher (``pseudo-label CROPS OUT``): the car
+  then gets its own tight box, and crops where the teacher sees no car are left out.
 
 :class:`MixtureDataset` draws each item from one source with probability proportional to its
 weight; the draw is a function of ``(seed, epoch, index)`` only, so an epoch is reproducible and a
@@ -29,6 +31,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from dds_perception.data.detection_dataset import KittiDetectionDataset, Transform, read_rgb
+from dds_perception.data.kitti import KittiFormatError, KittiLayout, read_label_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 KINDS = ("kitti", "copy_paste")
@@ -137,10 +140,41 @@ def feathered_paste(canvas: np.ndarray, patch: np.ndarray, x: int, y: int, feath
 
 
 def crop_box(x: int, y: int, w: int, h: int, margin: float) -> tuple[float, float, float, float]:
-    """The car's box inside a pasted ``w x h`` crop at ``(x, y)``: the crop less ``margin`` of
-    its width on the left and right and of its height at the top (the crops show some road
-    around the car, little below it)."""
+    """The car's box inside a ``w x h`` crop at ``(x, y)`` when the crop has no label: the crop
+    less ``margin`` of its width on the left and right and of its height at the top (a coarse
+    guess; label the crops with ``pseudo-label`` for tight boxes)."""
     return (x + margin * w, y + margin * h, x + w - margin * w, float(y + h))
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A car crop file and, when known, the car's box in its pixels."""
+
+    path: Path
+    box: tuple[float, float, float, float] | None = None
+
+
+def read_crops(folder: str | os.PathLike[str]) -> list[Crop]:
+    """Car crops from ``folder``: a KITTI layout (``training/image_2`` + ``label_2``, e.g. the
+    crops pseudo-labelled by a teacher) gives each crop the box of its largest ``Car`` label (a
+    neighbour may show at the edge) and skips crops without one; a plain folder of images gives
+    crops without boxes."""
+    root = Path(folder)
+    try:
+        layout = KittiLayout.find(root)
+    except (FileNotFoundError, KittiFormatError, ValueError):
+        layout = None
+    if layout is None or not (layout.root / "label_2").is_dir():
+        return [Crop(path) for path in list_images(root)]
+    crops = []
+    for frame_id in layout.frame_ids():
+        cars = [o for o in read_label_file(layout.label(frame_id)) if o.type == "Car"]
+        if cars:
+            car = max(cars, key=lambda o: (o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]))
+            crops.append(Crop(layout.image(frame_id), tuple(float(v) for v in car.bbox)))
+    if not crops:
+        raise SourceError(f"{root}: no crop has a Car label")
+    return crops
 
 
 class CopyPasteDataset(Dataset):
@@ -149,11 +183,12 @@ class CopyPasteDataset(Dataset):
     A car of height ``h`` (source pixels, log-uniform in ``height_range``) stands on the road:
     its bottom edge lies ``h * U(ground)`` below the horizon row (``horizon`` of the frame
     height; KITTI's camera is 1.65 m above the road, a car about 1.5 m tall, so the bottom of a
-    car is about 1.1 car heights below the horizon), its width is ``h * U(aspect)``. A paste
-    that would cover more than ``max_overlap`` of an existing box (or of an earlier paste) is
-    tried elsewhere, at most ``tries`` times. The box of a pasted car is :func:`crop_box`.
-    Items are ``(image, target)`` like :class:`KittiDetectionDataset`'s, with
-    ``target["pasted"]`` the number of cars pasted.
+    car is about 1.1 car heights below the horizon). The crop is scaled so that its car box
+    (:func:`read_crops`) is ``h`` tall, its width by a further ``U(stretch)``. A paste that
+    would cover more than ``max_overlap`` of an existing box (or of an earlier paste) is tried
+    elsewhere, at most ``tries`` times; road patches are pasted at the sizes of cars. Items are
+    ``(image, target)`` like :class:`KittiDetectionDataset`'s, with ``target["pasted"]`` the
+    number of cars pasted.
     """
 
     def __init__(
@@ -165,7 +200,7 @@ class CopyPasteDataset(Dataset):
         *,
         paste: tuple[int, int] = (1, 4),
         height_range: tuple[float, float] = (22.0, 110.0),
-        aspect: tuple[float, float] = (1.0, 1.35),
+        stretch: tuple[float, float] = (0.9, 1.1),
         horizon: float = 0.47,
         ground: tuple[float, float] = (0.95, 1.25),
         margin: float = 0.06,
@@ -176,12 +211,12 @@ class CopyPasteDataset(Dataset):
         if base.transform is not None:
             raise SourceError("CopyPasteDataset needs its base dataset without a transform")
         self.base = base
-        self.crops = list_images(crops)
-        self.negatives = list_images(negatives) if negatives else []
+        self.crops = read_crops(crops)
+        self.negatives = [Crop(p) for p in list_images(negatives)] if negatives else []
         self.transform = transform
         self.paste = paste
         self.height_range = height_range
-        self.aspect = aspect
+        self.stretch = stretch
         self.horizon = horizon
         self.ground = ground
         self.margin = margin
@@ -197,21 +232,30 @@ class CopyPasteDataset(Dataset):
         return self.base.frame_ids
 
     def _place(
-        self, width: int, height: int, taken: list[tuple[float, ...]]
-    ) -> tuple[int, int, int, int] | None:
+        self,
+        width: int,
+        height: int,
+        patch_hw: tuple[int, int],
+        box: tuple[float, float, float, float],
+        taken: list[tuple[float, ...]],
+    ) -> tuple[int, int, float, float] | None:
+        """Top-left corner and x/y scale of a patch whose car ``box`` stands on the road."""
         lo, hi = self.height_range
         for _ in range(self.tries):
-            h = round(math.exp(_uniform(math.log(lo), math.log(hi))))
-            w = max(4, round(h * _uniform(*self.aspect)))
-            bottom = round(self.horizon * height + h * _uniform(*self.ground))
-            y = bottom - h
-            if y < 0 or bottom > height or w >= width:
+            h = math.exp(_uniform(math.log(lo), math.log(hi)))
+            sy = h / max(box[3] - box[1], 1.0)
+            sx = sy * _uniform(*self.stretch)
+            pw, ph = max(4, round(patch_hw[1] * sx)), max(4, round(patch_hw[0] * sy))
+            bottom = self.horizon * height + h * _uniform(*self.ground)
+            y = round(bottom - box[3] * sy)
+            if y < 0 or y + ph > height or pw >= width:
                 continue
-            x = int(torch.randint(0, width - w + 1, ()))
-            if all(_covered(t, (x, y, x + w, y + h)) <= self.max_overlap for t in taken) and all(
-                _covered((x, y, x + w, y + h), t) <= self.max_overlap for t in taken
+            x = int(torch.randint(0, width - pw + 1, ()))
+            rect = (x, y, x + pw, y + ph)
+            if all(_covered(t, rect) <= self.max_overlap for t in taken) and all(
+                _covered(rect, t) <= self.max_overlap for t in taken
             ):
-                return x, y, w, h
+                return x, y, pw / patch_hw[1], ph / patch_hw[0]
         return None
 
     def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
@@ -222,22 +266,29 @@ class CopyPasteDataset(Dataset):
         taken = boxes + [tuple(b) for b in target["ignore_boxes"].tolist()]
         count = int(torch.randint(self.paste[0], self.paste[1] + 1, ()))
         pasted = []
-        for files, is_car in ((self.crops, True), (self.negatives, False)):
-            if not files:
+        for crops, is_car in ((self.crops, True), (self.negatives, False)):
+            if not crops:
                 continue
             for _ in range(count):
-                where = self._place(width, height, taken)
+                crop = crops[int(torch.randint(0, len(crops), ()))]
+                patch = read_rgb(crop.path)
+                ph, pw = patch.shape[:2]
+                box = crop.box or crop_box(0, 0, pw, ph, self.margin if is_car else 0.0)
+                if is_car and float(torch.rand(())) < 0.5:
+                    patch = np.ascontiguousarray(patch[:, ::-1])
+                    box = (pw - box[2], box[1], pw - box[0], box[3])
+                where = self._place(width, height, (ph, pw), box, taken)
                 if where is None:
                     continue
-                x, y, w, h = where
-                patch = read_rgb(files[int(torch.randint(0, len(files), ()))])
-                if is_car and float(torch.rand(())) < 0.5:
-                    patch = patch[:, ::-1]
-                patch = cv2.resize(patch, (w, h), interpolation=cv2.INTER_AREA)
+                x, y, sx, sy = where
+                new_w, new_h = round(pw * sx), round(ph * sy)
+                patch = cv2.resize(patch, (new_w, new_h), interpolation=cv2.INTER_AREA)
                 feathered_paste(canvas, patch, x, y, self.feather)
-                taken.append((x, y, x + w, y + h))
+                taken.append((x, y, x + new_w, y + new_h))
                 if is_car:
-                    pasted.append(crop_box(x, y, w, h, self.margin))
+                    pasted.append(
+                        (x + box[0] * sx, y + box[1] * sy, x + box[2] * sx, y + box[3] * sy)
+                    )
         out = dict(target)
         out["boxes"] = torch.tensor(boxes + pasted, dtype=torch.float32).reshape(-1, 4)
         out["labels"] = torch.ones(len(out["boxes"]), dtype=torch.int64)
