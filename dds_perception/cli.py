@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-detector": ("dds_perception.engine.train_detector", "train the car detector (RPN)"),
     "train-classifier": ("dds_perception.engine.train_classifier", "train a Caltech classifier"),
     "evaluate-classifier": ("dds_perception.engine.evaluate_classifier", "classifier top-1/5"),
+    "crossval": ("dds_perception.engine.crossval", "k-fold cross-validation of a detector recipe"),
     "import-weights": (
         "dds_perception.engine.import_weights",
         "torchvision MobileNetV2 .pth -> backbone weights file",

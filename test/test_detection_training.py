@@ -157,3 +157,99 @@ def test_detection_shipped_recipe_file_parses():
     assert config.backbone == "dds_mobilenet_v2"
     assert len(config.level_sizes()[0]) == 3  # the three smallest anchors on layer13
     assert json.dumps(vars(args), default=str)
+
+
+def _crops_folder(root: Path) -> Path:
+    """A folder of four 32x32 'car' crops (plain images: the whole crop less a margin)."""
+    import cv2
+    import numpy as np
+
+    root.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(root / f"{i}.png"), np.full((32, 32, 3), 40 * i, np.uint8))
+    return root
+
+
+def test_training_on_several_sources_with_a_pretrained_frozen_backbone(
+    scenes, tmp_path, monkeypatch
+):
+    """--sources mixes a copy-paste source in; --backbone-weights takes a torchvision .pth;
+    BatchNorm is frozen (its statistics never move), so are --freeze-layers; EMA weights are
+    what is saved, and a run killed after its first epoch resumes to the same weights."""
+    import torchvision
+
+    from dds_perception.engine import detection as engine
+
+    pth = tmp_path / "mnv2.pth"
+    torch.save(torchvision.models.mobilenet_v2(width_mult=0.25).state_dict(), pth)
+    crops = _crops_folder(tmp_path / "crops")
+    common = [*TINY, "--data-root", str(scenes), "--epochs", "2", "--max-steps-per-epoch", "2",
+              "--val-split", "none", "--backbone-weights", str(pth), "--ema", "0.9",
+              "--sources", f"kind=copy_paste,crops={crops},weight=2", "--epoch-size", "16",
+              "--crop-size", "64", "160", "--focus-prob", "0.5",
+              "--freeze-layers", "2"]  # fmt: skip
+    summary = main(parse_args([*common, "--out", str(tmp_path / "run")]))
+    assert summary["steps"] == 4
+    model = load_detector(tmp_path / "run" / "model.safetensors")
+    assert model.meta["recipe"]["sources"][0]["kind"] == "copy_paste"
+    assert model.meta["recipe"]["ema"] == 0.9
+    imported = torch.load(pth, weights_only=True)
+    ours = model.state_dict()
+    torch.testing.assert_close(  # frozen BatchNorm: the imported statistics
+        ours["backbone.features.3.conv.1.1.running_var"],
+        imported["features.3.conv.1.1.running_var"],
+    )
+    torch.testing.assert_close(  # frozen layers: the imported weights
+        ours["backbone.features.1.conv.1.weight"], imported["features.1.conv.1.weight"]
+    )
+    assert not torch.equal(
+        ours["backbone.features.5.conv.2.weight"], imported["features.5.conv.2.weight"]
+    )
+
+    saves = []
+    real_save = engine.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(path)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(parse_args([*common, "--out", str(killed)]))
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    assert "ema" in torch.load(saves[0], weights_only=True)
+    main(parse_args([*common, "--out", str(killed), "--resume"]))
+    straight = load_file(tmp_path / "run" / "model.safetensors")
+    resumed = load_file(killed / "model.safetensors")
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys):
+    import argparse
+
+    from dds_perception.engine import crossval
+    from dds_perception.engine.common import resolve_args
+
+    parser = argparse.ArgumentParser()
+    crossval.add_arguments(parser)
+    argv = [*TINY, "--data-root", str(scenes), "--split", "train", "--folds", "3",
+            "--epochs", "1", "--max-steps-per-epoch", "1",
+            "--out", str(tmp_path / "cv")]  # fmt: skip
+    args = resolve_args(parser.parse_args(argv), parser)
+    summary = crossval.crossval(args)
+    assert summary["folds"] == 3 and len(summary["per_fold"]) == 3
+    train = KittiDetectionDataset(scenes, "train")
+    assert summary["frames"] == len(train)  # every frame validated exactly once
+    splits = tmp_path / "cv" / "splits"
+    vals = [set((splits / f"fold{k}_val.txt").read_text().split()) for k in range(3)]
+    assert set().union(*vals) == set(train.frame_ids) and sum(map(len, vals)) == len(train)
+    for k in range(3):
+        assert not vals[k] & set((splits / f"fold{k}_train.txt").read_text().split())
+    assert set(summary["pooled"]) == {"easy", "moderate", "hard"}
+    assert "pooled out-of-fold" in (tmp_path / "cv" / "crossval.md").read_text()
+    capsys.readouterr()
+    crossval.crossval(args)  # finished folds are kept: nothing is trained again
+    assert capsys.readouterr().out.count("done earlier") == 3

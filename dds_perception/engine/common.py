@@ -289,13 +289,19 @@ def training_command(
     return add_arguments, run
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if hasattr(value, "to_dict"):  # option values parsed into small spec objects
+        return value.to_dict()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
-    """JSON-friendly view of resolved arguments (paths as strings)."""
-    return {
-        k: (str(v) if isinstance(v, os.PathLike) else v)
-        for k, v in vars(args).items()
-        if not k.startswith("_")
-    }
+    """JSON/YAML-friendly view of resolved arguments (paths as strings, specs as mappings)."""
+    return {k: _plain(v) for k, v in vars(args).items() if not k.startswith("_")}
 
 
 # ------------------------------------------------------------------------------ precision

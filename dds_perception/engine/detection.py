@@ -29,16 +29,19 @@ from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dds_perception.data.detection_dataset import KittiDetectionDataset, detection_collate
 from dds_perception.data.kitti import detection_to_object
 from dds_perception.data.letterbox import boxes_to_source
+from dds_perception.data.sources import CopyPasteDataset, MixtureDataset, SourceSpec
 from dds_perception.data.transforms import DetectionEvalTransform, DetectionTrainTransform
 from dds_perception.detection.config import DetectorConfig, DetectorConfigError
 from dds_perception.detection.detector import RPNDetector
 from dds_perception.detection.postprocess import PostprocessParams, postprocess
 from dds_perception.detection.weights import (
+    backbone_normalization,
     build_detector,
     load_backbone_weights,
     save_detector,
@@ -67,6 +70,8 @@ from dds_perception.engine.common import (
     write_args_yaml,
 )
 from dds_perception.evaluation.kitti import evaluate as kitti_evaluate
+from dds_perception.models.pretrained import freeze_batchnorm
+from dds_perception.utils.checkpoint import load_training_state
 from dds_perception.utils.io import atomic_open, write_json
 from dds_perception.utils.runtime import seed_everything
 
@@ -74,7 +79,17 @@ CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
 # Arguments that must not change when a run is resumed (they define the network and the data).
-RESUME_KEYS = ["detector_config", "data_root", "split", "batch_size", "seed", "epochs", "lr"]
+RESUME_KEYS = [
+    "detector_config",
+    "data_root",
+    "split",
+    "sources",
+    "batch_size",
+    "seed",
+    "epochs",
+    "lr",
+    "ema",
+]
 PRIMARY = ("Car", "moderate", "AP_40")  # the AP that selects and describes a model
 
 
@@ -104,6 +119,28 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     group.add_argument(
+        "--sources",
+        nargs="*",
+        type=SourceSpec.parse,
+        default=[],
+        metavar="SPEC",
+        help="more training sources beside --data-root/--split, e.g. "
+        "'kind=copy_paste,crops=DIR,weight=1' or 'kind=kitti,root=DIR,split=all,weight=0.5' "
+        "(YAML recipes: a list of mappings; see data.sources)",
+    )
+    group.add_argument(
+        "--primary-weight",
+        type=float,
+        default=1.0,
+        help="sampling weight of the --data-root/--split frames among --sources",
+    )
+    group.add_argument(
+        "--epoch-size",
+        type=int,
+        default=0,
+        help="items per epoch when --sources are given (0: the number of --split frames)",
+    )
+    group.add_argument(
         "--min-height",
         type=float,
         default=0.0,
@@ -117,6 +154,19 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="classification weights file whose 'features.' tensors initialise the backbone",
+    )
+    group.add_argument(
+        "--frozen-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="backbone BatchNorms as torchvision's FrozenBatchNorm2d (default: on with "
+        "--backbone-weights, whose statistics a small batch must not overwrite)",
+    )
+    group.add_argument(
+        "--freeze-layers",
+        type=int,
+        default=0,
+        help="keep the first N backbone layers (0: stem, 1-17: blocks) fixed (no gradients)",
     )
     defaults = DetectorConfig()
     group.add_argument(
@@ -170,6 +220,27 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("BRIGHTNESS", "CONTRAST", "SATURATION", "HUE"),
         help="ColorJitter strengths (hue is off by default: it costs ~130 ms/frame on CPU)",
     )
+    group.add_argument(
+        "--crop-size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="train on windows of this size cut from the scaled frame (default: --input-size)",
+    )
+    group.add_argument(
+        "--focus-prob",
+        type=float,
+        default=0.0,
+        help="probability that a training window is placed around a car",
+    )
+    group.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="decay of an exponential moving average of the weights, evaluated and saved "
+        "instead of the raw weights (0: off)",
+    )
     group.add_argument("--seed", type=int, default=0)
     group = parser.add_argument_group("evaluation, logging, checkpoints")
     group.add_argument("--eval-every-epochs", type=int, default=1, help="0: only at the end")
@@ -215,6 +286,11 @@ def detector_config_from_args(args: argparse.Namespace) -> DetectorConfig:
         "use_layer13": bool(args.use_layer13),
         "box_loss": args.box_loss,
     }
+    if args.backbone_weights is not None:
+        # the input normalisation the pretrained weights expect (an --set still wins)
+        normalization = backbone_normalization(args.backbone_weights)
+        if normalization is not None:
+            fields["mean"], fields["std"] = normalization
     for item in args.overrides or []:
         key, sep, value = str(item).partition("=")
         if not sep:
@@ -230,26 +306,59 @@ def _split(value: str | None) -> str | None:
     return None if value in (None, "all") else value
 
 
+def train_transform(args: argparse.Namespace, config: DetectorConfig) -> DetectionTrainTransform:
+    """The training augmentation the options describe."""
+    return DetectionTrainTransform(
+        config.input_size,
+        scale_range=tuple(args.scale_range),
+        brightness=args.color_jitter[0],
+        contrast=args.color_jitter[1],
+        saturation=args.color_jitter[2],
+        hue=args.color_jitter[3],
+        crop_size=tuple(args.crop_size) if args.crop_size else None,
+        focus_prob=args.focus_prob,
+    )
+
+
+def build_source(
+    spec: SourceSpec, args: argparse.Namespace, transform: DetectionTrainTransform
+) -> Dataset:
+    """One training source (``--data-root``/``--split`` where the spec names none)."""
+    root = spec.root if spec.root is not None else args.data_root
+    split = spec.split if spec.split is not None else args.split
+    if root is None:
+        raise ValueError(f"source {spec.to_dict()}: no root and no --data-root")
+    if spec.kind == "kitti":
+        return KittiDetectionDataset(root, _split(split), transform, min_height=args.min_height)
+    base = KittiDetectionDataset(root, _split(split), None, min_height=args.min_height)
+    return CopyPasteDataset(base, spec.crops, spec.negatives, transform, paste=spec.paste)
+
+
 def build_datasets(
     args: argparse.Namespace, config: DetectorConfig
-) -> tuple[KittiDetectionDataset, KittiDetectionDataset | None]:
+) -> tuple[Dataset, KittiDetectionDataset | None]:
+    """The training set (one folder, or a :class:`MixtureDataset` of several sources) and the
+    validation set (``--data-root``/``--val-split``, letterboxed as at inference)."""
     if args.data_root is None:
         raise ValueError("--data-root is required (a KITTI folder with training/image_2)")
-    train = KittiDetectionDataset(
-        args.data_root,
-        _split(args.split),
-        DetectionTrainTransform(
-            config.input_size,
-            scale_range=tuple(args.scale_range),
-            brightness=args.color_jitter[0],
-            contrast=args.color_jitter[1],
-            saturation=args.color_jitter[2],
-            hue=args.color_jitter[3],
-        ),
-        min_height=args.min_height,
+    transform = train_transform(args, config)
+    train: Dataset = KittiDetectionDataset(
+        args.data_root, _split(args.split), transform, min_height=args.min_height
     )
     if len(train) == 0:
         raise ValueError(f"{args.data_root}: split {args.split!r} has no frames")
+    if args.sources:
+        datasets = [train] + [build_source(spec, args, transform) for spec in args.sources]
+        names = [f"{args.data_root}:{args.split}"] + [
+            f"{spec.kind}:{spec.root or args.data_root}" for spec in args.sources
+        ]
+        train = MixtureDataset(
+            datasets,
+            [args.primary_weight] + [spec.weight for spec in args.sources],
+            args.epoch_size or len(train),
+            seed=args.seed,
+            names=names,
+        )
     val = None
     if args.val_split not in (None, "none", ""):
         val = KittiDetectionDataset(
@@ -279,6 +388,7 @@ def train_one_epoch(
     amp: bool,
     channels_last: bool = False,
     max_steps: int = 0,
+    ema: AveragedModel | None = None,
     metrics: MetricsWriter | None = None,
     log_every: int = 10,
     progress: bool = True,
@@ -302,6 +412,8 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(detector)
         step += 1
         count += 1
         images_seen += images.shape[0]
@@ -444,7 +556,15 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
         "scale_range": list(args.scale_range),
         "color_jitter": list(args.color_jitter),
         "train_transform": "scale jitter + crop to input, hflip, ColorJitter",
+        "crop_size": list(args.crop_size) if args.crop_size else None,
+        "focus_prob": args.focus_prob,
+        "sources": [spec.to_dict() for spec in args.sources],
+        "primary_weight": args.primary_weight,
+        "epoch_size": args.epoch_size,
         "backbone_weights": str(args.backbone_weights) if args.backbone_weights else None,
+        "frozen_bn": args.frozen_bn,
+        "freeze_layers": args.freeze_layers,
+        "ema": args.ema,
         "seed": args.seed,
     }
 
@@ -472,10 +592,18 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         loaded = load_backbone_weights(model, args.backbone_weights)
         if ctx.is_main:
             print(f"backbone: {loaded} tensors from {args.backbone_weights}")
+    frozen_bn = args.frozen_bn if args.frozen_bn is not None else bool(args.backbone_weights)
+    if frozen_bn:
+        freeze_batchnorm(model.backbone)
+    for layer in model.backbone.features[: args.freeze_layers]:
+        layer.requires_grad_(False)
     channels_last = bool(args.channels_last)
     model = model.to(ctx.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = None
+    if args.ema:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
     detector = model
     model = wrap_ddp(model, ctx)
 
@@ -502,6 +630,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
     metrics = MetricsWriter(out / METRICS, enabled=ctx.is_main)
     identity = {**vars(args), "detector_config": config.to_dict()}
     identity["data_root"] = str(args.data_root)
+    identity["sources"] = [spec.to_dict() for spec in args.sources]
 
     start_epoch, step, last_eval = 0, 0, None
     if resume_path is not None:
@@ -518,13 +647,16 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
             ctx=ctx,
             strict_streams=True,
         )
+        if ema is not None:
+            ema.load_state_dict(load_training_state(resume_path)["ema"])
     write_args_yaml(out, args, ctx)
+    evaluated = detector if ema is None else ema.module
 
     def run_eval(epoch: int, current_step: int) -> dict[str, Any] | None:
         if val_set is None or not ctx.is_main:
             return last_eval
         result = evaluate(
-            detector,
+            evaluated,
             val_set,
             device=ctx.device,
             score_threshold=args.eval_score_threshold,
@@ -544,6 +676,8 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
 
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
+        if isinstance(train_set, MixtureDataset):
+            train_set.set_epoch(epoch)
         epoch_start = time.perf_counter()
         step, stats = train_one_epoch(
             model,
@@ -557,6 +691,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
             amp=amp,
             channels_last=channels_last,
             max_steps=args.max_steps_per_epoch,
+            ema=ema,
             metrics=metrics,
             log_every=args.log_every_steps,
             progress=args.progress,
@@ -579,22 +714,22 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         # every process's random streams, so each continues its own after --resume
         streams = gather_random_streams(generator, ctx)
         if ctx.is_main:
-            save_checkpoint(
-                checkpoint_path,
-                training_checkpoint(
-                    model=detector,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    random_streams=streams,
-                    epoch=epoch + 1,
-                    step=step,
-                    last_eval=last_eval,
-                    identity=identity,
-                    resume_keys=RESUME_KEYS,
-                    args=args,
-                ),
+            state = training_checkpoint(
+                model=detector,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                random_streams=streams,
+                epoch=epoch + 1,
+                step=step,
+                last_eval=last_eval,
+                identity=identity,
+                resume_keys=RESUME_KEYS,
+                args=args,
             )
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            save_checkpoint(checkpoint_path, state)
         barrier(ctx)
 
     summary: dict[str, Any] = {
@@ -620,7 +755,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
             }
         )
     if ctx.is_main:
-        save_detector(out / WEIGHTS, detector, recipe=_recipe(args), metrics=summary)
+        save_detector(out / WEIGHTS, evaluated, recipe=_recipe(args), metrics=summary)
         write_json(out / "summary.json", summary)
         ap = f", val Car moderate AP_40 {summary['val_ap_moderate_40']:.2f}" if last_eval else ""
         print(f"done: {step} steps{ap} -> {out / WEIGHTS}")

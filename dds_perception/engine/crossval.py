@@ -1,0 +1,174 @@
+"""k-fold cross-validation of a detector recipe on a small labelled set (e.g. 60 real frames).
+
+The frames of ``--data-root`` (``--split``, default every frame) are dealt into ``--folds``
+seeded folds; fold ``k`` trains the recipe on the other folds (plus any ``--sources``) and
+validates on its own frames. Each fold is an ordinary ``train-detector`` run under
+``OUT/fold{k}`` (resumable: a finished fold is kept, a killed one continues from its
+checkpoint). The report gives each fold's Car AP, their mean and spread, and the pooled
+out-of-fold AP (every frame scored by the one model that never saw it), in ``crossval.json``
+and ``crossval.md``.
+
+examples:
+  dds-perception crossval --config config/train/detector_kitti.yaml \\
+      --data-root ../shared/data/kitti_sample --split all --folds 5 --out runs/cv_kitti
+  dds-perception crossval --config config/train/detector_kitti.yaml \\
+      --data-root ../shared/data/kitti_sample --split all --folds 5 --out runs/cv_kitti \\
+      --only-fold 2                                   # one fold (e.g. one per machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dds_perception.data.detection_dataset import KittiDetectionDataset
+from dds_perception.data.kitti import KittiLayout, kfold_splits, write_split
+from dds_perception.data.transforms import DetectionEvalTransform
+from dds_perception.detection.weights import load_detector
+from dds_perception.engine.common import mark_config_defaults, resolve_args
+from dds_perception.engine.detection import (
+    CHECKPOINT,
+    WEIGHTS,
+    _split,
+    add_training_arguments,
+    predict_dataset,
+)
+from dds_perception.engine.detection import (
+    main as train_main,
+)
+from dds_perception.evaluation.kitti import evaluate as kitti_evaluate
+from dds_perception.utils.io import atomic_open, write_json
+
+DIFFICULTIES = ("easy", "moderate", "hard")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """train-detector's options plus the folds."""
+    add_training_arguments(parser)
+    group = parser.add_argument_group("cross-validation")
+    group.add_argument("--folds", type=int, default=5, help="number of folds (k)")
+    group.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment")
+    group.add_argument(
+        "--only-fold", type=int, default=None, help="train this fold only (0-based), no report"
+    )
+    mark_config_defaults(parser)
+
+
+def _fold_args(args: argparse.Namespace, out: Path, k: int) -> argparse.Namespace:
+    fold = copy.copy(args)
+    fold.split = str(out / "splits" / f"fold{k}_train.txt")
+    fold.val_split = str(out / "splits" / f"fold{k}_val.txt")
+    fold.out = out / f"fold{k}"
+    fold.resume = "auto" if (fold.out / CHECKPOINT).is_file() else None
+    return fold
+
+
+def _ap_table(result: Any) -> dict[str, float]:
+    return {d: result.ap("Car", d, "AP_40") for d in DIFFICULTIES}
+
+
+def crossval(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train every fold that is not done, then pool and report (see the module docstring)."""
+    if args.out is None or args.data_root is None:
+        raise ValueError("--out and --data-root are required")
+    out = Path(args.out)
+    layout = KittiLayout.find(args.data_root)
+    ids = KittiDetectionDataset(args.data_root, _split(args.split)).frame_ids
+    folds = kfold_splits(ids, args.folds, args.fold_seed)
+    (out / "splits").mkdir(parents=True, exist_ok=True)
+    for k, (train_ids, val_ids) in enumerate(folds):
+        write_split(out / "splits" / f"fold{k}_train.txt", train_ids)
+        write_split(out / "splits" / f"fold{k}_val.txt", val_ids)
+    todo = range(args.folds) if args.only_fold is None else [args.only_fold]
+    for k in todo:
+        if not 0 <= k < args.folds:
+            raise ValueError(f"--only-fold {k}: folds are 0..{args.folds - 1}")
+        fold = _fold_args(args, out, k)
+        if (fold.out / WEIGHTS).is_file() and (fold.out / "summary.json").is_file():
+            print(f"fold {k}: done earlier ({fold.out / WEIGHTS})")
+            continue
+        print(f"fold {k}: {len(folds[k][0])} training frames, {len(folds[k][1])} validation")
+        train_main(fold)
+    if args.only_fold is not None:
+        return None
+    return report(args, out, folds, layout)
+
+
+def report(
+    args: argparse.Namespace, out: Path, folds: list[tuple[list[str], list[str]]], layout
+) -> dict[str, Any]:
+    """Per-fold and pooled out-of-fold Car AP_40 of the trained folds; writes the report."""
+    device = torch.device("cpu")
+    detections: dict[str, list] = {}
+    ground_truth: dict[str, list] = {}
+    per_fold = []
+    for k, (_, val_ids) in enumerate(folds):
+        model = load_detector(out / f"fold{k}" / WEIGHTS)
+        val = KittiDetectionDataset(
+            args.data_root, val_ids, DetectionEvalTransform(model.config.input_size)
+        )
+        found = predict_dataset(
+            model, val, device=device, score_threshold=args.eval_score_threshold
+        )
+        truth = {fid: val.objects(i) for i, fid in enumerate(val.frame_ids)}
+        per_fold.append(_ap_table(kitti_evaluate(truth, found, classes=("Car",))))
+        detections.update(found)
+        ground_truth.update(truth)
+    pooled = kitti_evaluate(ground_truth, detections, classes=("Car",))
+    summary: dict[str, Any] = {
+        "data_root": str(layout.root),
+        "frames": len(ground_truth),
+        "folds": args.folds,
+        "fold_seed": args.fold_seed,
+        "per_fold": per_fold,
+        "mean": {d: statistics.mean(f[d] for f in per_fold) for d in DIFFICULTIES},
+        "std": {d: statistics.pstdev(f[d] for f in per_fold) for d in DIFFICULTIES},
+        "min": {d: min(f[d] for f in per_fold) for d in DIFFICULTIES},
+        "max": {d: max(f[d] for f in per_fold) for d in DIFFICULTIES},
+        "pooled": _ap_table(pooled),
+        "fold_summaries": [
+            json.loads((out / f"fold{k}" / "summary.json").read_text(encoding="utf-8"))
+            for k in range(len(folds))
+        ],
+    }
+    write_json(out / "crossval.json", summary)
+    with atomic_open(out / "crossval.md", "w", encoding="utf-8") as handle:
+        handle.write(markdown(summary) + "\n")
+    print(markdown(summary))
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The report as a Markdown table (Car AP_40, percent)."""
+    lines = [
+        f"Car AP_40 (%), {summary['folds']}-fold cross-validation over {summary['frames']} "
+        f"frames of {summary['data_root']}",
+        "",
+        "| | easy | moderate | hard |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for k, fold in enumerate(summary["per_fold"]):
+        lines.append(f"| fold {k} | " + " | ".join(f"{fold[d]:.1f}" for d in DIFFICULTIES) + " |")
+    mean, std = summary["mean"], summary["std"]
+    spread = " | ".join(f"{mean[d]:.1f} ± {std[d]:.1f}" for d in DIFFICULTIES)
+    lines.append(f"| mean ± std | {spread} |")
+    lines.append(
+        "| pooled out-of-fold | "
+        + " | ".join(f"**{summary['pooled'][d]:.1f}**" for d in DIFFICULTIES)
+        + " |"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the recipe and cross-validate."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    crossval(resolve_args(args, parser))
+    return 0
