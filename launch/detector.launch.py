@@ -5,9 +5,12 @@ Examples:
   ros2 launch dds_perception detector.launch.py image_topic:=/camera/image_raw \
       use_compressed:=true device:=cuda:0 namespace:=front
   ros2 launch dds_perception detector.launch.py params_file:=/path/to/my_detector.yaml
+  ros2 launch dds_perception detector.launch.py image_topic:=/kitti/camera/image_raw \
+      camera_height:=1.65     # distances from /kitti/camera/camera_info
 
-``weights``, ``device`` and ``use_compressed`` override the parameter file only when given (their
-default, empty, keeps the file's value).
+``weights``, ``device``, ``use_compressed`` and ``camera_height`` override the parameter file only
+when given (their default, empty, keeps the file's value). The node's ``camera_info`` is remapped
+to ``camera_info_topic``, by default the ``camera_info`` beside ``image_topic``.
 """
 
 from launch import LaunchDescription
@@ -35,7 +38,24 @@ ARGUMENTS = (
         "true: subscribe <image_topic>/compressed (CompressedImage); empty = the file's value",
     ),
     ("namespace", "", "namespace of the node and its topics"),
+    (
+        "camera_info_topic",
+        "",
+        "sensor_msgs/CameraInfo topic, remapped to the node's 'camera_info'; empty = "
+        "camera_info beside image_topic (/camera/image_raw -> /camera/camera_info)",
+    ),
+    (
+        "camera_height",
+        "",
+        "camera height above the road in metres (KITTI 1.65) for distances; empty = the file's",
+    ),
 )
+
+
+def camera_info_beside(image_topic: str) -> str:
+    """image_transport's rule: ``/camera/image_raw`` -> ``/camera/camera_info``."""
+    head, sep, _name = image_topic.strip().rstrip("/").rpartition("/")
+    return f"{head}/camera_info" if sep else "camera_info"
 
 
 def _node(context, *args, **kwargs):
@@ -51,7 +71,15 @@ def _node(context, *args, **kwargs):
         if flag not in ("true", "false"):
             raise ValueError(f"use_compressed {value['use_compressed']!r}: use true or false")
         overrides["use_compressed"] = flag == "true"
+    if value["camera_height"]:
+        try:
+            overrides["camera_height"] = float(value["camera_height"])
+        except ValueError:
+            raise ValueError(
+                f"camera_height {value['camera_height']!r}: a number of metres, e.g. 1.65"
+            ) from None
     image_topic = value["image_topic"]
+    camera_info = value["camera_info_topic"] or camera_info_beside(image_topic)
     return [
         Node(
             package="dds_perception",
@@ -59,7 +87,11 @@ def _node(context, *args, **kwargs):
             name="dds_detector",
             namespace=value["namespace"],
             parameters=[value["params_file"], overrides],
-            remappings=[("image", image_topic), ("image/compressed", f"{image_topic}/compressed")],
+            remappings=[
+                ("image", image_topic),
+                ("image/compressed", f"{image_topic}/compressed"),
+                ("camera_info", camera_info),
+            ],
             output="screen",
             emulate_tty=True,
         )

@@ -64,6 +64,7 @@ class _Node:
         self._name = name
         self.params, self.descriptors = {}, {}
         self.publishers, self.subscriptions, self.timers = {}, [], []
+        self.services: dict = {}
         self.param_callbacks: list = []
         self.logger = _Logger()
         self.destroyed = False
@@ -96,6 +97,21 @@ class _Node:
         sub = SimpleNamespace(msg_type=msg_type, topic_name=topic, callback=callback, qos=qos)
         self.subscriptions.append(sub)
         return sub
+
+    def destroy_subscription(self, subscription):
+        self.subscriptions.remove(subscription)
+
+    def create_service(self, srv_type, name, callback):
+        self.services[name] = SimpleNamespace(srv_type=srv_type, callback=callback)
+        return self.services[name]
+
+    def set_parameters(self, parameters):
+        """As rclpy: every callback sees the list; the values are stored when all accept."""
+        results = [callback(parameters) for callback in self.param_callbacks]
+        failed = [r for r in results if not r.successful]
+        if not failed:
+            self.params.update({p.name: p.value for p in parameters})
+        return [failed[0] if failed else results[0]] * len(parameters)
 
     def create_timer(self, period, callback):
         self.timers.append((period, callback))
@@ -139,9 +155,12 @@ def _standins() -> dict[str, types.ModuleType]:
             "rclpy.node",
             "rclpy.qos",
             "rclpy.executors",
+            "rclpy.parameter",
             "rcl_interfaces",
             "rcl_interfaces.msg",
             "diagnostic_updater",
+            "std_srvs",
+            "std_srvs.srv",
         )
     }
     rclpy = modules["rclpy"]
@@ -163,6 +182,18 @@ def _standins() -> dict[str, types.ModuleType]:
         setattr(msg, name, type(name, (_Record,), {}))
     msg.SetParametersResult = type("SetParametersResult", (_Record,), {})
     modules["diagnostic_updater"].Updater = _Updater
+
+    class Parameter:
+        Type = enum.Enum("Type", "BOOL INTEGER DOUBLE STRING")
+
+        def __init__(self, name, type_=None, value=None):
+            self.name, self.type_, self.value = name, type_, value
+
+    modules["rclpy.parameter"].Parameter = Parameter
+    modules["std_srvs.srv"].SetBool = SimpleNamespace(
+        Request=lambda data=False: SimpleNamespace(data=data),
+        Response=lambda: SimpleNamespace(success=False, message=""),
+    )
     return modules
 
 
@@ -181,6 +212,12 @@ def node_module(monkeypatch):
     yield module
     monkeypatch.undo()
     importlib.reload(node_module)
+
+
+def _image_sub(node):
+    """The node's image subscription (the other one is camera_info)."""
+    (sub,) = [s for s in node.subscriptions if "camera_info" not in s.topic_name]
+    return sub
 
 
 def _make(node_module, **overrides):
@@ -210,7 +247,7 @@ def test_node_adapter_topics_qos_and_publishing(node_module):
     qos = sys.modules["rclpy.qos"]
     node, _ = _make(node_module)
     try:
-        (sub,) = node.subscriptions
+        sub = _image_sub(node)
         assert sub.topic_name == "image" and sub.msg_type.__name__.endswith("Image")
         assert (sub.qos.depth, sub.qos.history) == (1, qos.HistoryPolicy.KEEP_LAST)
         assert sub.qos.reliability == qos.ReliabilityPolicy.BEST_EFFORT
@@ -242,7 +279,7 @@ def test_node_adapter_compressed_and_reliable(node_module):
     qos = sys.modules["rclpy.qos"]
     node, _ = _make(node_module, use_compressed=True, reliability="reliable")
     try:
-        (sub,) = node.subscriptions
+        sub = _image_sub(node)
         assert sub.topic_name == "image/compressed"
         assert sub.msg_type.__name__.endswith("CompressedImage")
         assert sub.qos.reliability == qos.ReliabilityPolicy.RELIABLE
@@ -320,9 +357,7 @@ def test_node_adapter_debug_pixels_are_real(node_module):
     node, _ = _make(node_module)
     try:
         node.publishers["~/debug_image"].subscribers = 1
-        node.subscriptions[0].callback(
-            image_msg(messages.rosbags_classes(), 20, width=64, height=48)
-        )
+        _image_sub(node).callback(image_msg(messages.rosbags_classes(), 20, width=64, height=48))
         assert node.core.wait_idle(10)
         (debug,) = node.publishers["~/debug_image"].sent
         pixels = messages.image_msg_to_rgb(debug)
@@ -347,7 +382,7 @@ def test_node_adapter_cv_bridge_broken_by_numpy2_falls_back(node_module, monkeyp
     node, pipeline = _make(node_module)
     try:
         assert any("cv_bridge failed its self-test" in text for _, text in node.logger.lines)
-        node.subscriptions[0].callback(image_msg(messages.rosbags_classes(), 33))
+        _image_sub(node).callback(image_msg(messages.rosbags_classes(), 33))
         assert node.core.wait_idle(10)
         assert pipeline.seen == [33] and node.core.counters.failed == 0
     finally:
@@ -373,13 +408,71 @@ def test_node_adapter_uses_working_cv_bridge(node_module, monkeypatch):
     try:
         assert ("info", "decoding images with cv_bridge") in node.logger.lines
         calls.clear()
-        node.subscriptions[0].callback(image_msg(messages.rosbags_classes(), 44))
+        _image_sub(node).callback(image_msg(messages.rosbags_classes(), 44))
         assert node.core.wait_idle(10)
         assert calls == ["rgb8"] and pipeline.seen == [44]
         # a wrong step is refused before cv_bridge would read rows from the wrong offsets
         bad = image_msg(messages.rosbags_classes(), 44, step=5)
-        node.subscriptions[0].callback(bad)
+        _image_sub(node).callback(bad)
         assert node.core.wait_idle(10)
         assert node.core.counters.failed == 1 and calls == ["rgb8"]
+    finally:
+        node.destroy_node()
+
+
+def test_node_adapter_camera_info_subscription(node_module):
+    """camera_info beside the image topic (or the parameter), best effort keep-last 1; its
+    messages reach the core's camera model."""
+    qos = sys.modules["rclpy.qos"]
+    node, _ = _make(node_module, image_topic="/kitti/camera/image_raw", camera_height=1.65)
+    try:
+        (info_sub,) = [s for s in node.subscriptions if "camera_info" in s.topic_name]
+        assert info_sub.topic_name == "/kitti/camera/camera_info"
+        assert info_sub.msg_type.__name__.endswith("CameraInfo")
+        assert info_sub.qos.reliability == qos.ReliabilityPolicy.BEST_EFFORT
+        classes = messages.rosbags_classes()
+        p2 = np.array([[700.0, 0, 600, 0], [0, 700.0, 180, 0], [0, 0, 1, 0]])
+        header = messages.header_msg(0, "cam", classes)
+        info_sub.callback(messages.camera_info_msg(p2, 1242, 375, header, classes))
+        assert node.core.diagnostics().as_dict()["camera_info"].startswith("ok: 1242x375")
+    finally:
+        node.destroy_node()
+    node, _ = _make(node_module, camera_info_topic="/calib/info")
+    try:
+        assert "/calib/info" in [s.topic_name for s in node.subscriptions]
+    finally:
+        node.destroy_node()
+
+
+def test_node_adapter_enable_service_and_parameter(node_module):
+    """~/enable (std_srvs/SetBool) sets the enable parameter; the image subscription goes and
+    comes back; the camera_info subscription stays."""
+    node, pipeline = _make(node_module)
+    try:
+        srv = node.services["~/enable"]
+        assert srv.srv_type is sys.modules["std_srvs.srv"].SetBool
+        response = srv.callback(SimpleNamespace(data=False), SimpleNamespace())
+        assert response.success and response.message.startswith("disabled")
+        assert node.params["enable"] is False and not node.core.enabled
+        assert [s.topic_name for s in node.subscriptions] == ["camera_info"]
+        stat = node._updater.tasks[0][1](_Stat())
+        assert dict(stat.values)["enabled"] == "false" and stat.message.startswith("disabled")
+        response = srv.callback(SimpleNamespace(data=True), SimpleNamespace())
+        assert response.success and response.message.startswith("enabled")
+        _image_sub(node).callback(image_msg(messages.rosbags_classes(), 5))
+        assert node.core.wait_idle(10) and pipeline.seen == [5]
+        # the parameter itself (ros2 param set /dds_detector enable false)
+        (callback,) = node.param_callbacks
+        assert callback([SimpleNamespace(name="enable", value=False)]).successful
+        assert [s.topic_name for s in node.subscriptions] == ["camera_info"]
+    finally:
+        node.destroy_node()
+
+
+def test_node_adapter_starts_disabled(node_module):
+    node, _ = _make(node_module, enable=False)
+    try:
+        assert [s.topic_name for s in node.subscriptions] == ["camera_info"]
+        assert any("disabled, not subscribed" in text for _, text in node.logger.lines)
     finally:
         node.destroy_node()

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from dds_perception.detection import ground_plane
 from dds_perception.ros import core, messages
 from dds_perception.ros.core import DetectorCore, DetectorParams, ParameterError, Ports
 
@@ -375,6 +376,17 @@ EXPECTED_KEYS = {
     "device",
     "latency_budget_ms",
     "last_error",
+    "enabled",
+    "frames_ignored_disabled",
+    "tracking",
+    "tracks_active",
+    "tracks_lost",
+    "track_ids_issued",
+    "camera_info",
+    "camera_info_received",
+    "camera_height_m",
+    "distance_estimated",
+    *(f"distance_omitted_{reason}" for reason in ground_plane.REASONS),
 }
 
 

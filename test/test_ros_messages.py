@@ -181,6 +181,35 @@ def test_ros_detections_errors() -> None:
         m.msg_to_detections(msg)
 
 
+def test_ros_detections_ids_and_positions() -> None:
+    """Track ids in Detection2D.id; positions and covariances in results[0].pose; a NaN
+    position (no distance) leaves the pose zero; all of it survives CDR."""
+    classes = m.rosbags_classes()
+    header = m.header_msg(0, "cam", classes)
+    dets = SimpleNamespace(boxes=[[0, 0, 4, 4], [5, 5, 9, 9]], scores=[0.9, 0.8],
+                           class_names=["car", "car"])  # fmt: skip
+    cov = np.arange(72, dtype=np.float64).reshape(2, 36)
+    positions = np.array([[1.0, 1.65, 12.5], [np.nan, np.nan, np.nan]])
+    msg = m.detections_to_msg(
+        dets, header, classes, ids=["7", ""], positions=positions, covariances=cov
+    )
+    back = classes.deserialize(classes.serialize(msg), "vision_msgs/msg/Detection2DArray")
+    first, second = back.detections
+    assert (first.id, second.id) == ("7", "")
+    point = first.results[0].pose.pose.position
+    assert (point.x, point.y, point.z) == (1.0, 1.65, 12.5)
+    np.testing.assert_array_equal(first.results[0].pose.covariance, cov[0])
+    assert second.results[0].pose.pose.position.z == 0.0
+    assert not np.any(second.results[0].pose.covariance)
+    read = m.msg_to_detections(back)
+    assert read.ids == ["7", ""]
+    np.testing.assert_allclose(read.positions, [[1.0, 1.65, 12.5], [0, 0, 0]])
+    with pytest.raises(m.MessageError, match="1 ids for 2 detections"):
+        m.detections_to_msg(dets, header, classes, ids=["1"])
+    with pytest.raises(m.MessageError, match="1 positions for 2 detections"):
+        m.detections_to_msg(dets, header, classes, positions=[[0, 0, 1]])
+
+
 def test_ros_foxy_vision_msgs_layout_is_filled_and_read() -> None:
     store = get_typestore(Stores.ROS2_FOXY)
     types = {}
@@ -195,6 +224,9 @@ def test_ros_foxy_vision_msgs_layout_is_filled_and_read() -> None:
     msg = m.detections_to_msg(dets, header, classes)
     det = msg.detections[0]
     assert det.results[0].id == "car" and det.is_tracking is False
+    tracked = m.detections_to_msg(dets, header, classes, ids=["3"] * len(dets.class_names))
+    assert tracked.detections[0].tracking_id == "3" and tracked.detections[0].is_tracking
+    assert m.msg_to_detections(tracked).ids[0] == "3"
     assert det.bbox.center.x == pytest.approx((dets.boxes[0, 0] + dets.boxes[0, 2]) / 2)
     back = classes.deserialize(classes.serialize(msg), "vision_msgs/msg/Detection2DArray")
     read = m.msg_to_detections(back)

@@ -155,6 +155,8 @@ def test_ros_static_launch_file_compiles_and_declares_arguments(tmp_path):
         "device",
         "use_compressed",
         "namespace",
+        "camera_info_topic",
+        "camera_height",
     ):
         assert required in names
     assert all(description for _n, _d, description in namespace["ARGUMENTS"])
@@ -237,6 +239,8 @@ def test_ros_static_launch_overrides_and_remaps():
         "device": "",
         "use_compressed": "",
         "namespace": "front",
+        "camera_info_topic": "",
+        "camera_height": "",
     }
     (node,) = entities[-1].kwargs["function"](context)
     assert node.kwargs["executable"] == "detector_node" and node.kwargs["name"] == "dds_detector"
@@ -244,6 +248,7 @@ def test_ros_static_launch_overrides_and_remaps():
     assert node.kwargs["remappings"] == [
         ("image", "/cam/image_raw"),
         ("image/compressed", "/cam/image_raw/compressed"),
+        ("camera_info", "/cam/camera_info"),  # beside the image topic
     ]
     assert node.kwargs["namespace"] == "front"
     context.update(weights="/w.safetensors", device="cpu", use_compressed="True")
@@ -253,7 +258,14 @@ def test_ros_static_launch_overrides_and_remaps():
         "device": "cpu",
         "use_compressed": True,
     }
-    context.update(use_compressed="maybe")
+    context.update(camera_info_topic="/calib/info", camera_height="1.65", use_compressed="")
+    (node,) = entities[-1].kwargs["function"](context)
+    assert node.kwargs["remappings"][-1] == ("camera_info", "/calib/info")
+    assert node.kwargs["parameters"][1]["camera_height"] == 1.65
+    context.update(camera_height="tall")
+    with pytest.raises(ValueError, match="camera_height 'tall'"):
+        entities[-1].kwargs["function"](context)
+    context.update(camera_height="", use_compressed="maybe")
     with pytest.raises(ValueError, match="use_compressed 'maybe'"):
         entities[-1].kwargs["function"](context)
 

@@ -38,7 +38,8 @@ import yaml
 
 NODE_NAME = "dds_detector"
 DIAGNOSTIC_TASK = "detector"  # diagnostic_updater publishes it as "dds_detector: detector"
-STAGES = ("decode", "preprocess", "inference", "postprocess", "end_to_end")
+# "planning": the tracker and the distance estimate (what planners need from /detections)
+STAGES = ("decode", "preprocess", "inference", "postprocess", "planning", "end_to_end")
 STATS = ("mean", "p50", "p95", "max")
 RELIABILITIES = ("best_effort", "reliable")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -130,6 +131,55 @@ class DetectorParams:
         low=2,
         high=100000,
     )
+    enable: bool = _param(
+        True,
+        "process images; false unsubscribes from the camera (no decode, no inference) and "
+        "frees cached memory until set true again (the ~/enable service sets it too)",
+        runtime=True,
+    )
+    tracking: bool = _param(
+        True,
+        "fill Detection2D.id with a stable id per car across frames (ByteTrack-style tracker, "
+        "one per camera); false = empty ids",
+        runtime=True,
+    )
+    track_buffer: float = _param(
+        1.0,
+        "seconds a lost track is kept so that the car gets its id back when seen again",
+        low=0.0,
+        high=3600.0,
+        runtime=True,
+    )
+    track_high_threshold: float = _param(
+        0.5,
+        "tracker: boxes scoring at least this are matched first and start tracks (from 0.1 "
+        "higher); lower-scoring boxes only keep existing tracks alive",
+        low=0.0,
+        high=1.0,
+        runtime=True,
+    )
+    camera_info_topic: str = _param(
+        "",
+        "sensor_msgs/CameraInfo topic; empty = camera_info beside image_topic "
+        "(/camera/image_raw -> /camera/camera_info)",
+    )
+    camera_height: float = _param(
+        0.0,
+        "camera height above a flat road in metres (KITTI: 1.65); with a CameraInfo it gives "
+        "each car's position in results[0].pose; <= 0 = no distances",
+        runtime=True,
+    )
+    camera_pitch: float = _param(
+        0.0, "camera pitch in radians, positive = looking down", low=-1.0, high=1.0, runtime=True
+    )
+    distance_offset: float = _param(
+        1.4,
+        "metres from a box's bottom edge (the car's nearest point on the road) to the published "
+        "position, along the viewing direction: 1.4 = a car's centre; 0 = the nearest point",
+        low=0.0,
+        high=10.0,
+        runtime=True,
+    )
 
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
@@ -167,6 +217,8 @@ class DetectorParams:
         for name in ("image_topic", "image_compressed_topic"):
             if not getattr(self, name).strip():
                 raise ParameterError(f"{name}: must not be empty")
+        if not np.isfinite(self.camera_height):
+            raise ParameterError(f"camera_height {self.camera_height}: must be a finite number")
         for spec in dataclasses.fields(self):  # the descriptor ranges, as ROS enforces them
             low, high = spec.metadata["range"]
             value = getattr(self, spec.name)
@@ -177,6 +229,13 @@ class DetectorParams:
     def subscribed_topic(self) -> str:
         """The topic the node subscribes: the compressed one with ``use_compressed``."""
         return self.image_compressed_topic if self.use_compressed else self.image_topic
+
+    @property
+    def resolved_camera_info_topic(self) -> str:
+        """``camera_info_topic``, or when empty the ``camera_info`` beside ``image_topic``."""
+        if self.camera_info_topic.strip():
+            return self.camera_info_topic.strip()
+        return camera_info_topic_for(self.image_topic)
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -197,6 +256,13 @@ class DetectorParams:
     def as_dict(self) -> dict[str, Any]:
         """Parameter name -> value, in declaration order."""
         return {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self)}
+
+
+def camera_info_topic_for(image_topic: str) -> str:
+    """The CameraInfo topic of a camera's image topic (image_transport's rule: the same
+    namespace): ``/camera/image_raw`` -> ``/camera/camera_info``, ``image`` -> ``camera_info``."""
+    head, sep, _name = image_topic.strip().rstrip("/").rpartition("/")
+    return f"{head}/camera_info" if sep else "camera_info"
 
 
 def _coerce(spec: dataclasses.Field, value: Any) -> Any:
@@ -412,6 +478,14 @@ class LatestFrameSlot:
         with self._cond:
             return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
 
+    def discard(self) -> bool:
+        """Drop the pending item, if any; True when one was dropped."""
+        with self._cond:
+            dropped = self._pending
+            self._item, self._pending = None, False
+            self._cond.notify_all()
+            return dropped
+
     def close(self) -> None:
         """Wake every waiter; later :meth:`take` calls return None."""
         with self._cond:
@@ -515,18 +589,26 @@ def _discard(_msg: Any) -> None:
     pass
 
 
+def _no_subscription_control(_subscribed: bool) -> None:
+    pass
+
+
 @dataclass
 class Ports:
     """How the core talks to its runtime: publishing functions and the debug-image demand.
 
     ``debug_image_wanted`` is asked for every frame: the annotated image is built only while it
     returns True (rclpy: the publisher's ``get_subscription_count() > 0``).
+    ``set_image_subscription(True/False)`` creates or destroys the runtime's image subscription
+    (the ``enable`` parameter): called by :meth:`DetectorCore.start` and on every change; it
+    must be idempotent.
     """
 
     publish_detections: Callable[[Any], None] = _discard
     publish_label_info: Callable[[Any], None] = _discard
     publish_debug_image: Callable[[Any], None] = _discard
     debug_image_wanted: Callable[[], bool] = _never
+    set_image_subscription: Callable[[bool], None] = _no_subscription_control
 
 
 class Throttle:
@@ -611,6 +693,7 @@ def annotate(rgb: np.ndarray, detections: Any) -> np.ndarray:
 class _Frame:
     msg: Any
     received: float  # monotonic seconds
+    source: str  # the image topic it came from (trackers and camera models are per camera)
 
 
 class DetectorCore:
@@ -623,6 +706,14 @@ class DetectorCore:
     ``messages.image_msg_to_rgb``; the rclpy node passes cv_bridge's when it works).
     ``clock`` gives the runtime's "now" in seconds (ROS time, for the pipeline age);
     ``monotonic`` times the stages.
+
+    For planners (issue 19) each published detection carries a track id (``tracking``; one
+    :class:`~dds_perception.detection.tracking.ByteTracker` per image topic) and, once the
+    camera's CameraInfo arrived (:meth:`submit_camera_info`) and ``camera_height`` is set, the
+    car's position from the ground plane
+    (:func:`~dds_perception.detection.ground_plane.estimate`). ``enable`` false makes the
+    runtime drop its image subscription (``Ports.set_image_subscription``), drops the pending
+    frame, resets the tracks and releases cached memory; diagnostics go on and say so.
     """
 
     def __init__(
@@ -657,6 +748,15 @@ class DetectorCore:
         self._slot = LatestFrameSlot()
         self._thread: threading.Thread | None = None
         self._failure_throttle = Throttle(failure_log_period, time.monotonic)
+        # planning outputs: trackers and camera models per image topic, distance outcomes
+        self._plan_lock = threading.Lock()
+        self._trackers: dict[str, Any] = {}
+        self._cameras: dict[str, Any] = {}  # source -> Intrinsics
+        self._camera_errors: dict[str, str] = {}  # source -> why its CameraInfo is unusable
+        self.camera_info_received = 0
+        self.distance_counts: dict[str, int] = {}
+        self.frames_ignored = 0  # frames that arrived while disabled (before unsubscribing)
+        self._release_pending = False
         self._reset_windows(params.stats_window)
         self._apply_runtime(params)
 
@@ -668,13 +768,15 @@ class DetectorCore:
         self._arrival_times: deque[float] = deque(maxlen=window)
 
     def start(self) -> None:
-        """Publish the label info once and start the worker thread."""
+        """Publish the label info once, start the worker thread, and have the runtime subscribe
+        to images when ``enable`` is true."""
         self.publish_label_info()
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name="dds_detector_worker", daemon=True
             )
             self._thread.start()
+        self.ports.set_image_subscription(self.params.enable)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the worker (the frame in work finishes first)."""
@@ -690,6 +792,15 @@ class DetectorCore:
     @property
     def device(self) -> str:
         return str(getattr(self.pipeline, "device", self.params.device))
+
+    @property
+    def enabled(self) -> bool:
+        return self.params.enable
+
+    @property
+    def default_source(self) -> str:
+        """The key of the node's one camera: its subscribed image topic."""
+        return self.params.subscribed_topic
 
     @property
     def class_names(self) -> list[str]:
@@ -721,20 +832,96 @@ class DetectorCore:
             )
         params = self.params.replace(**changes)
         with self._lock:
+            was_enabled = self.params.enable
             self.params = params
             self._apply_runtime(params)
+        if params.enable != was_enabled:
+            self._switch(params.enable)
         return params
 
+    def set_enabled(self, enabled: bool) -> tuple[bool, str]:
+        """The ``~/enable`` service (std_srvs/SetBool): (success, message)."""
+        try:
+            self.update_params(enable=bool(enabled))
+        except ParameterError as error:
+            return False, str(error)
+        if enabled:
+            return True, f"enabled: subscribed to {self.params.subscribed_topic}"
+        return True, "disabled: not subscribed to images, no inference"
+
+    def _switch(self, enabled: bool) -> None:
+        """Subscribe/unsubscribe the camera; when disabling, also drop the pending frame, forget
+        the tracks (a car seen after the pause is a new observation) and free cached memory."""
+        self.ports.set_image_subscription(enabled)
+        if enabled:
+            self.logger.info(f"enabled: subscribed to {self.params.subscribed_topic}")
+            return
+        if self._slot.discard():
+            with self._lock:
+                self.counters.dropped += 1
+        with self._plan_lock:
+            for tracker in self._trackers.values():
+                tracker.reset()
+        if self._slot.wait_idle(0):
+            released = self._release_memory()
+        else:  # a frame is in inference: the worker releases after it
+            self._release_pending, released = True, []
+        self.logger.info(
+            "disabled: unsubscribed from images"
+            + (f"; released {', '.join(released)}" if released else "")
+        )
+
+    def _release_memory(self) -> list[str]:
+        self._release_pending = False
+        try:
+            from dds_perception.utils.runtime import release_cached_memory
+
+            return release_cached_memory(self.device)
+        except Exception as error:  # freeing memory is best effort
+            self.logger.warning(f"cached memory not released: {error}")
+            return []
+
     # ------------------------------------------------------------------ frames
-    def submit(self, msg: Any) -> None:
-        """Hand over a received Image/CompressedImage; returns at once (subscription callback)."""
+    def submit(self, msg: Any, source: str | None = None) -> None:
+        """Hand over a received Image/CompressedImage; returns at once (subscription callback).
+
+        ``source``: the image topic (default: the subscribed one). While disabled, frames
+        still in flight are ignored (counted as ``frames_ignored_disabled``).
+        """
         now = self.monotonic()
+        if not self.params.enable:
+            with self._lock:
+                self.frames_ignored += 1
+            return
         with self._lock:
             self.counters.received += 1
             self._arrival_times.append(now)
-        if self._slot.put(_Frame(msg, now)):
+        if self._slot.put(_Frame(msg, now, source or self.default_source)):
             with self._lock:
                 self.counters.dropped += 1
+
+    def submit_camera_info(self, msg: Any, source: str | None = None) -> None:
+        """Take the camera model of ``source``'s images (default: the subscribed topic) from a
+        sensor_msgs/CameraInfo; an unusable one (zero focal length, K not 3x3, ...) is kept as
+        the reason why that camera's boxes get no distance, never raised."""
+        from dds_perception.detection.ground_plane import CameraModelError, Intrinsics
+
+        source = source or self.default_source
+        try:
+            intrinsics, problem = Intrinsics.from_camera_info(msg), ""
+        except (CameraModelError, AttributeError, TypeError, ValueError) as error:
+            intrinsics, problem = None, f"{type(error).__name__}: {error}"
+        with self._lock:
+            self.camera_info_received += 1
+            known_problem = self._camera_errors.get(source)
+            if intrinsics is None:
+                self._cameras.pop(source, None)
+                self._camera_errors[source] = problem
+            else:
+                self._cameras[source] = intrinsics
+                self._camera_errors.pop(source, None)
+        if problem and problem != known_problem:
+            self.logger.warning(f"CameraInfo for {source} unusable, no distances: {problem}")
 
     def _run(self) -> None:
         while True:
@@ -742,12 +929,16 @@ class DetectorCore:
             if frame is None:
                 return
             try:
-                self.process(frame.msg, received=frame.received)
+                self.process(frame.msg, received=frame.received, source=frame.source)
             finally:
                 self._slot.done()
+                if self._release_pending and not self.params.enable:
+                    self._release_memory()
 
-    def process(self, msg: Any, *, received: float | None = None) -> Any | None:
-        """Run one frame through decode -> pipeline -> messages -> ports.
+    def process(
+        self, msg: Any, *, received: float | None = None, source: str | None = None
+    ) -> Any | None:
+        """Run one frame through decode -> pipeline -> tracker and distance -> messages -> ports.
 
         Returns the Detection2DArray, or None when the frame failed (counted, logged throttled).
         Called by the worker; runtimes without threads may call it directly.
@@ -759,7 +950,10 @@ class DetectorCore:
             rgb = self.decoder(msg)
             decode_ms = (clock() - t0) * 1e3
             detections = self.pipeline(rgb)
-            out = self._messages.detections_to_msg(detections, msg.header, self.classes)
+            t1 = clock()
+            extras = self._plan(detections, rgb.shape[:2], msg.header, source)
+            planning_ms = (clock() - t1) * 1e3
+            out = self._messages.detections_to_msg(detections, msg.header, self.classes, **extras)
             self.ports.publish_detections(out)
         except Exception as error:  # a bad frame must never stop the node
             self._record_failure(msg, error)
@@ -768,6 +962,7 @@ class DetectorCore:
         age_ms = (self.clock() - stamp_seconds(msg.header)) * 1e3
         timings = dict(getattr(detections, "timings", {}) or {})
         timings["decode"] = decode_ms + float(timings.get("decode", 0.0))
+        timings["planning"] = planning_ms
         timings["end_to_end"] = end_ms
         with self._lock:
             self.counters.processed += 1
@@ -780,6 +975,68 @@ class DetectorCore:
         if self.params.publish_debug_image:
             self._publish_debug(rgb, detections, msg.header)
         return out
+
+    # ------------------------------------------------------------------ planning outputs
+    def _tracker_config(self, params: DetectorParams) -> Any:
+        from dds_perception.detection.tracking import TrackerConfig
+
+        high = params.track_high_threshold
+        return TrackerConfig(
+            high_threshold=high,
+            low_threshold=min(0.1, high),
+            new_track_threshold=min(1.0, high + 0.1),
+            track_buffer=params.track_buffer,
+        )
+
+    def _plan(
+        self, detections: Any, image_size: tuple[int, int], header: Any, source: str | None
+    ) -> dict[str, Any]:
+        """Track ids and ground-plane positions of one frame's detections (keyword arguments
+        of ``messages.detections_to_msg``)."""
+        from dds_perception.detection import ground_plane, tracking
+
+        params = self.params
+        source = source or self.default_source
+        boxes = np.asarray(detections.boxes, dtype=np.float64).reshape(-1, 4)
+        extras: dict[str, Any] = {}
+        with self._plan_lock:
+            if params.tracking:
+                tracker = self._trackers.get(source)
+                config = self._tracker_config(params)
+                if tracker is None:
+                    tracker = self._trackers[source] = tracking.ByteTracker(config)
+                tracker.config = config
+                scores = np.asarray(detections.scores, dtype=np.float64).reshape(-1)
+                extras["ids"] = tracking.format_ids(
+                    tracker.update(boxes, scores, stamp_seconds(header))
+                )
+            elif source in self._trackers:  # tracking switched off: start afresh when back
+                self._trackers[source].reset()
+        with self._lock:
+            intrinsics = self._cameras.get(source)
+            bad_info = source in self._camera_errors
+        if bad_info:
+            estimates = ground_plane.GroundEstimates.omitted(
+                len(boxes), ground_plane.BAD_CAMERA_INFO
+            )
+        else:
+            plane = ground_plane.GroundPlane(
+                camera_height=params.camera_height,
+                pitch=params.camera_pitch,
+                center_offset=params.distance_offset,
+            )
+            estimates = ground_plane.estimate(boxes, intrinsics, plane, image_size)
+        counts: dict[str, int] = {}
+        for reason in estimates.reasons:
+            key = reason or "estimated"
+            counts[key] = counts.get(key, 0) + 1
+        with self._lock:
+            for key, value in counts.items():
+                self.distance_counts[key] = self.distance_counts.get(key, 0) + value
+        if len(boxes):
+            extras["positions"] = estimates.positions
+            extras["covariances"] = ground_plane.pose_covariances(estimates.covariances)
+        return extras
 
     def _publish_debug(self, rgb: np.ndarray, detections: Any, header: Any) -> None:
         try:
@@ -831,11 +1088,59 @@ class DetectorCore:
         span = max(now, recent[-1]) - recent[0]
         return (len(recent) - 1) / span if span > 0 else 0.0
 
+    def _planning_values(self) -> tuple[list[tuple[str, str]], str]:
+        """Diagnostic key/values of tracking and distance, and a problem to warn about ("")."""
+        from dds_perception.detection.ground_plane import REASONS
+
+        params = self.params
+        source = self.default_source
+        with self._plan_lock:
+            trackers = list(self._trackers.values())
+            active = sum(t.num_tracked for t in trackers)
+            lost = sum(t.num_lost for t in trackers)
+            issued = sum(t.next_id - 1 for t in trackers)
+        with self._lock:
+            intrinsics = self._cameras.get(source)
+            error = self._camera_errors.get(source, "")
+            received = self.camera_info_received
+            counts = dict(self.distance_counts)
+            ignored = self.frames_ignored
+            processed = self.counters.processed
+        topic = params.resolved_camera_info_topic
+        if intrinsics is not None:
+            camera = (
+                f"ok: {intrinsics.width}x{intrinsics.height}, fx {intrinsics.fx:.1f}, "
+                f"fy {intrinsics.fy:.1f}"
+            )
+        elif error:
+            camera = f"invalid: {error}"
+        else:
+            camera = f"none received on {topic}"
+        problem = ""
+        if params.camera_height > 0 and intrinsics is None and processed:
+            problem = f"no usable CameraInfo on {topic}: cars published without distance"
+        values = [
+            ("enabled", "true" if params.enable else "false"),
+            ("frames_ignored_disabled", str(ignored)),
+            ("tracking", "on" if params.tracking else "off"),
+            ("tracks_active", str(active)),
+            ("tracks_lost", str(lost)),
+            ("track_ids_issued", str(issued)),
+            ("camera_info", camera),
+            ("camera_info_received", str(received)),
+            ("camera_height_m", f"{params.camera_height:.3f}"),
+            ("distance_estimated", str(counts.get("estimated", 0))),
+            *((f"distance_omitted_{reason}", str(counts.get(reason, 0))) for reason in REASONS),
+        ]
+        return values, problem
+
     def diagnostics(self) -> DiagnosticReport:
         """Level, message and key/values for diagnostics (design.md section 7).
 
-        ERROR when a frame of the recent window failed, WARN when the window's p95 end-to-end
-        latency exceeds ``latency_budget_ms``, OK otherwise. Latencies in ms.
+        Disabled (``enable`` false): OK, saying so. Otherwise ERROR when a frame of the recent
+        window failed, WARN when the window's p95 end-to-end latency exceeds
+        ``latency_budget_ms`` or when distances are asked for (``camera_height`` > 0) but no
+        usable CameraInfo arrived, OK otherwise. Latencies in ms.
         """
         now = self.monotonic()
         with self._lock:
@@ -866,13 +1171,20 @@ class DetectorCore:
             ("latency_budget_ms", f"{budget:.1f}"),
             ("last_error", last_error),
         ]
+        planning, problem = self._planning_values()
+        values += planning
         e2e = summaries["end_to_end"]
-        if failed_recent:
+        if not self.params.enable:
+            level = OK
+            message = "disabled (enable is false): not subscribed to images, no inference"
+        elif failed_recent:
             level = ERROR
             message = f"{failed_recent} of the last {len(outcomes)} frames failed: {last_error}"
         elif e2e is not None and e2e.p95 > budget:
             level = WARN
             message = f"p95 end-to-end latency {e2e.p95:.1f} ms exceeds the {budget:.1f} ms budget"
+        elif problem:
+            level, message = WARN, problem
         elif e2e is None:
             level, message = OK, "waiting for images"
         else:

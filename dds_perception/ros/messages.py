@@ -352,22 +352,38 @@ class MsgDetections:
     class_names: list[str]
     stamp_ns: int
     frame_id: str
+    ids: list[str] = dataclasses.field(default_factory=list)  # Detection2D.id ("" = none)
+    # results[best].pose.pose.position (N, 3), metres; all zero where the node had no distance
+    positions: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3)))
 
     def __len__(self) -> int:
         return len(self.class_names)
 
 
-def _identity_pose_with_covariance(classes: MessageClasses) -> Any:
-    point = classes.Point(x=0.0, y=0.0, z=0.0)
+_ZEROS36 = np.zeros(36)
+
+
+def _pose_with_covariance(
+    classes: MessageClasses,
+    position: Sequence[float] | None = None,
+    covariance: np.ndarray | None = None,
+) -> Any:
+    """PoseWithCovariance at ``position`` (x, y, z; None = the origin, as "no estimate") with
+    identity orientation and ``covariance`` (36 row-major values; None = zeros)."""
+    x, y, z = (0.0, 0.0, 0.0) if position is None else (float(v) for v in position)
+    point = classes.Point(x=x, y=y, z=z)
     quaternion = classes.Quaternion(x=0.0, y=0.0, z=0.0, w=1.0)
     pose = classes.Pose(position=point, orientation=quaternion)
-    return classes.PoseWithCovariance(
-        pose=pose, covariance=classes.float64_fixed(np.zeros(36), 36)
-    )
+    values = _ZEROS36 if covariance is None else covariance
+    return classes.PoseWithCovariance(pose=pose, covariance=classes.float64_fixed(values, 36))
 
 
-def _hypothesis(class_name: str, score: float, classes: MessageClasses) -> Any:
-    values: dict[str, Any] = {"pose": _identity_pose_with_covariance(classes)}
+def _identity_pose_with_covariance(classes: MessageClasses) -> Any:
+    return _pose_with_covariance(classes)
+
+
+def _hypothesis(class_name: str, score: float, classes: MessageClasses, pose: Any = None) -> Any:
+    values: dict[str, Any] = {"pose": pose or _identity_pose_with_covariance(classes)}
     if "hypothesis" in field_names(classes.ObjectHypothesisWithPose):  # vision_msgs >= 3
         values["hypothesis"] = classes.ObjectHypothesis(class_id=class_name, score=score)
     else:  # Foxy, vision_msgs 2.x: id and score directly
@@ -395,12 +411,26 @@ def empty_image_msg(header: Any, classes: MessageClasses) -> Any:
     )
 
 
-def detections_to_msg(detections: DetectionsLike, header: Any, classes: MessageClasses) -> Any:
+def detections_to_msg(
+    detections: DetectionsLike,
+    header: Any,
+    classes: MessageClasses,
+    *,
+    ids: Sequence[str] | None = None,
+    positions: np.ndarray | None = None,
+    covariances: np.ndarray | None = None,
+) -> Any:
     """vision_msgs/Detection2DArray of ``detections`` in the image with ``header``.
 
     The array's header and every detection's header carry the image's stamp and frame_id.
     ``results[0].hypothesis.class_id`` is the class name, ``score`` in [0, 1] (clipped), the box
-    centre and size are in source-image pixels, ``theta`` is 0 and ``id`` is empty (no tracking).
+    centre and size are in source-image pixels, ``theta`` is 0.
+
+    ``ids`` (one string per detection, "" = none) fill ``Detection2D.id`` (tracking; Foxy's
+    layout also gets ``tracking_id`` and ``is_tracking``); without them ``id`` is empty.
+    ``positions`` (N x 3, metres in the camera optical frame; a NaN row = no estimate) fill
+    ``results[0].pose.pose.position`` and ``covariances`` (N x 36 row-major, or N x 6 x 6) its
+    covariance; a detection without an estimate keeps the zero position and covariance.
     """
     boxes = np.asarray(detections.boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(detections.scores, dtype=np.float64).reshape(-1)
@@ -412,23 +442,46 @@ def detections_to_msg(detections: DetectionsLike, header: Any, classes: MessageC
         )
     if not np.isfinite(boxes).all() or not np.isfinite(scores).all():
         raise MessageError("detections contain non-finite boxes or scores")
+    count = len(names)
+    if ids is not None and len(ids) != count:
+        raise MessageError(f"{len(ids)} ids for {count} detections")
+    if positions is not None:
+        positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+        if len(positions) != count:
+            raise MessageError(f"{len(positions)} positions for {count} detections")
+        covariances = (
+            np.zeros((count, 36))
+            if covariances is None
+            else np.asarray(covariances, dtype=np.float64).reshape(count, 36)
+        )
     det_fields = field_names(classes.Detection2D)
     items = []
-    for (x1, y1, x2, y2), score, name in zip(boxes.tolist(), scores.tolist(), names, strict=True):
+    for index, ((x1, y1, x2, y2), score, name) in enumerate(
+        zip(boxes.tolist(), scores.tolist(), names, strict=True)
+    ):
         bbox = classes.BoundingBox2D(
             center=_center((x1 + x2) / 2.0, (y1 + y2) / 2.0, classes),
             size_x=max(0.0, x2 - x1),
             size_y=max(0.0, y2 - y1),
         )
+        pose = None
+        if positions is not None and np.isfinite(positions[index]).all():
+            cov = covariances[index]
+            pose = _pose_with_covariance(
+                classes, positions[index], cov if np.isfinite(cov).all() else None
+            )
+        track_id = "" if ids is None else str(ids[index])
         values: dict[str, Any] = {
             "header": copy_header(header, classes),
-            "results": [_hypothesis(str(name), min(1.0, max(0.0, score)), classes)],
+            "results": [_hypothesis(str(name), min(1.0, max(0.0, score)), classes, pose)],
             "bbox": bbox,
-            "id": "",
+            "id": track_id,
         }
         if "source_img" in det_fields:  # Foxy
             values.update(
-                source_img=empty_image_msg(header, classes), is_tracking=False, tracking_id=""
+                source_img=empty_image_msg(header, classes),
+                is_tracking=bool(track_id),
+                tracking_id=track_id,
             )
         items.append(_build(classes.Detection2D, values))
     return classes.Detection2DArray(header=copy_header(header, classes), detections=items)
@@ -440,7 +493,7 @@ def msg_to_detections(msg: Any) -> MsgDetections:
     The best hypothesis (highest score) of each detection is taken; a rotated box becomes its
     axis-aligned envelope. A detection without results is an error naming its index.
     """
-    boxes, scores, names = [], [], []
+    boxes, scores, names, ids, positions = [], [], [], [], []
     for index, det in enumerate(msg.detections):
         if len(det.results) == 0:
             raise MessageError(f"Detection2DArray.detections[{index}] has no results")
@@ -458,12 +511,17 @@ def msg_to_detections(msg: Any) -> MsgDetections:
         boxes.append((cx - half_w, cy - half_h, cx + half_w, cy + half_h))
         scores.append(_result_score(best))
         names.append(str(class_id))
+        ids.append(str(getattr(det, "id", "") or getattr(det, "tracking_id", "") or ""))
+        point = best.pose.pose.position
+        positions.append((float(point.x), float(point.y), float(point.z)))
     return MsgDetections(
         boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
         scores=np.asarray(scores, dtype=np.float32),
         class_names=names,
         stamp_ns=stamp_ns(msg.header),
         frame_id=str(msg.header.frame_id),
+        ids=ids,
+        positions=np.asarray(positions, dtype=np.float64).reshape(-1, 3),
     )
 
 

@@ -7,10 +7,15 @@ Examples:
   ros2 topic echo /detections
 
 This is the only module that imports rclpy. It declares the parameters (descriptions and ranges
-from ``core.DetectorParams``), creates the subscription, publishers and diagnostic_updater, and
-hands every frame to :class:`dds_perception.ros.core.DetectorCore`, which does the work on its
-own thread (the newest frame wins). Without rclpy it prints how to get it (a sourced ROS 2
-install) or to use the Cyclone DDS runtime instead, and exits with status 1.
+from ``core.DetectorParams``), creates the subscriptions (images, camera_info), publishers,
+the ``~/enable`` service (std_srvs/SetBool) and diagnostic_updater, and hands every frame to
+:class:`dds_perception.ros.core.DetectorCore`, which does the work on its own thread (the newest
+frame wins). The service sets the ``enable`` parameter (so ``ros2 param get`` agrees); the core
+then has this node create or destroy the image subscription. Without rclpy it prints how to get
+it (a sourced ROS 2 install) or to use the Cyclone DDS runtime instead, and exits with status 1.
+
+  ros2 service call /dds_detector/enable std_srvs/srv/SetBool "{data: false}"
+  ros2 param set /dds_detector enable true
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dds_perception.ros import core, messages
 try:  # rclpy exists only on a ROS 2 machine; --help and the CLI table work without it
     import rclpy
     from rclpy.node import Node
+    from rclpy.parameter import Parameter
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
     try:
@@ -188,6 +194,7 @@ class DetectorNode(Node):
             publish_detections=self._detections_pub.publish,
             publish_debug_image=self._debug_pub.publish,
             debug_image_wanted=lambda: self._debug_pub.get_subscription_count() > 0,
+            set_image_subscription=self._set_image_subscription,
         )
         if self._label_pub is not None:
             ports.publish_label_info = self._label_pub.publish
@@ -201,18 +208,58 @@ class DetectorNode(Node):
             decoder=_cv_bridge_decoder(classes, log),
             node_name=self.get_name(),
         )
-        image_type = classes.CompressedImage if params.use_compressed else classes.Image
-        self._subscription = self.create_subscription(
-            image_type, params.subscribed_topic, self.core.submit, _image_qos(params.reliability)
-        )
+        self._image_type = classes.CompressedImage if params.use_compressed else classes.Image
+        self._subscription: Any = None
         self._updater = self._make_updater(str(self.core.device))
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        self.core.start()
-        log.info(
-            f"subscribed to '{params.subscribed_topic}' ({image_type.__name__}, "
-            f"{params.reliability}) in namespace '{self.get_namespace()}'; device "
-            f"{self.core.device}; publishing 'detections'"
+        self.core.start()  # subscribes to the images through the port when enable is true
+        # camera_info: best effort keep-last 1 matches both reliable and best-effort drivers
+        self._camera_info_sub = self.create_subscription(
+            classes.CameraInfo,
+            params.resolved_camera_info_topic,
+            self.core.submit_camera_info,
+            _image_qos("best_effort"),
         )
+        self._enable_srv = self._make_enable_service()
+        log.info(
+            f"{'subscribed' if params.enable else 'disabled, not subscribed'} to "
+            f"'{params.subscribed_topic}' ({self._image_type.__name__}, {params.reliability}) "
+            f"and '{params.resolved_camera_info_topic}' in namespace '{self.get_namespace()}'; "
+            f"device {self.core.device}; publishing 'detections'; service '~/enable'"
+        )
+
+    def _set_image_subscription(self, subscribed: bool) -> None:
+        """Create or destroy the image subscription (``enable``); idempotent."""
+        params = self.core.params if self.core is not None else None
+        if subscribed and self._subscription is None and params is not None:
+            self._subscription = self.create_subscription(
+                self._image_type,
+                params.subscribed_topic,
+                self.core.submit,
+                _image_qos(params.reliability),
+            )
+        elif not subscribed and self._subscription is not None:
+            self.destroy_subscription(self._subscription)
+            self._subscription = None
+
+    def _make_enable_service(self) -> Any:
+        from std_srvs.srv import SetBool
+
+        return self.create_service(SetBool, "~/enable", self._on_enable)
+
+    def _on_enable(self, request: Any, response: Any) -> Any:
+        """std_srvs/SetBool on ``~/enable``: set the ``enable`` parameter (which the parameter
+        callback applies to the core), answer with the outcome."""
+        enabled = bool(request.data)
+        (result,) = self.set_parameters([Parameter("enable", Parameter.Type.BOOL, enabled)])
+        response.success = bool(result.successful)
+        if not result.successful:
+            response.message = str(result.reason)
+        elif enabled:
+            response.message = f"enabled: subscribed to {self.core.params.subscribed_topic}"
+        else:
+            response.message = "disabled: not subscribed to images, no inference"
+        return response
 
     def _make_updater(self, hardware_id: str) -> Any:
         import diagnostic_updater

@@ -82,3 +82,23 @@ def reuse_freed_memory(enabled: bool = True) -> bool:
             _M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD
         )
     return bool(ok)
+
+
+def release_cached_memory(device: str | torch.device = "cpu") -> list[str]:
+    """Give memory kept for reuse back while nothing runs (a paused node): CUDA's caching
+    allocator blocks (``torch.cuda.empty_cache``) on a CUDA device, and glibc's free heap
+    (``malloc_trim``, which :func:`reuse_freed_memory` keeps from shrinking by itself).
+    Returns what was released, e.g. ``["cuda cache", "heap"]``; never raises."""
+    released = []
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        released.append("cuda cache")
+    libc = _glibc()
+    if libc is not None:
+        try:
+            libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            libc.malloc_trim(0)
+            released.append("heap")
+        except (AttributeError, OSError):
+            pass
+    return released

@@ -7,11 +7,20 @@ examples:
   ros2 topic echo /detections        # on a ROS 2 machine on the same domain (any RMW)
 
 The node is the same plain-Python core as the rclpy node `detector_node` (parameters from
-config/detector.yaml, newest frame wins, counters, latency statistics, diagnostics), on this
-runtime: it subscribes `image` (or `image/compressed`), publishes `detections`, `label_info`
-(transient local), `/diagnostics` (every --diagnostics-period s) and `~/debug_image` (only
-while it has a subscriber), with the DDS topic and type names of ROS 2 (`rt/detections`,
-`vision_msgs::msg::dds_::Detection2DArray_`). SIGINT and SIGTERM stop it cleanly, exit code 0.
+config/detector.yaml, newest frame wins, counters, latency statistics, diagnostics, track ids,
+ground-plane distances), on this runtime: it subscribes `image` (or `image/compressed`) and
+`camera_info`, publishes `detections`, `label_info` (transient local), `/diagnostics` (every
+--diagnostics-period s) and `~/debug_image` (only while it has a subscriber), with the DDS topic
+and type names of ROS 2 (`rt/detections`, `vision_msgs::msg::dds_::Detection2DArray_`), and
+serves `~/enable` (std_srvs/SetBool in rmw_cyclonedds_cpp's request/reply layout). SIGINT and
+SIGTERM stop it cleanly, exit code 0.
+
+Enable/disable on this runtime: the `~/enable` service sets the `enable` parameter as on the
+rclpy node (no ROS parameter services exist here, so the other run-time parameters are fixed
+at start-up: -p enable:=false starts it paused). Disabled, the node deletes its image reader
+(publishers stop sending it frames), keeps publishing diagnostics ("disabled ..."), and frees
+cached memory. From a ROS 2 machine on the same domain with rmw_cyclonedds_cpp:
+  ros2 service call /dds_detector/enable std_srvs/srv/SetBool "{data: false}"
 """
 
 from __future__ import annotations
@@ -119,6 +128,7 @@ class DdsDetectorNode:
             publish_label_info=self.label_pub.publish,
             publish_debug_image=self.debug_pub.publish,
             debug_image_wanted=lambda: self.debug_pub.subscription_count() > 0,
+            set_image_subscription=self._set_image_subscription,
         )
         self.core = core.DetectorCore(
             pipeline,
@@ -131,23 +141,51 @@ class DdsDetectorNode:
         )
         image_type = types["CompressedImage"] if params.use_compressed else types["Image"]
         self.image_topic = self.runtime.name(params.subscribed_topic)
-        self.runtime.subscribe(
-            params.subscribed_topic,
-            image_type,
-            self.core.submit,
-            rt.sensor_qos(params.reliability),
-        )
         self.image_type = image_type
+        self._image_sub: Any = None
+        self._image_lock = threading.Lock()
+        self.camera_info_topic = self.runtime.name(params.resolved_camera_info_topic)
+        self.runtime.subscribe(  # best effort: matches reliable and best-effort drivers
+            params.resolved_camera_info_topic,
+            types["CameraInfo"],
+            self.core.submit_camera_info,
+            rt.sensor_qos("best_effort"),
+        )
+        self.runtime.service("~/enable", "std_srvs/srv/SetBool", self._on_enable)
+
+    def _set_image_subscription(self, subscribed: bool) -> None:
+        """Create or delete the image reader (the ``enable`` parameter); idempotent."""
+        from dds_perception.ros.dds import runtime as rt
+
+        with self._image_lock:
+            if subscribed and self._image_sub is None:
+                self._image_sub = self.runtime.subscribe(
+                    self.params.subscribed_topic,
+                    self.image_type,
+                    self.core.submit,
+                    rt.sensor_qos(self.params.reliability),
+                )
+            elif not subscribed and self._image_sub is not None:
+                self.runtime.unsubscribe(self._image_sub)
+                self._image_sub = None
+
+    def _on_enable(self, request: Any) -> dict[str, Any]:
+        """``~/enable`` (std_srvs/SetBool): the ``enable`` parameter, applied by the core."""
+        success, message = self.core.set_enabled(bool(request.data))
+        self.log.info(f"~/enable {bool(request.data)}: {message}")
+        return {"success": success, "message": message}
 
     def start(self) -> None:
         """Publish the label info, start the worker and the subscription dispatcher."""
-        self.core.start()
+        self.core.start()  # subscribes to the images through the port when enable is true
         self.runtime.start()
+        state = "subscribed to" if self.params.enable else "disabled, not subscribed to"
         self.log.info(
-            f"ready: domain {self.runtime.domain_id}, subscribed to {self.image_topic} "
-            f"({self.image_type}, {self.params.reliability}), device {self.core.device}; "
-            f"publishing {self.detections_pub.topic_name}, {self.label_pub.topic_name}, "
-            f"{self.diagnostics_pub.topic_name}, {self.debug_pub.topic_name}"
+            f"ready: domain {self.runtime.domain_id}, {state} {self.image_topic} "
+            f"({self.image_type}, {self.params.reliability}) and {self.camera_info_topic}, "
+            f"device {self.core.device}; publishing {self.detections_pub.topic_name}, "
+            f"{self.label_pub.topic_name}, {self.diagnostics_pub.topic_name}, "
+            f"{self.debug_pub.topic_name}; service ~/enable"
         )
 
     def publish_diagnostics(self) -> None:

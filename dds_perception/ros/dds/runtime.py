@@ -7,15 +7,23 @@
 - :class:`DdsRuntime` owns one participant on ``ROS_DOMAIN_ID`` (or an explicit id), creates
   :class:`DdsPublisher` objects that take rosbags messages, and runs ONE dispatcher thread that
   waits on every subscription's reader, skips ``InvalidSample`` entries (a writer leaving), and
-  hands rosbags messages to the callbacks. ``CYCLONEDDS_URI`` configures Cyclone as usual (the
-  tests restrict it to the loopback interface).
+  hands rosbags messages to the callbacks. Subscriptions can be dropped again
+  (:meth:`DdsRuntime.unsubscribe`: the reader is deleted, so publishers stop sending to it).
+  ``CYCLONEDDS_URI`` configures Cyclone as usual (the tests restrict it to the loopback
+  interface).
+- Services (:meth:`DdsRuntime.service`, :class:`DdsServiceClient`) as rmw_cyclonedds_cpp puts
+  them on the wire: topics ``rq/<name>Request`` and ``rr/<name>Reply``, each sample the request
+  header (client writer id, sequence number) followed by the request or response fields (see
+  :mod:`~dds_perception.ros.dds.types`); the server echoes the header in its reply.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +158,15 @@ class _Subscription:
     condition: Any
     callback: Callable[[Any], None]
     raw: bool
+    closed: bool = False
+
+
+def service_topics(name: str, namespace: str = "/", node_name: str = "") -> tuple[str, str]:
+    """The DDS request and reply topics of a ROS service name (rmw_cyclonedds_cpp's naming):
+    ``~/enable`` of node ``dds_detector`` -> ``rq/dds_detector/enableRequest``,
+    ``rr/dds_detector/enableReply``."""
+    full = resolve_name(name, namespace, node_name)
+    return f"rq{full}Request", f"rr{full}Reply"
 
 
 class DdsRuntime:
@@ -181,6 +198,9 @@ class DdsRuntime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # held while samples are delivered; unsubscribe() takes it, so a reader is never
+        # deleted under the dispatcher's feet (re-entrant: callbacks may unsubscribe)
+        self._dispatch_lock = threading.RLock()
 
     # -------------------------------------------------------------- entities
     def name(self, ros_name: str) -> str:
@@ -189,13 +209,15 @@ class DdsRuntime:
 
     def topic(self, ros_name: str, msgtype: str) -> Any:
         """The (cached) DDS topic for ``ros_name`` of ROS 2 type ``msgtype``."""
-        dds_name = self.name(ros_name)
+        return self._dds_topic(self.name(ros_name), idl.idl_type(msgtype))
+
+    def _dds_topic(self, dds_name: str, data_type: type) -> Any:
         with self._lock:
             topic = self._topics.get(dds_name)
             if topic is None:
-                topic = Topic(self.participant, dds_name, idl.idl_type(msgtype))
+                topic = Topic(self.participant, dds_name, data_type)
                 self._topics[dds_name] = topic
-        if topic.data_type is not idl.idl_type(msgtype):
+        if topic.data_type is not data_type:
             raise DdsError(f"topic {dds_name} already has type {topic.data_type.__name__}")
         return topic
 
@@ -211,17 +233,91 @@ class DdsRuntime:
         qos: Qos | None = None,
         *,
         raw: bool = False,
-    ) -> None:
+    ) -> _Subscription:
         """Call ``callback(msg)`` for every sample (default QoS: :func:`reliable_qos`);
-        ``raw=True`` passes the IDL sample instead of a rosbags message."""
-        reader = DataReader(
-            self.participant, self.topic(ros_name, msgtype), qos=qos or reliable_qos()
+        ``raw=True`` passes the IDL sample instead of a rosbags message. Returns a handle
+        for :meth:`unsubscribe`."""
+        return self._subscribe(
+            self.name(ros_name), self.topic(ros_name, msgtype), msgtype, callback, qos, raw
         )
+
+    def _subscribe(
+        self,
+        dds_name: str,
+        topic: Any,
+        msgtype: str,
+        callback: Callable[[Any], None],
+        qos: Qos | None,
+        raw: bool,
+    ) -> _Subscription:
+        reader = DataReader(self.participant, topic, qos=qos or reliable_qos())
         condition = ReadCondition(reader, SampleState.Any | ViewState.Any | InstanceState.Any)
         self._waitset.attach(condition)
-        self._subscriptions.append(
-            _Subscription(self.name(ros_name), msgtype, reader, condition, callback, raw)
+        sub = _Subscription(dds_name, msgtype, reader, condition, callback, raw)
+        self._subscriptions.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: _Subscription) -> None:
+        """Stop ``sub``'s callbacks and delete its reader (idempotent). Callable from any
+        thread, callbacks included; from another thread it waits for the current delivery."""
+        with self._dispatch_lock:
+            if sub.closed:
+                return
+            sub.closed = True
+            if sub in self._subscriptions:
+                self._subscriptions.remove(sub)
+            self._waitset.detach(sub.condition)
+            sub.condition.__del__()  # dds_delete now (both are idempotent), not at GC time
+            sub.reader.__del__()
+
+    def service(
+        self,
+        ros_name: str,
+        srvtype: str,
+        handler: Callable[[Any], dict[str, Any]],
+        *,
+        reply_wait: float = 1.0,
+    ) -> tuple[_Subscription, Any]:
+        """Serve ROS service ``ros_name`` of type ``srvtype`` (e.g. ``std_srvs/srv/SetBool``):
+        ``handler(request)`` gets the IDL request sample and returns the response fields; the
+        reply carries the request's header. Runs on the dispatcher thread. A reply waits up to
+        ``reply_wait`` s for a reader to match (a client's reply reader may be discovered just
+        after its request arrived)."""
+        request_type, response_type = idl.service_types(srvtype)
+        request_topic, reply_topic = service_topics(ros_name, self.namespace, self.node_name)
+        writer = DataWriter(
+            self.participant, self._dds_topic(reply_topic, response_type), qos=reliable_qos()
         )
+
+        def serve(request: Any) -> None:
+            fields = handler(request)
+            deadline = time.monotonic() + reply_wait
+            while (
+                writer.get_publication_matched_status().current_count == 0
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.01)
+            writer.write(
+                response_type(
+                    client_guid=request.client_guid,
+                    sequence_number=request.sequence_number,
+                    **fields,
+                )
+            )
+
+        sub = self._subscribe(
+            request_topic,
+            self._dds_topic(request_topic, request_type),
+            srvtype,
+            serve,
+            reliable_qos(),
+            True,
+        )
+        return sub, writer
+
+    def service_client(self, ros_name: str, srvtype: str) -> DdsServiceClient:
+        """A client of ROS service ``ros_name`` (resolved in this runtime's namespace)."""
+        return DdsServiceClient(self, ros_name, srvtype)
 
     def publisher_count(self, ros_name: str) -> int:
         """Writers matched right now by this runtime's subscription(s) of ``ros_name``."""
@@ -245,25 +341,28 @@ class DdsRuntime:
         """Wait up to ``timeout`` s for samples, deliver them, return how many were delivered."""
         self._waitset.wait(duration(seconds=timeout))
         delivered = 0
-        for sub in list(self._subscriptions):
-            try:
-                samples = sub.reader.take(N=64)
-            except Exception as error:  # a sample Cyclone could not hand over: skip, go on
-                self._on_error(f"{sub.topic}: take failed: {error}")
-                continue
-            for sample in samples:
-                if isinstance(sample, InvalidSample):  # instance state change, no data
+        with self._dispatch_lock:
+            for sub in list(self._subscriptions):
+                if sub.closed:  # unsubscribed by a callback of this very pass
                     continue
                 try:
-                    value = (
-                        sample
-                        if sub.raw
-                        else convert.from_idl(sample, self.typestore, sub.msgtype)
-                    )
-                    sub.callback(value)
-                    delivered += 1
-                except Exception as error:
-                    self._on_error(f"{sub.topic}: {type(error).__name__}: {error}")
+                    samples = sub.reader.take(N=64)
+                except Exception as error:  # a sample Cyclone could not hand over: skip, go on
+                    self._on_error(f"{sub.topic}: take failed: {error}")
+                    continue
+                for sample in samples:
+                    if isinstance(sample, InvalidSample):  # instance state change, no data
+                        continue
+                    try:
+                        value = (
+                            sample
+                            if sub.raw
+                            else convert.from_idl(sample, self.typestore, sub.msgtype)
+                        )
+                        sub.callback(value)
+                        delivered += 1
+                    except Exception as error:
+                        self._on_error(f"{sub.topic}: {type(error).__name__}: {error}")
         return delivered
 
     def _dispatch(self) -> None:
@@ -307,3 +406,65 @@ class DdsRuntime:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class DdsServiceClient:
+    """Calls a ROS 2 service over DDS in rmw_cyclonedds_cpp's request/reply layout.
+
+    Replies are told apart by the header this client puts in its requests (a random 64-bit
+    client id and a sequence number), so several clients may share the service. Needs the
+    runtime's dispatcher running (:meth:`DdsRuntime.start`).
+    """
+
+    def __init__(self, runtime: DdsRuntime, ros_name: str, srvtype: str) -> None:
+        self._request_type, response_type = idl.service_types(srvtype)
+        request_topic, reply_topic = service_topics(ros_name, runtime.namespace, runtime.node_name)
+        self.service_name = request_topic[2:].removesuffix("Request")
+        self._writer = DataWriter(
+            runtime.participant,
+            runtime._dds_topic(request_topic, self._request_type),
+            qos=reliable_qos(),
+        )
+        self._guid = random.SystemRandom().getrandbits(63) + 1
+        self._sequence = 0
+        self._replies: dict[int, Any] = {}
+        self._cond = threading.Condition()
+        runtime._subscribe(
+            reply_topic,
+            runtime._dds_topic(reply_topic, response_type),
+            srvtype,
+            self._on_reply,
+            reliable_qos(),
+            True,
+        )
+
+    def _on_reply(self, sample: Any) -> None:
+        if sample.client_guid != self._guid:
+            return  # another client's answer
+        with self._cond:
+            self._replies[int(sample.sequence_number)] = sample
+            self._cond.notify_all()
+
+    def wait_for_service(self, timeout: float = 10.0) -> bool:
+        """True once a server's request reader matched this client's writer."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._writer.get_publication_matched_status().current_count > 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def call(self, timeout: float = 10.0, **fields: Any) -> Any:
+        """Send a request with ``fields``; return the reply sample (DdsError on timeout)."""
+        if not self.wait_for_service(timeout):
+            raise DdsError(f"service {self.service_name} not available after {timeout:.0f} s")
+        with self._cond:
+            self._sequence += 1
+            sequence = self._sequence
+        self._writer.write(
+            self._request_type(client_guid=self._guid, sequence_number=sequence, **fields)
+        )
+        with self._cond:
+            if not self._cond.wait_for(lambda: sequence in self._replies, timeout):
+                raise DdsError(f"service {self.service_name}: no reply within {timeout:.0f} s")
+            return self._replies.pop(sequence)

@@ -28,10 +28,12 @@ from cyclonedds.idl.types import (  # noqa: E402
     float32,
     float64,
     int32,
+    int64,
     sequence,
     uint8,
     uint16,
     uint32,
+    uint64,
 )
 
 
@@ -232,6 +234,54 @@ class DiagnosticStatus(IdlStruct, typename=_ros("diagnostic_msgs", "DiagnosticSt
 class DiagnosticArray(IdlStruct, typename=_ros("diagnostic_msgs", "DiagnosticArray")):
     header: Header = field(default_factory=Header)
     status: sequence[DiagnosticStatus] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- services
+#
+# rmw_cyclonedds_cpp sends a service request as the request header it calls
+# ``cdds_request_header_t`` -- the client's 64-bit writer id and a 64-bit sequence number --
+# followed by the request's fields, in one CDR stream of the type ``pkg::srv::dds_::X_Request_``
+# on ``rq/<service>Request``; the server answers with the same header and the response's
+# fields (``X_Response_`` on ``rr/<service>Reply``). The header is therefore written here as the
+# first two members of each struct.
+
+
+def _ros_srv(pkg: str, name: str) -> str:
+    """The DDS type name rmw_cyclonedds_cpp gives a service's request/response ``name``."""
+    return f"{pkg}::srv::dds_::{name}_"
+
+
+@dataclass
+class SetBoolRequest(IdlStruct, typename=_ros_srv("std_srvs", "SetBool_Request")):
+    client_guid: uint64 = 0
+    sequence_number: int64 = 0
+    data: bool = False
+
+
+@dataclass
+class SetBoolResponse(IdlStruct, typename=_ros_srv("std_srvs", "SetBool_Response")):
+    client_guid: uint64 = 0
+    sequence_number: int64 = 0
+    success: bool = False
+    message: str = ""
+
+
+#: ROS 2 service type -> (request struct, response struct), each with the request header.
+SERVICE_TYPES: dict[str, tuple[type[IdlStruct], type[IdlStruct]]] = {
+    "std_srvs/srv/SetBool": (SetBoolRequest, SetBoolResponse),
+}
+
+
+def service_types(srvtype: str) -> tuple[type[IdlStruct], type[IdlStruct]]:
+    """(request, response) IDL structs of a ROS 2 service type; DdsError if unknown."""
+    from dds_perception.ros.dds import DdsError
+
+    try:
+        return SERVICE_TYPES[srvtype]
+    except KeyError:
+        raise DdsError(
+            f"no DDS service type for {srvtype!r}; known: {', '.join(sorted(SERVICE_TYPES))}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- registry

@@ -1,0 +1,136 @@
+"""Services and unsubscribing on the DDS runtime, in this process over loopback (issue 19's
+``~/enable`` on Cyclone DDS): rmw_cyclonedds_cpp's request/reply layout, a call answered with
+its header, and a deleted reader that publishers stop matching."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("cyclonedds", reason="the DDS runtime needs cyclonedds (pip install '.[dds]')")
+
+from dds_perception.ros import messages
+from dds_perception.ros.dds import DdsError
+from dds_perception.ros.dds import runtime as rt
+from dds_perception.ros.dds import types as idl
+
+LOOPBACK_URI = (
+    "<CycloneDDS><Domain><General><Interfaces>"
+    '<NetworkInterface name="lo"/>'
+    "</Interfaces></General></Domain></CycloneDDS>"
+)
+
+
+def test_dds_service_topic_and_type_names() -> None:
+    assert rt.service_topics("~/enable", "/", "dds_detector") == (
+        "rq/dds_detector/enableRequest",
+        "rr/dds_detector/enableReply",
+    )
+    assert rt.service_topics("~/enable", "/front", "dds_detector")[0] == (
+        "rq/front/dds_detector/enableRequest"
+    )
+    request, response = idl.service_types("std_srvs/srv/SetBool")
+    assert request.__idl_typename__ == "std_srvs::srv::dds_::SetBool_Request_"
+    assert response.__idl_typename__ == "std_srvs::srv::dds_::SetBool_Response_"
+    with pytest.raises(DdsError, match=r"no DDS service type for 'std_srvs/srv/Trigger'"):
+        idl.service_types("std_srvs/srv/Trigger")
+
+
+def test_dds_service_wire_layout_is_rmw_cyclonedds() -> None:
+    """CDR little endian: the 8-byte client id and 8-byte sequence number, then the fields
+    (SetBool.Response: bool, 3 bytes padding, string length incl. NUL, the bytes)."""
+    request = idl.SetBoolRequest(client_guid=0x0102030405060708, sequence_number=3, data=True)
+    assert request.serialize() == (
+        b"\x00\x01\x00\x00" + struct.pack("<Qq?", 0x0102030405060708, 3, True)
+    )
+    response = idl.SetBoolResponse(client_guid=7, sequence_number=9, success=True, message="ok")
+    assert response.serialize() == (
+        b"\x00\x01\x00\x00" + struct.pack("<Qq?3xI", 7, 9, True, 3) + b"ok\x00"
+    )
+
+
+@pytest.fixture(scope="module")
+def domain() -> int:
+    saved = os.environ.get("CYCLONEDDS_URI")
+    os.environ["CYCLONEDDS_URI"] = LOOPBACK_URI
+    yield random.SystemRandom().randint(100, 200)
+    if saved is None:
+        os.environ.pop("CYCLONEDDS_URI", None)
+    else:
+        os.environ["CYCLONEDDS_URI"] = saved
+
+
+def _wait(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_dds_service_call_and_unsubscribe(domain: int) -> None:
+    classes = messages.rosbags_classes()
+    types = messages.MSGTYPES
+    server = rt.DdsRuntime(domain=domain, node_name="dds_detector", typestore=classes.typestore)
+    client = rt.DdsRuntime(domain=domain, typestore=classes.typestore)
+    received: list[str] = []
+    requests: list[bool] = []
+    try:
+        sub = server.subscribe("chatter", types["String"], lambda m: received.append(m.data))
+
+        def handler(request):
+            requests.append(bool(request.data))
+            if request.data:
+                return {"success": True, "message": "on"}
+            server.unsubscribe(sub)  # from the dispatcher thread, inside a callback
+            return {"success": True, "message": "off"}
+
+        server.service("~/enable", "std_srvs/srv/SetBool", handler)
+        server.start()
+        client.start()
+        pub = client.publisher("chatter", types["String"], rt.reliable_qos(10))
+        assert _wait(lambda: pub.subscription_count() == 1)
+        pub.publish(messages.string_msg("before", classes))
+        assert _wait(lambda: received == ["before"])
+
+        enable = client.service_client("/dds_detector/enable", "std_srvs/srv/SetBool")
+        other = client.service_client("/dds_detector/enable", "std_srvs/srv/SetBool")
+        reply = enable.call(data=False)
+        assert (reply.success, reply.message) == (True, "off") and requests == [False]
+        assert _wait(lambda: pub.subscription_count() == 0), "the reader was not deleted"
+        pub.publish(messages.string_msg("after", classes))
+        time.sleep(0.3)
+        assert received == ["before"]
+        server.unsubscribe(sub)  # idempotent
+
+        # two clients at once: each gets its own answer (told apart by the request header)
+        answers: dict[str, str] = {}
+
+        def ask(name: str, service: rt.DdsServiceClient) -> None:
+            answers[name] = service.call(data=True).message
+
+        threads = [threading.Thread(target=ask, args=a) for a in (("a", enable), ("b", other))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert answers == {"a": "on", "b": "on"} and requests == [False, True, True]
+    finally:
+        client.close()
+        server.close()
+
+
+def test_dds_service_client_times_out_without_server(domain: int) -> None:
+    client = rt.DdsRuntime(domain=domain, typestore=messages.typestore())
+    try:
+        missing = client.service_client("/nobody/enable", "std_srvs/srv/SetBool")
+        with pytest.raises(DdsError, match=r"service /nobody/enable not available after 0 s"):
+            missing.call(timeout=0.2, data=True)
+    finally:
+        client.close()
