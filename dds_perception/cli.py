@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("dds_perception.ros.replay", "run a bag through the detector: AP + latency"),
     "evaluate-bag": ("dds_perception.ros.evaluate_bag", "AP of a recorded /detections bag"),
     "pseudo-label": ("dds_perception.ros.pseudo_label", "KITTI labels from a teacher ONNX"),
+    "distance-eval": (
+        "dds_perception.ros.distance_eval",
+        "ground-plane distance error against KITTI's labelled car locations",
+    ),
 }
 
 

@@ -152,3 +152,42 @@ def test_ground_plane_against_kitti_labels(kitti_sample):
     # the nearest-point estimate (offset 0) is biased short: the centre offset fixes that
     near = summarize(label_distance_errors(kitti_sample, center_offset=0.0), max_distance=40.0)
     assert near["median_signed"] < summary["median_signed"]
+
+
+def test_distance_eval_detector_matching(kitti_sample):
+    """A stand-in detector that returns the labelled boxes (plus a stray one) matches every
+    labelled car and gives the labels' own numbers."""
+    from dds_perception.data.kitti import read_label_file
+    from dds_perception.evaluation.distance import (
+        detection_distance_errors,
+        label_distance_errors,
+        summarize,
+    )
+
+    frames = ["000000", "000001", "000002"]
+    label_dir = kitti_sample / "training" / "label_2"
+    current = iter(frames)
+
+    def detect(rgb):
+        objects = read_label_file(label_dir / f"{next(current)}.txt")
+        boxes = [o.bbox for o in objects if o.type == "Car"] + [(0.0, 0.0, 5.0, 5.0)]
+        return np.array(boxes), np.full(len(boxes), 0.9)
+
+    rows, counts = detection_distance_errors(kitti_sample, detect, frames=frames)
+    assert counts["matched"] == counts["cars"] and counts["detections"] == counts["cars"] + 3
+    by_label = [r for r in label_distance_errors(kitti_sample) if r.frame in frames]
+    assert summarize(rows, 1000.0)["median"] == pytest.approx(
+        summarize(by_label, 1000.0)["median"]
+    )
+
+
+def test_distance_eval_command(cli, kitti_sample, tmp_path):
+    import json
+
+    out = tmp_path / "distance.json"
+    result = cli("distance-eval", "--kitti-root", str(kitti_sample), "--json", str(out))
+    assert "labels (all cars):" in result.stdout and "median relative error" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["labels"]["all"]["median"] <= 0.10 and report["camera_height"] == 1.65
+    bad = cli("distance-eval", "--kitti-root", str(tmp_path), check=False)
+    assert bad.returncode == 1 and "no KITTI labels" in bad.stderr
