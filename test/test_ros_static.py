@@ -298,12 +298,13 @@ def test_ros_static_setup_installs_launch_config_models(monkeypatch):
     assert "install_scripts=$base/lib/dds_perception" in (REPO / "setup.cfg").read_text()
 
 
-def test_ros_static_readme_parameter_table_matches_params():
-    """The README's parameter table lists every node parameter with its real default."""
+def test_ros_static_docs_parameter_table_matches_params():
+    """docs/node.md's parameter table lists every node parameter with its real default."""
     from dds_perception.ros import core
 
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("<!-- section: node -->") : text.index("<!-- /section: node -->")]
+    text = (REPO / "docs" / "node.md").read_text(encoding="utf-8")
+    start = text.index("### Parameters")
+    section = text[start : text.index("\n### ", start + 1)]
     rows = {
         cells[0].strip("` "): cells[2].strip("` ")
         for line in section.splitlines()
@@ -312,5 +313,5 @@ def test_ros_static_readme_parameter_table_matches_params():
     assert set(rows) == set(core.parameter_names())
     for spec in core.parameter_specs():
         default = str(spec.default).lower() if isinstance(spec.default, bool) else spec.default
-        assert spec.name in rows, f"README parameters table lacks {spec.name}"
+        assert spec.name in rows, f"docs/node.md parameters table lacks {spec.name}"
         assert rows[spec.name] == (str(default) or '""'), spec.name
