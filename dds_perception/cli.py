@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dds_perception.ros.distance_eval",
         "ground-plane distance error against KITTI's labelled car locations",
     ),
+    "track-eval": ("dds_perception.ros.track_eval", "id switches of the tracker on a clip"),
 }
 
 

@@ -23,8 +23,16 @@ windows, poles, trees, signs, boxy and round distractors, shadows, lighting chan
 and blur. Each frame ``i`` is drawn from its own generator seeded with ``(seed, i)``, so a
 frame does not depend on how many frames are made.
 
+With ``--sequence`` the frames are one 10 Hz clip of a single road instead (issue 19: tracking):
+the same background and camera throughout, cars driving in their lanes (each lane its own speed
+and direction, towards or away from the camera), one or two cars crossing, parked cars; cars
+enter and leave the view and hide one another. ``scenes.json`` then also holds
+``sequence.track_ids``: per frame, the track id of each label line (ids count from 1 and name
+the same car in every frame).
+
 Examples:
   dds-perception make-scenes /tmp/scenes --frames 50 --seed 0
+  dds-perception make-scenes /tmp/clip --sequence --frames 60 --seed 0   # a tracking clip
   dds-perception make-scenes data/scenes_val --frames 200 --seed 1 --val-fraction 0
   dds-perception make-scenes /tmp/small --frames 100 --size 621 188   # half-size, fast training
 """
@@ -638,6 +646,88 @@ def render_scene(
     return _photometric(img, rng), objects
 
 
+@dataclass
+class _Mover:
+    vehicle: _Vehicle
+    start: np.ndarray  # bottom centre at t = 0
+    velocity: np.ndarray  # m/s in camera coordinates (x, 0, z)
+    track_id: int
+
+
+def _sequence_world(seed: int, size: tuple[int, int]) -> tuple[dict, list[_Mover]]:
+    """The road of a sequence and its cars with their motion (deterministic per seed)."""
+    rng = np.random.default_rng((seed, 1_000_003))
+    cam_h = round(float(rng.uniform(1.55, 1.75)), 2)
+    lane_w = float(rng.uniform(3.2, 3.8))
+    road_half = lane_w * float(rng.choice((1.5, 2.0, 2.5)))
+    lanes = range(-int(road_half // lane_w), int(road_half // lane_w))
+    # one speed per lane, so cars of a lane never run into each other; left lanes come towards
+    # the camera (right-hand traffic), right lanes drive away
+    lane_speed = {lane: float(rng.uniform(4.0, 12.0)) * (1 if lane >= 0 else -1) for lane in lanes}
+    movers: list[_Mover] = []
+    placed: list[_Vehicle] = []
+    tries = 0
+    while len(movers) < int(rng.integers(5, 10)) and tries < 200:
+        tries += 1
+        v = _sample_vehicle(rng, road_half, lane_w)
+        v.loc[1] = cam_h
+        v.loc[2] = float(rng.uniform(6.0, 45.0))  # near enough to be seen most of the clip
+        role = rng.random()
+        if role < 0.65:  # driving in its lane
+            lane = int(rng.choice(list(lanes)))
+            v.loc[0] = round((lane + 0.5) * lane_w, 2)
+            speed = lane_speed[lane]
+            v.ry = round(-math.pi / 2 if speed > 0 else math.pi / 2, 2)
+            velocity = np.array([0.0, 0.0, speed])
+        elif role < 0.85:  # parked at the kerb
+            side = float(rng.choice((-1, 1)))
+            v.loc[0] = round(side * (road_half - 1.1), 2)
+            v.ry = round(math.pi / 2, 2)
+            velocity = np.zeros(3)
+        else:  # crossing the road
+            direction = float(rng.choice((-1, 1)))
+            v.loc[0] = round(-direction * road_half * float(rng.uniform(0.6, 1.2)), 2)
+            v.ry = 0.0 if direction > 0 else round(math.pi, 2)
+            velocity = np.array([direction * float(rng.uniform(3.0, 7.0)), 0.0, 0.0])
+        if not _fits(v, placed):
+            continue
+        placed.append(v)
+        movers.append(_Mover(v, v.loc.copy(), velocity, len(movers) + 1))
+    world = {"cam_h": cam_h, "road_half": road_half, "light": float(rng.uniform(0.8, 1.1))}
+    return world, movers
+
+
+def render_sequence_frame(
+    seed: int, index: int, size: tuple[int, int], fps: float = 10.0
+) -> tuple[np.ndarray, list[KittiObject], list[int]]:
+    """Frame ``index`` of the sequence ``seed``: RGB, KITTI labels, each label's track id."""
+    width, height = size
+    P = camera_matrix(size)
+    world, movers = _sequence_world(seed, size)
+    img = np.zeros((height, width, 3), dtype=np.uint8)
+    _draw_background(img, P, np.random.default_rng((seed, 1_000_033)), world["cam_h"],
+                     world["road_half"])  # fmt: skip
+    t = index / fps
+    visible: list[tuple[_Vehicle, int]] = []
+    for mover in movers:
+        v = mover.vehicle
+        v.loc = np.round(mover.start + mover.velocity * t, 2)
+        if v.loc[2] > 1.0 and _place(v, P, width, height):
+            visible.append((v, mover.track_id))
+    visible.sort(key=lambda item: -item[0].depth)
+    vehicles = [v for v, _ in visible]
+    _occlusion(vehicles, width, height)
+    visible = [(v, i) for v, i in visible if v.occluded_fraction <= 1 - MIN_VISIBLE]
+    vehicles = [v for v, _ in visible]
+    _occlusion(vehicles, width, height)
+    for v in vehicles:
+        _draw_vehicle(img, P, v, world["light"])
+    nearest_first = sorted(visible, key=lambda item: item[0].depth)
+    objects = [v.to_object() for v, _ in nearest_first]
+    rng = np.random.default_rng((seed, 1_000_037, index))
+    return _photometric(img, rng), objects, [i for _, i in nearest_first]
+
+
 def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Lighting (gain, tint, a horizontal light gradient), blur and sensor noise."""
     out = img.astype(np.float32)
@@ -665,6 +755,8 @@ def generate_kitti_scenes(
     *,
     val_fraction: float = 0.25,
     overwrite: bool = False,
+    sequence: bool = False,
+    fps: float = 10.0,
 ) -> Path:
     """Write ``num_frames`` generated frames as a KITTI object folder under ``root``.
 
@@ -675,6 +767,9 @@ def generate_kitti_scenes(
     random split with ``val_fraction`` of the frames in ``val`` (``0`` puts everything in
     ``train``); ``trainval.txt`` lists all. The folder is built beside ``root`` and renamed
     into place when complete. Returns ``root``.
+
+    ``sequence``: the frames are one clip of ``fps`` frames per second at ``sizes[0]`` (see the
+    module doc), with the per-frame track ids in ``scenes.json``.
     """
     final = Path(root)
     if num_frames < 1:
@@ -687,14 +782,19 @@ def generate_kitti_scenes(
     if final.exists() and not overwrite and (final.is_file() or any(final.iterdir())):
         raise FileExistsError(f"{final} exists and is not empty (pass overwrite=True)")
     ids = [f"{i:06d}" for i in range(num_frames)]
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    track_ids: dict[str, list[int]] = {}
     with atomic_path(final) as tmp:
         training = tmp / "training"
         for sub in ("image_2", "label_2", "calib"):
             (training / sub).mkdir(parents=True)
         for i, frame_id in enumerate(ids):
-            size = tuple(int(v) for v in sizes[i % len(sizes)])
-            rng = np.random.default_rng((seed, i))
-            image, objects = render_scene(rng, size)
+            size = tuple(int(v) for v in sizes[0 if sequence else i % len(sizes)])
+            if sequence:
+                image, objects, track_ids[frame_id] = render_sequence_frame(seed, i, size, fps)
+            else:
+                image, objects = render_scene(np.random.default_rng((seed, i)), size)
             path = training / "image_2" / f"{frame_id}.png"
             if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                                [cv2.IMWRITE_PNG_COMPRESSION, 1]):  # fmt: skip
@@ -720,6 +820,7 @@ def generate_kitti_scenes(
                 "sizes": [list(size) for size in sizes],
                 "val_fraction": val_fraction,
                 "splits": {"train": len(train), "val": len(val)},
+                **({"sequence": {"fps": fps, "track_ids": track_ids}} if sequence else {}),
             },
         )
     return final
@@ -749,6 +850,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "sizes use KITTI's camera scaled to the width, i.e. a resized KITTI frame",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_ROOT if present")
+    parser.add_argument(
+        "--sequence",
+        action="store_true",
+        help="one 10 Hz clip of moving cars with track ids in scenes.json (for track-eval)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -759,6 +865,8 @@ def run(args: argparse.Namespace) -> int:
         sizes=tuple(tuple(size) for size in args.size) if args.size else KITTI_SIZES,
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
+        sequence=args.sequence,
     )
-    print(f"wrote {args.frames} frames to {root}/training (seed {args.seed})")
+    kind = "a 10 Hz sequence of " if args.sequence else ""
+    print(f"wrote {kind}{args.frames} frames to {root}/training (seed {args.seed})")
     return 0
