@@ -185,6 +185,22 @@ def _pipeline(section: dict[str, Any]) -> list[str]:
     ]
 
 
+def _planning(section: dict[str, Any]) -> list[str]:
+    if not section:
+        return []
+    verdict = "within" if section["within_budget"] else "over"
+    return [
+        f"## Tracker and distance ({section['cars']} cars, {section['frames']} frames)",
+        "",
+        f"Per frame, median of {section['repeats']} passes: the node's planning stage "
+        f"**{section['planning_ms_per_frame']:.3f} ms** ({verdict} the "
+        f"{section['budget_ms']:.1f} ms budget): tracker "
+        f"{section['tracker_ms_per_frame']:.3f} ms, distance with covariance "
+        f"{section['distance_ms_per_frame']:.3f} ms.",
+        "",
+    ]
+
+
 def _memory(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
@@ -303,6 +319,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += _speedups(results.get("speedups", {}))
     lines += _profile(results.get("profile", {}))
     lines += _pipeline(results.get("pipeline", {}))
+    lines += _planning(results.get("planning", {}))
     lines += _backbones(results.get("backbones", []))
     lines += _memory(results.get("memory", []))
     lines += _environment(results)

@@ -74,6 +74,7 @@ class BenchConfig:
         "memory",
         "speedups",
         "profile",
+        "planning",
     )
     progress: Callable[[str], None] = field(default=lambda message: None, repr=False)
     # built networks and measurements shared between the sections of one run
@@ -726,6 +727,16 @@ def target_summary(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def bench_planning(config: BenchConfig) -> dict[str, Any]:
+    """The tracker and the ground-plane distance per frame with 20 cars (issue 19: <= 0.5 ms
+    on the CPU); see :mod:`dds_perception.benchmarks.planning`."""
+    from dds_perception.benchmarks.planning import measure_planning
+
+    config.progress("planning: tracker + distance, 20 cars")
+    return measure_planning(cars=20, frames=30 if config.quick else 300,
+                            repeats=1 if config.quick else 5)  # fmt: skip
+
+
 SECTIONS: dict[str, Callable[[BenchConfig], Any]] = {
     "backbones": bench_backbones,
     "detectors": bench_detectors,
@@ -733,6 +744,7 @@ SECTIONS: dict[str, Callable[[BenchConfig], Any]] = {
     "memory": bench_memory,
     "speedups": bench_speedups,
     "profile": bench_profile,
+    "planning": bench_planning,
 }
 
 
