@@ -6,6 +6,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 PACKAGE = "dds_perception"
+SAMPLES = "samples/kitti/training"  # the demo's real KITTI frames (CC BY-NC-SA 3.0)
 
 # torch and torchvision are pinned as a tested pair: the registry's torchvision only imports
 # against its matching torch build.
@@ -51,6 +52,11 @@ setup(
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
         (f"share/{PACKAGE}/config/train", glob("config/train/*.yaml")),
         (f"share/{PACKAGE}/models", glob("models/*")),
+        (f"share/{PACKAGE}/samples/kitti", ["samples/kitti/README.md"]),
+        *(
+            (f"share/{PACKAGE}/{SAMPLES}/{sub}", glob(f"{SAMPLES}/{sub}/*"))
+            for sub in ("image_2", "label_2", "calib")
+        ),
     ],
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -1,10 +1,12 @@
-"""The main job end to end: generate road scenes, detect cars with the shipped weights, report AP.
+"""The main job end to end: detect cars on real KITTI frames with the shipped weights, report AP.
 
-Steps: write generated KITTI-format scenes (PNG + label_2 + calib, seeds unseen in training), run
-every frame's PNG bytes through the inference pipeline (decode, letterbox, detector, NMS, back to
-source pixels), write KITTI result files, score them with the KITTI evaluator (easy / moderate /
-hard, AP_11 and AP_40), and draw a few annotated frames (ground truth green, Van/DontCare grey,
-detections red with their score).
+Steps: take the four real KITTI frames shipped in ``samples/kitti`` (never used to train the
+shipped real-data detector; ``$KITTI_ROOT`` or ``--kitti-root`` for others), or with
+``--generated`` write generated KITTI-format scenes (PNG + label_2 + calib, seeds unseen in
+training; detected by the synthetic-scene model); run every frame's PNG bytes through the inference
+pipeline (decode, letterbox, detector, NMS, back to source pixels), write KITTI result files, score
+them with the KITTI evaluator (easy / moderate / hard, AP_11 and AP_40), and draw a few annotated
+frames (ground truth green, Van/DontCare grey, detections red with their score).
 
 Then the same frames live, over real middleware (unless --no-live): the frames become a ROS 2
 bag (kitti2bag), and the node (`dds-perception node`), a player (`play --lockstep`) and a
@@ -14,20 +16,19 @@ and the node's latency (its /diagnostics) and annotated frames (its ~/debug_imag
 the recording. Both APs are printed; they agree when the node saw every frame (the node runs the
 same --backend).
 
-With KITTI_ROOT set (or --kitti-root), real KITTI frames (the first --frames of training/) are
-used instead of generated scenes.
+With KITTI_ROOT set (or --kitti-root), the first --frames of that folder's training/ are used.
 
-Outputs under --out: scenes/ (the generated KITTI folder), results/ (one NNNNNN.txt per frame),
-ap.json and ap.md, latency.json, frames/NNNNNN.png, bag/ (the scenes as a ROS 2 bag,
-replayed in-process: bag/replay/report.json with the same AP; skip with --no-bag), and live/:
-kitti_bag/, recorded/ (the bag of /detections, /diagnostics, debug images), report.json,
+Outputs under --out: scenes/ (the generated KITTI folder, with --generated), results/ (one
+NNNNNN.txt per frame), ap.json and ap.md, latency.json, frames/NNNNNN.png, bag/ (the scenes as a
+ROS 2 bag, replayed in-process: bag/replay/report.json with the same AP; skip with --no-bag), and
+live/: kitti_bag/, recorded/ (the bag of /detections, /diagnostics, debug images), report.json,
 node/play/record logs, frames/live_NNNNNN.png (skip with --no-live).
 
 examples:
   dds-perception demo
   KITTI_ROOT=/data/kitti dds-perception demo --frames 100
-  dds-perception demo --no-live --no-bag --frames 10
-  dds-perception demo --out /tmp/demo --frames 60 --seed 7 --device cpu
+  dds-perception demo --generated --no-live --no-bag --frames 10
+  dds-perception demo --generated --out /tmp/demo --frames 60 --seed 7 --device cpu
   dds-perception demo --weights runs/det_synth/model.safetensors --draw 8
   dds-perception demo --backend onnxruntime --device cpu          # the exported network
   dds-perception demo --device cuda --half --no-live              # fp16 on a GPU
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -51,17 +53,40 @@ from dds_perception.data.kitti import (
 )
 from dds_perception.data.scenes import generate_kitti_scenes
 from dds_perception.evaluation.kitti import evaluate
-from dds_perception.pipeline import STAGES, Pipeline, default_weights
+from dds_perception.pipeline import STAGES, SYNTHETIC_WEIGHTS, Pipeline, default_weights
 from dds_perception.utils.io import atomic_open, write_json
 
-DEMO_SEED = 1000  # the shipped model was trained on seeds 0 and 1: these scenes are unseen
+DEMO_SEED = 1000  # the synthetic model was trained on seeds 0 and 1: these scenes are unseen
+SAMPLES = "samples/kitti"  # four real KITTI frames the shipped real-data model never saw
+
+
+def default_samples() -> Path:
+    """The shipped real KITTI frames (repository ``samples/kitti`` or the installed share)."""
+    candidates = [
+        Path(__file__).resolve().parents[1] / SAMPLES,
+        Path(sys.prefix) / "share" / "dds_perception" / SAMPLES,
+    ]
+    for path in candidates:
+        if (path / "training" / "image_2").is_dir():
+            return path
+    raise FileNotFoundError(
+        f"shipped KITTI frames not found; looked in: {', '.join(map(str, candidates))}; "
+        "pass --kitti-root or --generated"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
-    parser.add_argument("--frames", type=int, default=40, help="generated frames to detect on")
+    parser.add_argument(
+        "--frames", type=int, default=40, help="frames to detect on (generated, or at most)"
+    )
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help="scene generator seed")
-    parser.add_argument("--weights", type=Path, default=None, help="default: shipped weights")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="default: the shipped real-data model (the synthetic one with --generated)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--half", action="store_true", help="fp16 inference (CUDA only)")
     parser.add_argument(
@@ -90,7 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kitti-root",
         type=Path,
         default=os.environ.get("KITTI_ROOT") or None,
-        help="real KITTI folder to use instead of generated scenes (default: $KITTI_ROOT)",
+        help="real KITTI folder (default: $KITTI_ROOT, else the four shipped frames)",
+    )
+    parser.add_argument(
+        "--generated",
+        action="store_true",
+        help="generated road scenes (make-scenes) instead of real frames",
     )
     parser.add_argument(
         "--no-live",
@@ -125,7 +155,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     out = Path(args.out)
-    weights = Path(args.weights) if args.weights else default_weights()
+    if (
+        args.generated
+        and args.kitti_root is not None
+        and args.kitti_root != os.environ.get("KITTI_ROOT")
+    ):
+        raise ValueError("--generated and --kitti-root exclude each other")
+    if args.weights:
+        weights = Path(args.weights)
+    else:
+        weights = default_weights(SYNTHETIC_WEIGHTS) if args.generated else default_weights()
     pipeline = Pipeline.from_weights(
         weights, device=args.device, half=args.half, backend=args.backend
     )
@@ -135,16 +174,18 @@ def run(args: argparse.Namespace) -> int:
         f"input {pipeline.input_size})"
     )
 
-    if args.kitti_root is not None:
-        scenes = Path(args.kitti_root)
+    if not args.generated:
+        scenes = Path(args.kitti_root) if args.kitti_root is not None else default_samples()
         layout = KittiLayout.find(scenes)
         frame_ids = layout.frame_ids()[: args.frames]
-        print(f"{len(frame_ids)} real KITTI frames from {scenes}")
+        source = f"{len(frame_ids)} real KITTI frames from {scenes}"
+        print(source)
     else:
         scenes = out / "scenes"
         generate_kitti_scenes(scenes, args.frames, seed=args.seed, val_fraction=0, overwrite=True)
         layout = KittiLayout.find(scenes)
         frame_ids = layout.frame_ids()
+        source = f"{len(frame_ids)} generated scenes (seed {args.seed})"
         print(f"generated {len(frame_ids)} scenes (seed {args.seed}) in {scenes}")
 
     results = out / "results"
@@ -176,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     table = evaluation.markdown()
     write_json(out / "ap.json", evaluation.to_json())
     with atomic_open(out / "ap.md", "w", encoding="utf-8") as handle:
-        handle.write(f"Car AP on {len(frame_ids)} generated scenes (seed {args.seed})\n\n")
+        handle.write(f"Car AP on {source}\n\n")
         handle.write(table + "\n")
     latency = {
         stage: {

@@ -58,14 +58,15 @@ from dds_perception.detection.postprocess import PostprocessParams, postprocess
 from dds_perception.detection.weights import load_detector
 from dds_perception.utils.runtime import reuse_freed_memory
 
-SHIPPED_WEIGHTS = "dds_detector_synthetic.safetensors"
+SHIPPED_WEIGHTS = "dds_detector_kitti.safetensors"  # real KITTI cars: the node's default
+SYNTHETIC_WEIGHTS = "dds_detector_synthetic.safetensors"  # generated scenes (make-scenes)
 PAD_VALUE = 114  # the letterbox canvas colour (data.letterbox's default)
 STAGES = ("decode", "preprocess", "inference", "postprocess")
 
 
-def default_weights() -> Path:
-    """Path of the shipped detector weights (repository ``models/`` or the installed share)."""
-    name = SHIPPED_WEIGHTS
+def default_weights(name: str = SHIPPED_WEIGHTS) -> Path:
+    """Path of a shipped weights file (repository ``models/`` or the installed share); by
+    default the real-data detector, :data:`SYNTHETIC_WEIGHTS` for generated scenes."""
     candidates = [Path(__file__).resolve().parents[1] / "models" / name]
     try:  # a colcon install: share/dds_perception/models
         from ament_index_python.packages import get_package_share_directory

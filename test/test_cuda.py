@@ -24,7 +24,7 @@ from dds_perception.detection.optimize import (
     optimize_for_inference,
 )
 from dds_perception.models import get_model, list_models
-from dds_perception.pipeline import Pipeline, default_weights
+from dds_perception.pipeline import SYNTHETIC_WEIGHTS, Pipeline, default_weights
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (CI has none)")
@@ -109,7 +109,7 @@ def test_cuda_graph_replay_matches_eager_and_follows_new_inputs():
 
 @needs_cuda
 def test_cuda_pipeline_matches_cpu_and_fp16_keeps_the_accuracy(tmp_path, scene_ap):
-    """The shipped weights on 24 unseen scenes: CPU fp32, CUDA fp32 and CUDA fp16 AP_40."""
+    """The synthetic-scene weights on 24 unseen scenes: CPU fp32, CUDA fp32 and fp16 AP_40."""
     from dds_perception.data.scenes import generate_kitti_scenes
 
     root = generate_kitti_scenes(tmp_path / "scenes", 24, seed=77, val_fraction=0.0)
@@ -118,7 +118,7 @@ def test_cuda_pipeline_matches_cpu_and_fp16_keeps_the_accuracy(tmp_path, scene_a
     runs = (("cpu", "cpu", False), ("cuda", "cuda", False), ("fp16", "cuda", True))
     for label, device, half in runs:
         pipeline = Pipeline.from_weights(
-            default_weights(), device=device, half=half, score_threshold=0.01
+            default_weights(SYNTHETIC_WEIGHTS), device=device, half=half, score_threshold=0.01
         )
         result = scene_ap(pipeline, root)
         aps[label] = {d: result.ap("Car", d, "AP_40") for d in ("easy", "moderate", "hard")}

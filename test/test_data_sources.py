@@ -102,6 +102,15 @@ def test_labelled_crops_paste_with_their_own_box(tmp_path):
         assert 22 <= y2 - y1 <= 110.5
 
 
+def test_crop_folders_without_cars_are_refused(tmp_path):
+    crops = _kitti_root(tmp_path / "crops", frames=2, label="")  # labelled, but no car at all
+    with pytest.raises(SourceError, match=r"crops: no crop has a Car label"):
+        CopyPasteDataset(KittiDetectionDataset(_kitti_root(tmp_path / "kitti")), crops)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match=r"empty: no image files"):
+        CopyPasteDataset(KittiDetectionDataset(_kitti_root(tmp_path / "k2")), tmp_path / "empty")
+
+
 def test_pasted_cars_keep_the_frames_own_labels(tmp_path):
     label = "Car 0.00 0 0.0 100.00 150.00 300.00 250.00 1.5 1.6 3.9 0.0 1.6 10.0 0.0\n"
     root = _kitti_root(tmp_path / "kitti", frames=1, label=label)

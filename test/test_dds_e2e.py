@@ -371,8 +371,8 @@ def test_dds_demo_live_leg(weights, dds_env, tmp_path) -> None:
     env = {**dds_env, "ROS_DOMAIN_ID": str(100 + (DOMAIN - 100 + 1) % 101)}  # not the node's
     env.pop("KITTI_ROOT", None)
     result = subprocess.run(
-        cli("demo", "--out", str(out), "--frames", "3", "--draw", "2", "--device", "cpu",
-            "--no-bag"),
+        cli("demo", "--generated", "--out", str(out), "--frames", "3", "--draw", "2",
+            "--device", "cpu", "--no-bag"),
         cwd=REPO, env=env, timeout=600, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

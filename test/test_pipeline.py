@@ -12,7 +12,13 @@ import torch
 
 from dds_perception.data.images import ImageDecodeError
 from dds_perception.detection import DetectorConfig, build_detector, save_detector
-from dds_perception.pipeline import STAGES, Detections, Pipeline, default_weights
+from dds_perception.pipeline import (
+    STAGES,
+    SYNTHETIC_WEIGHTS,
+    Detections,
+    Pipeline,
+    default_weights,
+)
 from dds_perception.utils.checkpoint import CheckpointError
 
 FRAMES = ("000000", "000007", "000042")
@@ -126,26 +132,33 @@ def test_pipeline_input_size_override_and_defaults(weights):
     assert result.image_size == (480, 640)
 
 
-def test_pipeline_default_weights_is_the_shipped_detector():
-    path = default_weights()
-    assert path.name == "dds_detector_synthetic.safetensors" and path.is_file()
-    assert path.stat().st_size < 8_000_000  # committed to the repository: keep it small
+@pytest.mark.parametrize("name", ["dds_detector_kitti.safetensors", SYNTHETIC_WEIGHTS])
+def test_pipeline_shipped_detectors(name):
+    path = default_weights(name)
+    assert path.name == name and path.is_file()
+    assert path.stat().st_size < 16_000_000  # committed to the repository: keep it small
     pipeline = Pipeline.from_weights(path, device="cpu")
     assert pipeline.class_names == ["car"]
     meta = pipeline.model.meta
-    assert meta["task"] == "detection" and "val_ap_moderate_40" in meta["metrics"]
+    assert meta["task"] == "detection" and meta["config"]["backbone"] == "dds_mobilenet_v2"
     assert len(pipeline(np.zeros((375, 1242, 3), dtype=np.uint8)).timings) == 4
 
 
+def test_pipeline_default_weights_is_the_real_data_detector():
+    assert default_weights().name == "dds_detector_kitti.safetensors"
+
+
 def test_pipeline_shipped_detector_finds_the_cars_of_unseen_scenes(tmp_path, scene_ap):
-    """The shipped weights, through the pipeline, on 24 scenes it never saw (seed 77).
+    """The synthetic-scene weights, through the pipeline, on 24 scenes they never saw (seed 77).
 
     Measured: Car AP_40 easy / moderate / hard 83.9 / 74.8 / 67.1 (KITTI rules, IoU > 0.7).
     """
     from dds_perception.data.scenes import generate_kitti_scenes
 
     root = generate_kitti_scenes(tmp_path / "scenes", 24, seed=77, val_fraction=0.0)
-    pipeline = Pipeline.from_weights(default_weights(), device="cpu", score_threshold=0.01)
+    pipeline = Pipeline.from_weights(
+        default_weights(SYNTHETIC_WEIGHTS), device="cpu", score_threshold=0.01
+    )
     result = scene_ap(pipeline, root)
     assert result.ap("Car", "easy", "AP_40") > 70.0, result.markdown()
     assert result.ap("Car", "moderate", "AP_40") > 60.0, result.markdown()  # 74.8 measured
@@ -164,3 +177,35 @@ def test_pipeline_demo_end_to_end(cli, tmp_path):
     assert cv2.imread(str(next((out / "frames").glob("*.png")))).shape[:2] in {
         (375, 1242), (370, 1224), (374, 1238), (376, 1241)
     }  # fmt: skip
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "kitti"
+# Car AP_40 moderate floors for the shipped real-data model: about two thirds of what was
+# measured (models/dds_detector_kitti.md), so a regression shows and run-to-run noise does not
+SAMPLES_MODERATE_FLOOR = 1.5  # measured 3.07 (25 cars: coarse)
+SHARED_MODERATE_FLOOR = 25.0  # measured 37.68
+
+
+def test_shipped_real_detector_finds_real_cars_it_never_saw(scene_ap):
+    """The shipped real-data weights on the four KITTI frames of samples/kitti, which no part
+    of its training used (21 cars): the demo's frames."""
+    pipeline = Pipeline.from_weights(default_weights(), device="cpu", score_threshold=0.01)
+    result = scene_ap(pipeline, SAMPLES)
+    assert result.ap("Car", "moderate", "AP_40") > SAMPLES_MODERATE_FLOOR, result.markdown()
+
+
+def test_shipped_real_detector_on_the_shared_real_frames(kitti_sample, scene_ap):
+    """A regression guard on the 60 shared KITTI frames (56 of them were its training frames:
+    the honest, unseen-frame number is the cross-validation in the model card)."""
+    pipeline = Pipeline.from_weights(default_weights(), device="cpu", score_threshold=0.01)
+    result = scene_ap(pipeline, kitti_sample)
+    assert result.ap("Car", "moderate", "AP_40") > SHARED_MODERATE_FLOOR, result.markdown()
+
+
+def test_demo_runs_on_the_shipped_real_frames(cli, tmp_path):
+    out = tmp_path / "demo"
+    result = cli("demo", "--out", str(out), "--draw", "1", "--device", "cpu", "--no-live")
+    assert "4 real KITTI frames from" in result.stdout
+    assert "Car AP on 4 real KITTI frames" in (out / "ap.md").read_text()
+    assert len(list((out / "results").glob("*.txt"))) == 4
+    assert "AP equals the label files' AP" in result.stdout  # the bag replay agrees
