@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import cv2
@@ -53,7 +52,13 @@ from dds_perception.data.kitti import (
 )
 from dds_perception.data.scenes import generate_kitti_scenes
 from dds_perception.evaluation.kitti import evaluate
-from dds_perception.pipeline import STAGES, SYNTHETIC_WEIGHTS, Pipeline, default_weights
+from dds_perception.pipeline import (
+    STAGES,
+    SYNTHETIC_WEIGHTS,
+    Pipeline,
+    default_weights,
+    shipped_candidates,
+)
 from dds_perception.utils.io import atomic_open, write_json
 
 DEMO_SEED = 1000  # the synthetic model was trained on seeds 0 and 1: these scenes are unseen
@@ -62,10 +67,7 @@ SAMPLES = "samples/kitti"  # four real KITTI frames the shipped real-data model 
 
 def default_samples() -> Path:
     """The shipped real KITTI frames (repository ``samples/kitti`` or the installed share)."""
-    candidates = [
-        Path(__file__).resolve().parents[1] / SAMPLES,
-        Path(sys.prefix) / "share" / "dds_perception" / SAMPLES,
-    ]
+    candidates = shipped_candidates(SAMPLES)
     for path in candidates:
         if (path / "training" / "image_2").is_dir():
             return path
@@ -111,13 +113,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the ROS 2 bag round (scenes -> bag -> in-process replay -> AP, latency)",
     )
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
         "--kitti-root",
         type=Path,
         default=os.environ.get("KITTI_ROOT") or None,
         help="real KITTI folder (default: $KITTI_ROOT, else the four shipped frames)",
     )
-    parser.add_argument(
+    source.add_argument(
         "--generated",
         action="store_true",
         help="generated road scenes (make-scenes) instead of real frames",
@@ -155,12 +158,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     out = Path(args.out)
-    if (
-        args.generated
-        and args.kitti_root is not None
-        and args.kitti_root != os.environ.get("KITTI_ROOT")
-    ):
-        raise ValueError("--generated and --kitti-root exclude each other")
     if args.weights:
         weights = Path(args.weights)
     else:

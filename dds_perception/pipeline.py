@@ -64,17 +64,24 @@ PAD_VALUE = 114  # the letterbox canvas colour (data.letterbox's default)
 STAGES = ("decode", "preprocess", "inference", "postprocess")
 
 
+def shipped_candidates(relative: str) -> list[Path]:
+    """Where a file shipped with the package may be: the repository checkout, a colcon
+    install's share (ament index), the pip install's ``share/dds_perception``; in that order."""
+    candidates = [Path(__file__).resolve().parents[1] / relative]
+    try:  # a colcon install: share/dds_perception
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory("dds_perception")) / relative)
+    except Exception:  # ament_index absent or the package not in the index
+        pass
+    candidates.append(Path(sys.prefix) / "share" / "dds_perception" / relative)
+    return candidates
+
+
 def default_weights(name: str = SHIPPED_WEIGHTS) -> Path:
     """Path of a shipped weights file (repository ``models/`` or the installed share); by
     default the real-data detector, :data:`SYNTHETIC_WEIGHTS` for generated scenes."""
-    candidates = [Path(__file__).resolve().parents[1] / "models" / name]
-    try:  # a colcon install: share/dds_perception/models
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.append(Path(get_package_share_directory("dds_perception")) / "models" / name)
-    except Exception:  # ament_index absent or the package not in the index
-        pass
-    candidates.append(Path(sys.prefix) / "share" / "dds_perception" / "models" / name)
+    candidates = shipped_candidates(f"models/{name}")
     for path in candidates:
         if path.is_file():
             return path

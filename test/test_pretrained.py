@@ -62,21 +62,19 @@ def torchvision_pth(tmp_path_factory) -> Path:
     return path
 
 
-def test_mobilenet_v2_import_gives_torchvisions_features(torchvision_pth):
+@pytest.mark.parametrize(
+    ("name", "kwargs", "reference_activation"),
+    [
+        ("mobilenet_v2", {}, nn.ReLU6),  # torchvision's own block structure
+        ("dds_mobilenet_v2", {"stages": DILATION_ONE}, nn.ReLU),  # PReLU slope 0 = ReLU
+    ],
+)
+def test_import_gives_torchvisions_features(torchvision_pth, name, kwargs, reference_activation):
+    """mobilenet_v2, and the paper's net with all dilations 1, compute torchvision's features."""
     reference = _random_torchvision()
-    ours = get_model("mobilenet_v2", num_classes=1000).eval()
-    ours.load_state_dict(convert_mobilenet_v2(read_torchvision_checkpoint(torchvision_pth), ours))
-    x = torch.randn(2, 3, 96, 96)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            ours.forward_features(x)["layer17"], reference.features[:18](x), rtol=1e-4, atol=1e-4
-        )
-        torch.testing.assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-4)
-
-
-def test_dds_import_with_dilation_one_is_torchvision_with_relu(torchvision_pth):
-    reference = _relu6_to_relu(_random_torchvision())
-    ours = get_model("dds_mobilenet_v2", num_classes=1000, stages=DILATION_ONE).eval()
+    if reference_activation is nn.ReLU:
+        reference = _relu6_to_relu(reference)
+    ours = get_model(name, num_classes=1000, **kwargs).eval()
     ours.load_state_dict(convert_mobilenet_v2(read_torchvision_checkpoint(torchvision_pth), ours))
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
