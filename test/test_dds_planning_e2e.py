@@ -10,6 +10,7 @@ and loopback isolation are test_dds_e2e.py's (its fixtures and client are reused
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -104,12 +105,29 @@ def test_dds_planning_ids_and_positions(client: Client, scene) -> None:
     )
     wait_until(lambda: info_pub.subscription_count() > 0, ANSWER_TIMEOUT, "camera_info reader")
     header = messages.header_msg(0, "camera", client.classes)
-    info_pub.publish(messages.camera_info_msg(p2, SIZE[0], SIZE[1], header, client.classes))
-    wait_until(
-        lambda: _diagnostics(client, lambda v: v["camera_info"].startswith("ok"), "camera_info"),
-        ANSWER_TIMEOUT,
-        "the node to take the CameraInfo",
-    )
+    info = messages.camera_info_msg(p2, SIZE[0], SIZE[1], header, client.classes)
+    # our writer may match the node's reader before the reader matches it, and a volatile
+    # writer does not resend: publish until the node has it, as a camera driver does per frame
+    stop = threading.Event()
+
+    def keep_publishing() -> None:
+        while not stop.is_set():
+            info_pub.publish(info)
+            stop.wait(0.1)
+
+    publisher = threading.Thread(target=keep_publishing, daemon=True)
+    publisher.start()
+    try:
+        wait_until(
+            lambda: _diagnostics(
+                client, lambda v: v["camera_info"].startswith("ok"), "camera_info"
+            ),
+            ANSWER_TIMEOUT,
+            "the node to take the CameraInfo",
+        )
+    finally:
+        stop.set()
+        publisher.join()
     outs = []
     for index in range(3):  # the same scene 0.1 s apart: the same cars, the same ids
         stamp = 1_700_000_500_000_000_000 + index * 100_000_000
