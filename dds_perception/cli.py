@@ -12,6 +12,19 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from dds_perception.utils.errors import DdsPerceptionError
+
+# What the command line reports in one line: the package's own errors and files that are not
+# there or cannot be opened (the message names the file). Everything else is a bug: traceback.
+INPUT_ERRORS = (
+    DdsPerceptionError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("dds_perception.models.summary", "list the model zoo: parameters, MACs, RF"),
@@ -87,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as error:  # bad input: one clear line, non-zero exit
+    except INPUT_ERRORS as error:  # bad input: one clear line; a bug keeps its traceback
         print(f"dds-perception {argv[0]}: error: {error}", file=sys.stderr)
         return 1
 

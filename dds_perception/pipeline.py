@@ -56,6 +56,7 @@ from dds_perception.deploy.backends import Backend, TorchBackend, create_backend
 from dds_perception.detection.config import DetectorConfig, DetectorConfigError
 from dds_perception.detection.postprocess import PostprocessParams, postprocess
 from dds_perception.detection.weights import load_detector
+from dds_perception.utils.errors import UsageError
 from dds_perception.utils.runtime import reuse_freed_memory
 
 SHIPPED_WEIGHTS = "dds_detector_kitti.safetensors"  # real KITTI cars: the node's default
@@ -144,14 +145,14 @@ class Pipeline:
         self.half = backend.half
         if input_size is not None and input_size != tuple(config.input_size):
             if backend.name != "torch":  # an exported graph has its input size built in
-                raise ValueError(
+                raise UsageError(
                     f"input_size {input_size}: the {backend.name} model was exported for "
                     f"{tuple(config.input_size)}; re-export with --height/--width"
                 )
             try:
                 config.replace(input_size=input_size)
             except DetectorConfigError as error:
-                raise ValueError(f"input_size {input_size}: {error}") from None
+                raise UsageError(f"input_size {input_size}: {error}") from error
         self.input_size: tuple[int, int] = tuple(int(v) for v in (input_size or config.input_size))
         self.class_names: list[str] = list(backend.class_names)
         self.score_threshold = float(

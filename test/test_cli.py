@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import pytest
 
 from dds_perception.cli import COMMANDS, _command_parser, build_parser, main
+from dds_perception.utils.errors import DdsPerceptionError
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -35,3 +39,50 @@ def test_cli_bad_input_is_one_line_and_exit_1(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dds-perception evaluate: error:")
     assert str(missing) in err[0]
+
+
+def test_every_package_error_derives_from_the_root():
+    import dds_perception
+
+    missing = []
+    for path in Path(dds_perception.__file__).parent.rglob("*.py"):
+        name = ".".join(path.relative_to(Path(dds_perception.__file__).parents[1]).parts)[:-3]
+        if "ros.node" in name or name.endswith("__main__"):
+            continue  # the rclpy adapter needs ROS 2
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue  # an optional dependency (cyclonedds, tensorrt) is absent
+        for attr, value in vars(module).items():
+            if (
+                isinstance(value, type)
+                and issubclass(value, Exception)
+                and not issubclass(value, Warning)
+                and value.__module__ == name
+                and not issubclass(value, DdsPerceptionError)
+            ):
+                missing.append(f"{name}.{attr}")
+    assert not missing, missing
+
+
+def test_cli_a_bug_keeps_its_traceback(monkeypatch):
+    """Only the package's errors become one line; anything else propagates with its stack."""
+    _, module = _command_parser("evaluate")
+
+    def broken(args):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(module, "run", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["evaluate", "--labels", "x", "--results", "y"])
+
+
+def test_cli_package_error_keeps_its_cause(capsys, tmp_path):
+    bad = tmp_path / "000000.txt"
+    bad.write_text("Car 0 0 0 x 1 2 3 1 1 1 0 0 0 0\n")
+    from dds_perception.data.kitti import KittiFormatError, read_label_file
+
+    with pytest.raises(KittiFormatError) as info:
+        read_label_file(bad)
+    assert isinstance(info.value, DdsPerceptionError)
+    assert isinstance(info.value.__cause__, ValueError)  # raise ... from error, not from None

@@ -29,10 +29,11 @@ from dds_perception.detection.optimize import (
     optimize_for_inference,
     to_input_layout,
 )
+from dds_perception.utils.errors import DdsPerceptionError
 from dds_perception.utils.runtime import reuse_freed_memory
 
 
-class BenchError(ValueError):
+class BenchError(DdsPerceptionError, ValueError):
     """A benchmark cannot run as asked (unknown backend, fp16 on CPU, missing package)."""
 
 
@@ -258,8 +259,8 @@ def get_backend(name: str) -> Backend:
     """The backend registered as ``name``; unknown names raise :class:`BenchError`."""
     try:
         return BACKENDS[name]
-    except KeyError:
-        raise BenchError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}") from None
+    except KeyError as error:
+        raise BenchError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}") from error
 
 
 register_backend(TorchBackend())

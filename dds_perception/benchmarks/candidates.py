@@ -26,6 +26,7 @@ from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
 from dds_perception.models import get_model
+from dds_perception.utils.errors import UsageError
 
 KITTI_FRAME = (375, 1242)  # (height, width) of a full-resolution KITTI frame
 OUR_INPUT = (384, 1248)  # the frame letterboxed to multiples of 32 (scale 1.0)
@@ -140,7 +141,7 @@ def our_detector(name: str, input_size: tuple[int, int] = OUR_INPUT) -> Candidat
     from dds_perception.detection import DetectorConfig, build_detector
 
     if name not in OUR_DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; ours are {', '.join(OUR_DETECTORS)}")
+        raise UsageError(f"unknown detector {name!r}; ours are {', '.join(OUR_DETECTORS)}")
     config = DetectorConfig(input_size=tuple(input_size), use_layer13=name == "dds_rpn_s16")
     model = build_detector(config).eval()
     heads = "+".join(config.feature_names())
@@ -164,4 +165,4 @@ def detector_candidate(
     if name in TORCHVISION_DETECTORS:
         return torchvision_detector(name, frame)
     known = (*OUR_DETECTORS, *TORCHVISION_DETECTORS)
-    raise ValueError(f"unknown detector {name!r}; known: {', '.join(known)}")
+    raise UsageError(f"unknown detector {name!r}; known: {', '.join(known)}")

@@ -116,7 +116,7 @@ def compare(dirs: list[Path], out: Path) -> int:
         try:
             runs.append(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError) as error:
-            raise BenchError(f"--compare {path}: cannot read a bench result ({error})") from None
+            raise BenchError(f"--compare {path}: cannot read a bench result ({error})") from error
         if "environment" not in runs[-1]:
             raise BenchError(f"--compare {path}: not a bench.json (no 'environment')")
     out.mkdir(parents=True, exist_ok=True)

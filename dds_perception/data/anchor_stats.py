@@ -34,6 +34,7 @@ import numpy as np
 
 from dds_perception.data.kitti import read_label_file
 from dds_perception.data.letterbox import letterbox_params
+from dds_perception.utils.errors import UsageError
 from dds_perception.utils.io import write_json
 
 DEFAULT_IMAGE_SIZE = (375, 1242)  # (height, width) of most KITTI frames
@@ -44,7 +45,7 @@ def png_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     with open(path, "rb") as handle:
         head = handle.read(24)
     if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        raise ValueError(f"{path}: not a PNG file")
+        raise UsageError(f"{path}: not a PNG file")
     width, height = struct.unpack(">II", head[16:24])
     return int(height), int(width)
 
@@ -80,7 +81,7 @@ def load_box_sizes(
             wh *= np.array([lb.sx, lb.sy])
         sizes.append(wh)
     if not sizes:
-        raise ValueError(f"{labels}: no boxes of type {', '.join(types)}")
+        raise UsageError(f"{labels}: no boxes of type {', '.join(types)}")
     wh = np.concatenate(sizes)
     return wh[(wh[:, 0] > 0) & (wh[:, 1] > 0)]
 
@@ -97,7 +98,7 @@ def shape_iou(wh: np.ndarray, anchors: np.ndarray) -> np.ndarray:
 def kmeans_anchors(wh: np.ndarray, k: int, iters: int = 300) -> np.ndarray:
     """k (w, h) anchors by k-means with the 1 - IoU distance; sorted by area."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UsageError(f"k must be >= 1, got {k}")
     k = min(k, len(wh))
     order = np.argsort(wh[:, 0] * wh[:, 1])
     centres = wh[order[((np.arange(k) + 0.5) / k * len(wh)).astype(int)]].copy()
@@ -119,7 +120,7 @@ def grid_anchors(
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(sizes, aspect_ratios)`` for ``AnchorGenerator`` from quantiles (ratio = h / w)."""
     if num_sizes < 1 or num_ratios < 1:
-        raise ValueError(f"need at least one size and one ratio, got {num_sizes}, {num_ratios}")
+        raise UsageError(f"need at least one size and one ratio, got {num_sizes}, {num_ratios}")
     q_s = (np.arange(num_sizes) + 0.5) / num_sizes
     q_r = (np.arange(num_ratios) + 0.5) / num_ratios
     sizes = np.quantile(np.sqrt(wh[:, 0] * wh[:, 1]), q_s)

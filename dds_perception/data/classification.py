@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from dds_perception.utils.errors import DdsPerceptionError
 from dds_perception.utils.io import write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -57,7 +58,7 @@ DECODE_ERRORS = (
 )
 
 
-class ClassificationDataError(ValueError):
+class ClassificationDataError(DdsPerceptionError, ValueError):
     """A classification dataset folder, class folder, image or split file is unusable."""
 
 
@@ -367,10 +368,10 @@ def read_split(path: str | os.PathLike[str]) -> Split:
     file = Path(path)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ClassificationDataError(f"split file not found: {file}") from None
+    except FileNotFoundError as error:
+        raise ClassificationDataError(f"split file not found: {file}") from error
     except (OSError, json.JSONDecodeError) as error:
-        raise ClassificationDataError(f"{file}: unreadable split file ({error})") from None
+        raise ClassificationDataError(f"{file}: unreadable split file ({error})") from error
     if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
         raise ClassificationDataError(f"{file}: not a split file (format {SPLIT_FORMAT} expected)")
     try:
@@ -382,7 +383,7 @@ def read_split(path: str | os.PathLike[str]) -> Split:
             class_names=list(data["class_names"]),
         )
     except (KeyError, TypeError, ValueError) as error:
-        raise ClassificationDataError(f"{file}: malformed split file ({error!r})") from None
+        raise ClassificationDataError(f"{file}: malformed split file ({error!r})") from error
     if set(split.train) & set(split.test):
         raise ClassificationDataError(f"{file}: train and test images overlap")
     return split

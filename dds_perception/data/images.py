@@ -10,6 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from dds_perception.utils.errors import DdsPerceptionError
+
 # encoding -> (channels, conversion to RGB or None when already RGB)
 RAW_ENCODINGS: dict[str, tuple[int, int | None]] = {
     "rgb8": (3, None),
@@ -22,7 +24,7 @@ COMPRESSED_ENCODINGS = ("jpeg", "jpg", "png", "compressed")
 SUPPORTED_ENCODINGS = (*RAW_ENCODINGS, *COMPRESSED_ENCODINGS)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DdsPerceptionError, ValueError):
     """A frame cannot be decoded: unknown encoding, wrong step, truncated or empty buffer."""
 
 
@@ -30,10 +32,10 @@ def channels_of(encoding: str) -> int:
     """Number of channels of a raw ROS encoding."""
     try:
         return RAW_ENCODINGS[encoding][0]
-    except KeyError:
+    except KeyError as error:
         raise ImageDecodeError(
             f"unsupported encoding {encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}"
-        ) from None
+        ) from error
 
 
 def raw_to_array(

@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dds_perception.utils.errors import DdsPerceptionError, UsageError
 from dds_perception.utils.io import atomic_open
 
 CLASSES = (
@@ -24,7 +25,7 @@ CLASSES = (
 )  # fmt: skip
 
 
-class KittiFormatError(ValueError):
+class KittiFormatError(DdsPerceptionError, ValueError):
     """A KITTI file is malformed; the message names the file and line."""
 
 
@@ -73,9 +74,9 @@ def parse_line(line: str, *, source: str = "<string>", lineno: int = 1) -> Kitti
         )
     try:
         numbers = [float(p) for p in parts[1:]]
-    except ValueError:
+    except ValueError as error:
         bad = next(p for p in parts[1:] if not _is_float(p))
-        raise KittiFormatError(f"{source}:{lineno}: not a number: {bad!r}") from None
+        raise KittiFormatError(f"{source}:{lineno}: not a number: {bad!r}") from error
     if any(math.isnan(v) for v in numbers):
         raise KittiFormatError(f"{source}:{lineno}: NaN in line {line.strip()!r}")
     score = numbers[14] if len(numbers) == 15 else None
@@ -139,8 +140,8 @@ def read_calib_p2(path: str | os.PathLike[str]) -> np.ndarray:
                     )
                 try:
                     return np.array([float(v) for v in values], dtype=np.float64).reshape(3, 4)
-                except ValueError:
-                    raise KittiFormatError(f"{file}:{lineno}: P2 has a non-number") from None
+                except ValueError as error:
+                    raise KittiFormatError(f"{file}:{lineno}: P2 has a non-number") from error
     raise KittiFormatError(f"{file}: no 'P2:' line")
 
 
@@ -179,7 +180,7 @@ def random_split(
 ) -> tuple[list[str], list[str]]:
     """Seeded random train/val split of frame ids, each part sorted."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise UsageError(f"val_fraction must be in (0, 1), got {val_fraction}")
     order = sorted(ids)
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(order) * val_fraction))
@@ -194,7 +195,7 @@ def kfold_splits(
     The shuffled ids are dealt into ``folds`` near-equal parts (sizes differ by at most one).
     """
     if not 2 <= folds <= len(ids):
-        raise ValueError(f"folds must be in [2, {len(ids)}] for {len(ids)} frames, got {folds}")
+        raise UsageError(f"folds must be in [2, {len(ids)}] for {len(ids)} frames, got {folds}")
     order = sorted(ids)
     random.Random(seed).shuffle(order)
     parts = [sorted(order[k::folds]) for k in range(folds)]

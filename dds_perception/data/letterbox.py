@@ -56,8 +56,8 @@ class Letterbox:
 def _check_hw(name: str, hw: Size) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in hw)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be (height, width), got {hw!r}") from None
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be (height, width), got {hw!r}") from error
     if h <= 0 or w <= 0:
         raise ValueError(f"{name} must be positive (height, width), got {hw!r}")
     return h, w

@@ -49,6 +49,7 @@ import cv2
 import numpy as np
 
 from dds_perception.data.kitti import KittiObject, random_split, write_label_file, write_split
+from dds_perception.utils.errors import UsageError
 from dds_perception.utils.io import atomic_path, write_json
 
 # The four native KITTI image sizes, (width, height).
@@ -773,17 +774,17 @@ def generate_kitti_scenes(
     """
     final = Path(root)
     if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        raise UsageError(f"num_frames must be >= 1, got {num_frames}")
     if not sizes:
-        raise ValueError("sizes must name at least one (width, height)")
+        raise UsageError("sizes must name at least one (width, height)")
     for w, h in sizes:
         if w < 64 or h < 32:
-            raise ValueError(f"image size {w}x{h} is too small (at least 64x32)")
+            raise UsageError(f"image size {w}x{h} is too small (at least 64x32)")
     if final.exists() and not overwrite and (final.is_file() or any(final.iterdir())):
         raise FileExistsError(f"{final} exists and is not empty (pass overwrite=True)")
     ids = [f"{i:06d}" for i in range(num_frames)]
     if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
+        raise UsageError(f"fps must be positive, got {fps}")
     track_ids: dict[str, list[int]] = {}
     with atomic_path(final) as tmp:
         training = tmp / "training"

@@ -32,12 +32,13 @@ from torchvision import tv_tensors
 
 from dds_perception.data.detection_dataset import KittiDetectionDataset, Transform, read_rgb
 from dds_perception.data.kitti import KittiFormatError, KittiLayout, read_label_file
+from dds_perception.utils.errors import DdsPerceptionError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 KINDS = ("kitti", "copy_paste")
 
 
-class SourceError(ValueError):
+class SourceError(DdsPerceptionError, ValueError):
     """A data source is described wrongly or its folder holds nothing usable (names it)."""
 
 
@@ -80,8 +81,8 @@ class SourceSpec:
         try:
             weight = float(data.get("weight", 1.0))
             lo, hi = (int(v) for v in paste)
-        except (TypeError, ValueError):
-            raise SourceError(f"source {dict(value)!r}: bad weight or paste range") from None
+        except (TypeError, ValueError) as error:
+            raise SourceError(f"source {dict(value)!r}: bad weight or paste range") from error
         if not weight > 0 or not 0 <= lo <= hi:
             raise SourceError(f"source {dict(value)!r}: need weight > 0 and 0 <= paste[0] <= [1]")
         if kind == "copy_paste" and not data.get("crops"):

@@ -39,6 +39,7 @@ import torch
 from torchvision.ops import batched_nms, box_iou
 
 from dds_perception.data.kitti import CLASSES, KittiObject, detection_to_object
+from dds_perception.utils.errors import DdsPerceptionError
 
 MEAN_BGR = (103.53, 116.28, 123.675)
 STD_BGR = (57.375, 57.12, 58.395)
@@ -65,7 +66,7 @@ CUT_MARGIN = 2.0  # input pixels: a box this close to a window's inner edge is c
 ORT_INSTALL = "pip install onnxruntime, or pip install 'dds_perception[onnx]' (the onnx extra)"
 
 
-class TeacherError(ValueError):
+class TeacherError(DdsPerceptionError, ValueError):
     """A teacher model cannot be used; the message names the file and what is wrong."""
 
 
@@ -184,14 +185,14 @@ class OnnxTeacher:
     ) -> None:
         self.path = Path(path)
         if not 0.0 <= min_overlap < 1.0:
-            raise ValueError(f"min_overlap must be in [0, 1), got {min_overlap}")
+            raise TeacherError(f"min_overlap must be in [0, 1), got {min_overlap}")
         if tile_size is not None and tile_size < 8:
-            raise ValueError(f"tile_size must be at least 8 pixels, got {tile_size}")
+            raise TeacherError(f"tile_size must be at least 8 pixels, got {tile_size}")
         self.score_floor = float(score_floor)
         self.nms_iou = float(nms_iou)
         self.max_detections = int(max_detections)
         if tile_factor <= 0:
-            raise ValueError(f"tile_factor must be positive, got {tile_factor}")
+            raise TeacherError(f"tile_factor must be positive, got {tile_factor}")
         self.tile_size = tile_size
         self.tile_factor = float(tile_factor)
         self.min_overlap = float(min_overlap)
@@ -200,7 +201,7 @@ class OnnxTeacher:
         self.class_names = tuple(class_names) if class_names else class_names_for(self.path)
         self.classes = None if classes is None else sorted({int(c) for c in classes})
         if self.classes and not all(0 <= c < len(self.class_names) for c in self.classes):
-            raise ValueError(
+            raise TeacherError(
                 f"class indices {self.classes} outside 0..{len(self.class_names) - 1}"
             )
         self.session = _load_session(self.path, threads)
@@ -237,7 +238,7 @@ class OnnxTeacher:
         try:
             outputs = self.session.run(None, {self.input_name: blank})
         except Exception as error:  # onnxruntime raises its own exception types
-            raise TeacherError(f"{self.path}: the model does not run ({error})") from None
+            raise TeacherError(f"{self.path}: the model does not run ({error})") from error
         names = [o.name for o in self.session.get_outputs()]
         shapes = [tuple(o.shape) for o in outputs]
         described = ", ".join(f"{n} {list(s)}" for n, s in zip(names, shapes, strict=True))
@@ -336,7 +337,9 @@ class OnnxTeacher:
         """Detections of an ``HxWx3`` uint8 RGB frame, best first, after per-class NMS."""
         image = np.asarray(rgb)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an HxWx3 uint8 RGB array, got {image.dtype} {image.shape}")
+            raise TeacherError(
+                f"expected an HxWx3 uint8 RGB array, got {image.dtype} {image.shape}"
+            )
         parts = [self.detect_window(image, *window) for window in self.windows(*image.shape[:2])]
         boxes = torch.from_numpy(np.concatenate([p[0] for p in parts]))
         scores = torch.from_numpy(np.concatenate([p[1] for p in parts]))
@@ -364,14 +367,14 @@ def _load_session(path: Path, threads: int) -> Any:
     """An ONNX Runtime CPU session for ``path`` (TeacherError naming the file if it fails)."""
     try:
         import onnxruntime as ort
-    except ImportError:
+    except ImportError as error:
         raise TeacherError(
             f"{path}: running a teacher model needs onnxruntime: {ORT_INSTALL}"
-        ) from None
+        ) from error
     if not path.is_file():
         raise TeacherError(f"{path}: no such teacher model file")
     if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
+        raise TeacherError(f"threads must be at least 1, got {threads}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
@@ -381,7 +384,7 @@ def _load_session(path: Path, threads: int) -> Any:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TeacherError(f"{path}: not a loadable ONNX model ({text})") from None
+        raise TeacherError(f"{path}: not a loadable ONNX model ({text})") from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,19 +397,19 @@ def parse_class_map(items: Iterable[str]) -> dict[str, str]:
     for item in items:
         coco, sep, kitti_type = (part.strip() for part in str(item).partition("="))
         if not sep or not coco or not kitti_type:
-            raise ValueError(
+            raise TeacherError(
                 f"class map entry {item!r}: expected COCO_NAME=KittiType, e.g. car=Car"
             )
         if kitti_type not in CLASSES:
-            raise ValueError(
+            raise TeacherError(
                 f"class map entry {item!r}: {kitti_type!r} is not a KITTI type "
                 f"({', '.join(CLASSES)})"
             )
         if coco in mapping and mapping[coco] != kitti_type:
-            raise ValueError(f"class map: {coco!r} mapped twice ({mapping[coco]}, {kitti_type})")
+            raise TeacherError(f"class map: {coco!r} mapped twice ({mapping[coco]}, {kitti_type})")
         mapping[coco] = kitti_type
     if not mapping:
-        raise ValueError("class map is empty: give at least one COCO_NAME=KittiType")
+        raise TeacherError("class map is empty: give at least one COCO_NAME=KittiType")
     return mapping
 
 
@@ -415,7 +418,7 @@ def class_indices(class_map: Mapping[str, str], class_names: Sequence[str]) -> d
     index = {name: i for i, name in enumerate(class_names)}
     unknown = [name for name in class_map if name not in index]
     if unknown:
-        raise ValueError(
+        raise TeacherError(
             f"class map names {unknown} are not teacher classes (e.g. "
             f"{', '.join(class_names[:8])}, ...)"
         )
@@ -426,9 +429,9 @@ def check_thresholds(score_threshold: float, ignore_threshold: float) -> None:
     """Both in [0, 1] and ``ignore_threshold <= score_threshold`` (ValueError naming them)."""
     for name, value in (("score", score_threshold), ("ignore", ignore_threshold)):
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} threshold must be in [0, 1], got {value}")
+            raise TeacherError(f"{name} threshold must be in [0, 1], got {value}")
     if ignore_threshold > score_threshold:
-        raise ValueError(
+        raise TeacherError(
             f"ignore threshold {ignore_threshold} is above the score threshold "
             f"{score_threshold}; set it equal to the score threshold for no ignore regions"
         )

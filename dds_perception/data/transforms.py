@@ -35,13 +35,14 @@ from dds_perception.data.letterbox import (
     letterbox_params,
     resize_image,
 )
+from dds_perception.utils.errors import UsageError
 
 Target = dict[str, Any]
 
 
 def _to_hwc(image: torch.Tensor) -> np.ndarray:
     if image.ndim != 3 or image.shape[0] not in (1, 3) or image.dtype != torch.uint8:
-        raise ValueError(
+        raise UsageError(
             f"expected a uint8 (3, H, W) image tensor, got {image.dtype} {tuple(image.shape)}"
         )
     return image.as_subclass(torch.Tensor).permute(1, 2, 0).contiguous().numpy()
@@ -56,7 +57,7 @@ def _to_image(array: np.ndarray) -> tv_tensors.Image:
 def _check_size(size: Size) -> tuple[int, int]:
     h, w = (int(v) for v in size)
     if h < 8 or w < 8:
-        raise ValueError(f"network size must be (height, width) >= 8, got {size!r}")
+        raise UsageError(f"network size must be (height, width) >= 8, got {size!r}")
     return h, w
 
 
@@ -112,13 +113,13 @@ class DetectionTrainTransform:
         self.size = _check_size(size)
         self.crop_size = self.size if crop_size is None else _check_size(crop_size)
         if not 0.0 <= focus_prob <= 1.0:
-            raise ValueError(f"focus_prob must be in [0, 1], got {focus_prob}")
+            raise UsageError(f"focus_prob must be in [0, 1], got {focus_prob}")
         self.focus_prob = float(focus_prob)
         lo, hi = (float(v) for v in scale_range)
         if not 0 < lo <= hi:
-            raise ValueError(f"scale_range must be 0 < low <= high, got {scale_range!r}")
+            raise UsageError(f"scale_range must be 0 < low <= high, got {scale_range!r}")
         if not 0.0 <= min_visible <= 1.0:
-            raise ValueError(f"min_visible must be in [0, 1], got {min_visible}")
+            raise UsageError(f"min_visible must be in [0, 1], got {min_visible}")
         self.scale_range = (lo, hi)
         self.min_visible = float(min_visible)
         self.pad_value = int(pad_value)

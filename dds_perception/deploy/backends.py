@@ -44,6 +44,7 @@ from dds_perception.deploy.onnx_meta import (
 )
 from dds_perception.detection.config import DetectorConfig
 from dds_perception.detection.optimize import InferenceOptions, optimize_for_inference
+from dds_perception.utils.errors import DdsPerceptionError
 from dds_perception.utils.io import atomic_path, write_json
 from dds_perception.utils.runtime import resolve_device
 
@@ -64,7 +65,7 @@ TRT_INSTALL = (
 )
 
 
-class BackendError(ValueError):
+class BackendError(DdsPerceptionError, ValueError):
     """A backend cannot run here: unknown name, missing package/provider/GPU, bad model file."""
 
 
@@ -154,11 +155,11 @@ class TorchBackend(Backend):
 def _import_onnxruntime():
     try:
         import onnxruntime
-    except ImportError:
+    except ImportError as error:
         raise BackendError(
             "backend onnxruntime needs the 'onnxruntime' package: pip install onnxruntime "
             "(CPU) or onnxruntime-gpu (CUDA), or pip install 'dds_perception[onnx]'"
-        ) from None
+        ) from error
     return onnxruntime
 
 
@@ -193,8 +194,8 @@ def ort_session(
             )
     try:
         resolved = torch.device(text)
-    except RuntimeError:
-        raise BackendError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    except RuntimeError as error:
+        raise BackendError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from error
     if resolved.type == "cuda":
         if "CUDAExecutionProvider" not in available:
             raise BackendError(
@@ -219,7 +220,7 @@ def ort_session(
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types
-        raise BackendError(f"{path}: onnxruntime cannot load it ({error})") from None
+        raise BackendError(f"{path}: onnxruntime cannot load it ({error})") from error
     active = session.get_providers()
     if not active or active[0] != wanted:  # ORT drops to the CPU when CUDA libraries are missing
         raise BackendError(
@@ -280,8 +281,8 @@ class OnnxRuntimeBackend(Backend):
 def _import_tensorrt():
     try:
         import tensorrt
-    except ImportError:
-        raise BackendError(TRT_INSTALL) from None
+    except ImportError as error:
+        raise BackendError(TRT_INSTALL) from error
     return tensorrt
 
 
@@ -525,7 +526,7 @@ def _onnx_io(path: Path) -> tuple[str, tuple[int | str, ...], list[str]]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as error:
-        raise BackendError(f"{path}: not a readable ONNX model ({error})") from None
+        raise BackendError(f"{path}: not a readable ONNX model ({error})") from error
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:

@@ -30,6 +30,7 @@ import argparse
 import logging
 
 from dds_perception.deploy.export import DEFAULT_OPSET, EXPORTERS, export_onnx
+from dds_perception.utils.errors import UsageError
 from dds_perception.utils.io import write_json
 
 
@@ -76,14 +77,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("dds_perception").setLevel(logging.INFO)
     if (args.height is None) != (args.width is None):
-        raise ValueError("give both --height and --width, or neither")
+        raise UsageError("give both --height and --width, or neither")
     size = (args.height, args.width) if args.height is not None else None
     if args.engine:  # fail before the export, not after it
         from dds_perception.deploy.backends import TRT_INSTALL, tensorrt_unavailable_reason
 
         reason = tensorrt_unavailable_reason()
         if reason:
-            raise ValueError(f"--engine: {reason}; {TRT_INSTALL}")
+            raise UsageError(f"--engine: {reason}; {TRT_INSTALL}")
     report = export_onnx(
         args.weights,
         args.out,

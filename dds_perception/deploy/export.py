@@ -57,6 +57,7 @@ from dds_perception.detection.detector import RPNDetector
 from dds_perception.detection.optimize import InferenceOptions, optimize_for_inference
 from dds_perception.detection.postprocess import PostprocessParams, postprocess
 from dds_perception.detection.weights import load_detector
+from dds_perception.utils.errors import DdsPerceptionError
 from dds_perception.utils.io import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ RELATIVE_BOX_TOLERANCE = {"fp32": False, "fp16": True}
 PAD_VALUE = 114
 
 
-class ExportError(ValueError):
+class ExportError(DdsPerceptionError, ValueError):
     """The export or its ONNX Runtime validation failed; the output file was not written."""
 
 
@@ -324,7 +325,7 @@ def export_detector(
         try:
             config = config.replace(input_size=tuple(int(v) for v in input_size))
         except ValueError as error:
-            raise ExportError(f"input size {tuple(input_size)}: {error}") from None
+            raise ExportError(f"input size {tuple(input_size)}: {error}") from error
     size = tuple(config.input_size)
     detector = detector.eval().cpu()
     detector.config = config

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dds_perception.detection.config import DetectorConfig, DetectorConfigError
+from dds_perception.utils.errors import DdsPerceptionError
 
 META_KEY = "dds_perception"
 FORMAT = "dds_perception.onnx"
@@ -36,7 +37,7 @@ TASK = "detection"
 ARCHITECTURE = "rpn_detector"
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(DdsPerceptionError, ValueError):
     """An ONNX file is unreadable, was not exported by dds-perception, or no longer matches."""
 
 
@@ -108,7 +109,7 @@ def read_onnx_info(path: str | os.PathLike[str]) -> OnnxModelInfo:
     try:
         proto = onnx.load(str(file), load_external_data=False)
     except Exception as error:  # protobuf DecodeError, truncated file, ...
-        raise OnnxModelError(f"{file}: not a readable ONNX model ({error})") from None
+        raise OnnxModelError(f"{file}: not a readable ONNX model ({error})") from error
     props = {p.key: p.value for p in proto.metadata_props}
     if META_KEY not in props:
         raise OnnxModelError(
@@ -119,7 +120,7 @@ def read_onnx_info(path: str | os.PathLike[str]) -> OnnxModelInfo:
     try:
         meta = json.loads(props[META_KEY])
     except json.JSONDecodeError as error:
-        raise OnnxModelError(f"{file}: metadata '{META_KEY}' is not JSON ({error})") from None
+        raise OnnxModelError(f"{file}: metadata '{META_KEY}' is not JSON ({error})") from error
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise OnnxModelError(f"{file}: metadata format {got!r}, expected {FORMAT!r}")
@@ -135,7 +136,7 @@ def read_onnx_info(path: str | os.PathLike[str]) -> OnnxModelInfo:
     try:
         config = DetectorConfig.from_dict(meta["config"])
     except (KeyError, TypeError, DetectorConfigError) as error:
-        raise OnnxModelError(f"{file}: bad detector config in metadata ({error})") from None
+        raise OnnxModelError(f"{file}: bad detector config in metadata ({error})") from error
     missing = [k for k in ("class_names", "opset", "anchors") if k not in meta]
     if missing:
         raise OnnxModelError(f"{file}: metadata lacks {missing}")

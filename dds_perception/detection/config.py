@@ -25,11 +25,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dds_perception.utils.errors import DdsPerceptionError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DetectorConfigError(ValueError):
+class DetectorConfigError(DdsPerceptionError, ValueError):
     """A detector configuration has an unknown key or an invalid value."""
 
 
@@ -152,7 +154,7 @@ class DetectorConfig:
         except (TypeError, ValueError) as error:
             if isinstance(error, DetectorConfigError):
                 raise
-            raise DetectorConfigError(f"invalid detector config: {error}") from None
+            raise DetectorConfigError(f"invalid detector config: {error}") from error
 
     def replace(self, **changes: Any) -> DetectorConfig:
         """A copy with ``changes`` applied (validated; unknown keys raise)."""

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from dds_perception.utils.errors import DdsPerceptionError
+
 # Why a box got no distance (diagnostics count them as distance_omitted_<reason>).
 NO_CAMERA_INFO = "no_camera_info"  # no CameraInfo received yet
 BAD_CAMERA_INFO = "bad_camera_info"  # zero focal length, K not 3x3, non-finite values
@@ -45,7 +47,7 @@ REASONS = (
 KITTI_CAMERA_HEIGHT = 1.65  # m, KITTI's colour cameras above the road (its setup page)
 
 
-class CameraModelError(ValueError):
+class CameraModelError(DdsPerceptionError, ValueError):
     """A CameraInfo cannot be used for geometry; the message names the field and value."""
 
 
@@ -74,8 +76,8 @@ class Intrinsics:
         """From a row-major 3x3 camera matrix ``K`` (9 values, as in CameraInfo.k)."""
         try:
             values = np.asarray(k, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError):
-            raise CameraModelError(f"k {k!r}: not a list of numbers") from None
+        except (TypeError, ValueError) as error:
+            raise CameraModelError(f"k {k!r}: not a list of numbers") from error
         if values.size != 9:
             raise CameraModelError(f"k has {values.size} values: a 3x3 K needs 9")
         if not np.isfinite(values).all():

@@ -50,6 +50,7 @@ from torchvision.ops import Conv2dNormActivation
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dds_perception.models.pyramid import PyramidDepthwiseConv, PyramidInvertedResidual
+from dds_perception.utils.errors import DdsPerceptionError
 
 _BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, FrozenBatchNorm2d)
 _CAT = (torch.cat, torch.concat, torch.concatenate)
@@ -63,7 +64,7 @@ _METADATA = {
 }
 
 
-class OptimizeError(ValueError):
+class OptimizeError(DdsPerceptionError, ValueError):
     """An inference option that cannot be applied (e.g. fp16 on a CPU)."""
 
 

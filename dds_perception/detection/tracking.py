@@ -30,10 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from dds_perception.utils.errors import DdsPerceptionError
+
 TENTATIVE, TRACKED, LOST = 0, 1, 2
 
 
-class TrackerConfigError(ValueError):
+class TrackerConfigError(DdsPerceptionError, ValueError):
     """A tracker setting is out of range; the message names it."""
 
 

@@ -89,7 +89,7 @@ def config_from_meta(meta: Mapping[str, Any], source: str | os.PathLike[str]) ->
     try:
         return DetectorConfig.from_dict(meta["config"])
     except (KeyError, TypeError, DetectorConfigError) as error:
-        raise CheckpointError(f"{source}: bad detector config in metadata ({error})") from None
+        raise CheckpointError(f"{source}: bad detector config in metadata ({error})") from error
 
 
 def load_detector(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> RPNDetector:
@@ -103,7 +103,7 @@ def load_detector(path: str | os.PathLike[str], device: str | torch.device = "cp
     try:
         model = build_detector(config)
     except (ValueError, KeyError) as error:
-        raise CheckpointError(f"{path}: cannot build the described detector ({error})") from None
+        raise CheckpointError(f"{path}: cannot build the described detector ({error})") from error
     state, meta = load_weights(path)
     load_state_into(model, state, source=path)
     model.meta = meta

@@ -86,6 +86,7 @@ from dds_perception.utils.checkpoint import (
     load_weights,
     save_weights,
 )
+from dds_perception.utils.errors import UsageError
 from dds_perception.utils.io import atomic_path, write_json
 from dds_perception.utils.runtime import resolve_device, seed_everything
 
@@ -248,7 +249,7 @@ def build_datasets(
 ) -> tuple[ImageClassificationDataset, ImageClassificationDataset, ImageClassificationDataset]:
     """Return ``(full, train, test)`` datasets with the run's split and transforms."""
     if args.data_root is None:
-        raise ValueError("--data-root is required (the dataset folder)")
+        raise UsageError("--data-root is required (the dataset folder)")
     full = load_dataset(
         args.dataset,
         args.data_root,
@@ -453,12 +454,12 @@ def _make_loaders(
     ctx: DistributedContext,
 ) -> tuple[DataLoader, DataLoader, DistributedSampler, torch.Generator]:
     if args.batch_size % ctx.world_size:
-        raise ValueError(
+        raise UsageError(
             f"--batch-size {args.batch_size} is not divisible by {ctx.world_size} processes"
         )
     per_rank = args.batch_size // ctx.world_size
     if len(train) // ctx.world_size < per_rank:
-        raise ValueError(
+        raise UsageError(
             f"--batch-size {args.batch_size} exceeds the {len(train)} training images "
             "(the last incomplete batch is dropped, so no step would run)"
         )
@@ -798,7 +799,7 @@ def plot_accuracy(
     for run in runs:
         records = eval_records(run)
         if not records:
-            raise ValueError(f"{run}: no test-accuracy records in {METRICS} yet")
+            raise UsageError(f"{run}: no test-accuracy records in {METRICS} yet")
         ax.plot(
             [r["step"] for r in records],
             [r[metric] for r in records],

@@ -31,15 +31,16 @@ import torch.distributed as dist
 import yaml
 
 from dds_perception.utils.checkpoint import load_training_state, save_training_state
+from dds_perception.utils.errors import DdsPerceptionError, UsageError
 from dds_perception.utils.io import atomic_open
 from dds_perception.utils.runtime import resolve_device
 
 
-class ConfigError(ValueError):
+class ConfigError(DdsPerceptionError, ValueError):
     """A recipe file is unreadable or holds an unknown key or a bad value."""
 
 
-class TrainingError(ValueError):
+class TrainingError(DdsPerceptionError, ValueError):
     """Training cannot go on (non-finite loss, resume mismatch, existing run folder)."""
 
 
@@ -173,10 +174,10 @@ def load_yaml_config(path: str | os.PathLike[str], known: Mapping[str, Any]) -> 
     file = Path(path)
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {file}") from None
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file not found: {file}") from error
     except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"{file}: unreadable config ({error})") from None
+        raise ConfigError(f"{file}: unreadable config ({error})") from error
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -200,19 +201,19 @@ def _convert(action: argparse.Action, value: Any, file: Path) -> Any:
     try:
         if action.nargs == 0:  # flags: store_true / --x/--no-x
             if not isinstance(value, bool):
-                raise ValueError(f"expected true or false, got {value!r}")
+                raise UsageError(f"expected true or false, got {value!r}")
             return value
         if action.nargs in ("*", "+") or isinstance(action.nargs, int):
             items = value if isinstance(value, list | tuple) else [value]
             return [convert(v) if convert else v for v in items]
         if convert is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise UsageError(f"expected an integer, got {value!r}")
         if convert is not None and not isinstance(value, bool):
             value = convert(value)
         if action.choices is not None and value not in action.choices:
-            raise ValueError(f"{value!r} is not one of {list(action.choices)}")
+            raise UsageError(f"{value!r} is not one of {list(action.choices)}")
     except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-        raise ConfigError(f"{file}: bad value for {action.dest!r}: {error}") from None
+        raise ConfigError(f"{file}: bad value for {action.dest!r}: {error}") from error
     return value
 
 
@@ -377,7 +378,7 @@ def prepare_run_dir(
     (``out/checkpoint``) or a checkpoint path, which must exist. Nothing is created here.
     """
     if out is None:
-        raise ValueError("--out is required (the run folder)")
+        raise UsageError("--out is required (the run folder)")
     out = Path(out)
     checkpoint_path = out / checkpoint
     if resume is not None:

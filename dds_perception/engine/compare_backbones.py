@@ -39,6 +39,7 @@ from dds_perception.engine.common import (
     resolve_args,
 )
 from dds_perception.utils.checkpoint import read_meta
+from dds_perception.utils.errors import UsageError
 from dds_perception.utils.io import atomic_open, write_json
 
 PAPER_MODELS = ("dds_mobilenet_v2", "mobilenet_v1", "mobilenet_v2", "shufflenet_v1")
@@ -159,7 +160,7 @@ def table_markdown(table: dict[str, Any], title: str) -> str:
 def run(args: argparse.Namespace) -> int:
     args = resolve_args(args, _parser())
     if args.out is None:
-        raise ValueError("--out is required (the comparison folder)")
+        raise UsageError("--out is required (the comparison folder)")
     ctx = init_distributed(args.device)
     try:
         runs = train_all(args, ctx)
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     missing = [name for name, d in runs.items() if not (d / METRICS).is_file()]
     if missing:
-        raise ValueError(f"no run folder with {METRICS} for: {', '.join(missing)}")
+        raise UsageError(f"no run folder with {METRICS} for: {', '.join(missing)}")
     out = Path(args.out)
     table = build_table(runs, args.table_steps)
     table.update(dataset=args.dataset, data_root=str(args.data_root), out=str(out))

@@ -43,6 +43,7 @@ from dds_perception.engine.detection import (
     main as train_main,
 )
 from dds_perception.evaluation.kitti import evaluate as kitti_evaluate
+from dds_perception.utils.errors import UsageError
 from dds_perception.utils.io import atomic_open, write_json
 
 DIFFICULTIES = ("easy", "moderate", "hard")
@@ -76,7 +77,7 @@ def _ap_table(result: Any) -> dict[str, float]:
 def crossval(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train every fold that is not done, then pool and report (see the module docstring)."""
     if args.out is None or args.data_root is None:
-        raise ValueError("--out and --data-root are required")
+        raise UsageError("--out and --data-root are required")
     out = Path(args.out)
     layout = KittiLayout.find(args.data_root)
     ids = KittiDetectionDataset(args.data_root, _split(args.split)).frame_ids
@@ -88,7 +89,7 @@ def crossval(args: argparse.Namespace) -> dict[str, Any] | None:
     todo = range(args.folds) if args.only_fold is None else [args.only_fold]
     for k in todo:
         if not 0 <= k < args.folds:
-            raise ValueError(f"--only-fold {k}: folds are 0..{args.folds - 1}")
+            raise UsageError(f"--only-fold {k}: folds are 0..{args.folds - 1}")
         fold = _fold_args(args, out, k)
         if (fold.out / WEIGHTS).is_file() and (fold.out / "summary.json").is_file():
             print(f"fold {k}: done earlier ({fold.out / WEIGHTS})")

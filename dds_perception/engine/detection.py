@@ -72,6 +72,7 @@ from dds_perception.engine.common import (
 from dds_perception.evaluation.kitti import evaluate as kitti_evaluate
 from dds_perception.models.pretrained import freeze_batchnorm
 from dds_perception.utils.checkpoint import load_training_state
+from dds_perception.utils.errors import UsageError
 from dds_perception.utils.io import atomic_open, write_json
 from dds_perception.utils.runtime import seed_everything
 
@@ -327,7 +328,7 @@ def build_source(
     root = spec.root if spec.root is not None else args.data_root
     split = spec.split if spec.split is not None else args.split
     if root is None:
-        raise ValueError(f"source {spec.to_dict()}: no root and no --data-root")
+        raise UsageError(f"source {spec.to_dict()}: no root and no --data-root")
     if spec.kind == "kitti":
         return KittiDetectionDataset(root, _split(split), transform, min_height=args.min_height)
     base = KittiDetectionDataset(root, _split(split), None, min_height=args.min_height)
@@ -340,13 +341,13 @@ def build_datasets(
     """The training set (one folder, or a :class:`MixtureDataset` of several sources) and the
     validation set (``--data-root``/``--val-split``, letterboxed as at inference)."""
     if args.data_root is None:
-        raise ValueError("--data-root is required (a KITTI folder with training/image_2)")
+        raise UsageError("--data-root is required (a KITTI folder with training/image_2)")
     transform = train_transform(args, config)
     train: Dataset = KittiDetectionDataset(
         args.data_root, _split(args.split), transform, min_height=args.min_height
     )
     if len(train) == 0:
-        raise ValueError(f"{args.data_root}: split {args.split!r} has no frames")
+        raise UsageError(f"{args.data_root}: split {args.split!r} has no frames")
     if args.sources:
         datasets = [train] + [build_source(spec, args, transform) for spec in args.sources]
         names = [f"{args.data_root}:{args.split}"] + [
@@ -580,7 +581,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
     )
     checkpoint_path = out / CHECKPOINT
     if args.batch_size % ctx.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} not divisible by {ctx.world_size}")
+        raise UsageError(f"--batch-size {args.batch_size} not divisible by {ctx.world_size}")
     config = detector_config_from_args(args)
     make_run_dir(out, ctx)
     seed_everything(args.seed)

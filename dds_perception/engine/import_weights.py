@@ -43,6 +43,7 @@ from dds_perception.models.pretrained import (
     read_torchvision_checkpoint,
 )
 from dds_perception.utils.checkpoint import save_weights
+from dds_perception.utils.errors import UsageError
 
 # input normalisation on a 0-1 scale: torchvision's ImageNet checkpoints use ImageNet's
 # statistics; TF-trained MobileNets (and the shared folded checkpoint) use x / 127.5 - 1
@@ -61,7 +62,7 @@ def read_class_names(path: Path | None, count: int) -> list[str]:
     if len(names) == count + 1:
         names = names[1:]  # TF label files start with 'background'
     if len(names) != count:
-        raise ValueError(f"{path}: {len(names)} class names for a {count}-class classifier")
+        raise UsageError(f"{path}: {len(names)} class names for a {count}-class classifier")
     return names
 
 
@@ -250,7 +251,7 @@ def import_weights(
     adaptation = None
     if adapt_images is not None:
         if model_name != "dds_mobilenet_v2":
-            raise ValueError(
+            raise UsageError(
                 f"--adapt-images: only dds_mobilenet_v2 has dilations, not {model_name}"
             )
         backbone, adaptation = adapt_dilations(

@@ -44,6 +44,7 @@ from dds_perception.data.kitti import (
     read_label_file,
     read_split,
 )
+from dds_perception.utils.errors import DdsPerceptionError
 from dds_perception.utils.io import atomic_path, write_json
 
 DIFFICULTIES = ("easy", "moderate", "hard")
@@ -58,7 +59,7 @@ MAP_CLASS = "Car"  # the paper's "mAP" is the mean of easy, moderate and hard Ca
 METRICS = ("AP_11", "AP_40")
 
 
-class KittiEvalError(ValueError):
+class KittiEvalError(DdsPerceptionError, ValueError):
     """Evaluation input is unusable (bad score, unknown class, frames that do not match)."""
 
 

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from dds_perception.utils.errors import UsageError
+
 # The detector's feature maps, named after the proposed network's Table 3 rows.
 FEATURE_NAMES = ("layer13", "layer17")
 
@@ -44,7 +46,7 @@ class Backbone(nn.Module):
         self, in_channels: int, num_classes: int, dropout: float, last: nn.Module | None
     ) -> None:
         if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+            raise UsageError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = num_classes
         if num_classes == 0:
             self.head = None

@@ -7,6 +7,7 @@ from torchvision.ops import Conv2dNormActivation
 
 from dds_perception.models.common import Backbone, FeatureInfo, init_weights, make_divisible
 from dds_perception.models.registry import register_model
+from dds_perception.utils.errors import UsageError
 
 # c, s: output channels and stride of each depthwise separable layer (the paper's Table 1).
 MOBILENET_V1_LAYERS: tuple[tuple[int, int], ...] = (
@@ -42,7 +43,7 @@ class MobileNetV1(Backbone):
     ) -> None:
         super().__init__()
         if width_mult <= 0:
-            raise ValueError(f"width_mult must be positive, got {width_mult}")
+            raise UsageError(f"width_mult must be positive, got {width_mult}")
         stem = make_divisible(32 * width_mult, 8)
         layers: list[nn.Module] = [Conv2dNormActivation(3, stem, stride=2)]
         strides, channels, inp = [2], [stem], stem

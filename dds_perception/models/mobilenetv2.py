@@ -19,6 +19,7 @@ from torchvision.ops import Conv2dNormActivation
 from dds_perception.models.common import Backbone, FeatureInfo, init_weights, make_divisible
 from dds_perception.models.pyramid import PyramidInvertedResidual, prelu
 from dds_perception.models.registry import register_model
+from dds_perception.utils.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def parse_stages(stages: Sequence[StageCfg | Sequence]) -> tuple[StageCfg, ...]:
             continue
         values = list(row)
         if len(values) not in (4, 5):
-            raise ValueError(f"stage {i}: expected [t, c, n, s, dilations], got {row!r}")
+            raise UsageError(f"stage {i}: expected [t, c, n, s, dilations], got {row!r}")
         dilations = tuple(values[4]) if len(values) == 5 else (1,)
         rows.append(StageCfg(*(int(v) for v in values[:4]), dilations=dilations))
     return tuple(rows)
@@ -81,20 +82,20 @@ def validate_stages(
     inp = stem_channels
     for i, s in enumerate(stages):
         if branches is not None and len(s.dilations) != branches:
-            raise ValueError(
+            raise UsageError(
                 f"stage {i} ({s}): {len(s.dilations)} dilations given but K = {branches}"
             )
         if s.stride not in (1, 2):
-            raise ValueError(f"stage {i} ({s}): stride must be 1 or 2, got {s.stride}")
+            raise UsageError(f"stage {i} ({s}): stride must be 1 or 2, got {s.stride}")
         if s.expand < 1 or s.repeats < 1 or s.channels < 1:
-            raise ValueError(f"stage {i} ({s}): expansion, channels and repeats must be >= 1")
+            raise UsageError(f"stage {i} ({s}): expansion, channels and repeats must be >= 1")
         if not s.dilations or any(int(d) != d or d < 1 for d in s.dilations):
-            raise ValueError(f"stage {i} ({s}): dilations must be positive integers")
+            raise UsageError(f"stage {i} ({s}): dilations must be positive integers")
         out = make_divisible(s.channels * width_mult, round_to)
         k = len(s.dilations)
         for hidden in {inp * s.expand, out * s.expand} if s.repeats > 1 else {inp * s.expand}:
             if hidden % k:
-                raise ValueError(
+                raise UsageError(
                     f"stage {i} ({s}): {hidden} expanded channels are not divisible by "
                     f"K={k} dilation branches"
                 )
@@ -118,10 +119,10 @@ class MobileNetV2(Backbone):
     ) -> None:
         super().__init__()
         if width_mult <= 0:
-            raise ValueError(f"width_mult must be positive, got {width_mult}")
+            raise UsageError(f"width_mult must be positive, got {width_mult}")
         stages = parse_stages(stages)
         if not pyramid and any(len(s.dilations) != 1 or s.dilations[0] != 1 for s in stages):
-            raise ValueError("dilations need pyramid=True (the plain MobileNetV2 has one branch)")
+            raise UsageError("dilations need pyramid=True (the plain MobileNetV2 has one branch)")
         stem = make_divisible(32 * width_mult, round_nearest)
         last = make_divisible(1280 * max(1.0, width_mult), round_nearest)
         validate_stages(stages, stem, width_mult, round_nearest, branches)
@@ -151,7 +152,7 @@ class MobileNetV2(Backbone):
                 channels.append(out)
                 inp = out
         if len(layers) != 18:
-            raise ValueError(
+            raise UsageError(
                 f"the table must give 17 blocks (paper layers 1-17), got {len(layers) - 1}"
             )
         self.features = nn.Sequential(*layers)

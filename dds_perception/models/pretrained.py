@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dds_perception.models.pyramid import PyramidDepthwiseConv
+from dds_perception.utils.errors import DdsPerceptionError
 
 
-class WeightsImportError(ValueError):
+class WeightsImportError(DdsPerceptionError, ValueError):
     """A checkpoint cannot be read or does not fit the target network (names the tensor)."""
 
 

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
+from dds_perception.utils.errors import UsageError
+
 
 def prelu(channels: int) -> partial[nn.PReLU]:
     """A per-channel PReLU factory in the shape torchvision's conv blocks expect."""
@@ -35,7 +37,7 @@ class PyramidDepthwiseConv(nn.Module):
         super().__init__()
         k = len(dilations)
         if k == 0 or channels % k:
-            raise ValueError(f"{channels} channels cannot be split into {k} dilation groups")
+            raise UsageError(f"{channels} channels cannot be split into {k} dilation groups")
         self.split = channels // k
         self.dilations = tuple(int(d) for d in dilations)
         self.fusion = fusion
@@ -83,7 +85,7 @@ class PyramidInvertedResidual(nn.Module):
     ) -> None:
         super().__init__()
         if stride not in (1, 2):
-            raise ValueError(f"stride must be 1 or 2, got {stride}")
+            raise UsageError(f"stride must be 1 or 2, got {stride}")
         hidden = round(inp * expand_ratio)
         self.use_res_connect = stride == 1 and inp == oup
         layers: list[nn.Module] = []

@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from dds_perception.utils.errors import UsageError
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -15,7 +17,7 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered")
+            raise UsageError(f"model {name!r} is already registered")
         _MODELS[name] = builder
         return builder
 
@@ -35,10 +37,10 @@ def get_model(name: str, **kwargs: Any) -> nn.Module:
     """
     try:
         builder = _MODELS[name]
-    except KeyError:
-        raise ValueError(
+    except KeyError as error:
+        raise UsageError(
             f"unknown model {name!r}; known models: {', '.join(list_models())}"
-        ) from None
+        ) from error
     model = builder(**kwargs)
     model.build_args = {"name": name, **kwargs}
     return model

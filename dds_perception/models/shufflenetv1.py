@@ -14,6 +14,7 @@ from torchvision.models.shufflenetv2 import channel_shuffle
 
 from dds_perception.models.common import Backbone, FeatureInfo, init_weights, make_divisible
 from dds_perception.models.registry import register_model
+from dds_perception.utils.errors import UsageError
 
 STAGE_CHANNELS = {1: (144, 288, 576), 2: (200, 400, 800), 3: (240, 480, 960),
                   4: (272, 544, 1088), 8: (384, 768, 1536)}  # fmt: skip
@@ -61,9 +62,9 @@ class ShuffleNetV1(Backbone):
     ) -> None:
         super().__init__()
         if groups not in STAGE_CHANNELS:
-            raise ValueError(f"groups must be one of {sorted(STAGE_CHANNELS)}, got {groups}")
+            raise UsageError(f"groups must be one of {sorted(STAGE_CHANNELS)}, got {groups}")
         if width_mult <= 0:
-            raise ValueError(f"width_mult must be positive, got {width_mult}")
+            raise UsageError(f"width_mult must be positive, got {width_mult}")
         # Channels rounded to multiples of 4*g so bottlenecks (out/4) split into g groups.
         unit = 4 * groups
         stem = make_divisible(24 * width_mult, unit) if width_mult != 1.0 else 24

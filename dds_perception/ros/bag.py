@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dds_perception.ros import messages as m
+from dds_perception.utils.errors import DdsPerceptionError
 from dds_perception.utils.io import atomic_path
 
 STORAGES = ("mcap", "sqlite3")
@@ -58,7 +59,7 @@ def frame_stamp_ns(index: int) -> int:
     return START_NS + int(index) * PERIOD_NS
 
 
-class BagError(ValueError):
+class BagError(DdsPerceptionError, ValueError):
     """A bag cannot be written or read; the message names the bag (and topic)."""
 
 
@@ -190,7 +191,7 @@ class BagReader:
             self._reader.open()
         except (ReaderError, OSError, ValueError, KeyError, IndexError) as error:
             self._reader = None
-            raise BagError(f"{self.path}: cannot open bag: {error}") from None
+            raise BagError(f"{self.path}: cannot open bag: {error}") from error
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -262,7 +263,7 @@ class BagReader:
                 raise BagError(
                     f"{self.path}: topic {connection.topic}: cannot parse the recorded "
                     f"definition of {msgtype}: {error}"
-                ) from None
+                ) from error
         elif known:
             store = ours  # no definition recorded: assume the distribution's layout
         else:
@@ -287,7 +288,7 @@ class BagReader:
             except StopIteration:
                 return
             except Exception as error:  # truncated / corrupt storage while iterating
-                raise BagError(f"{self.path}: cannot read topic {topic}: {error}") from None
+                raise BagError(f"{self.path}: cannot read topic {topic}: {error}") from error
             try:
                 msg = self._typestore_for(connection).deserialize_cdr(raw, connection.msgtype)
             except BagError:
@@ -296,7 +297,7 @@ class BagReader:
                 raise BagError(
                     f"{self.path}: topic {connection.topic}: cannot decode a "
                     f"{connection.msgtype} at {log_ns} ns: {error}"
-                ) from None
+                ) from error
             yield BagMessage(connection.topic, connection.msgtype, int(log_ns), msg)
 
 

@@ -36,6 +36,8 @@ from typing import Any, Protocol
 import numpy as np
 import yaml
 
+from dds_perception.utils.errors import DdsPerceptionError
+
 NODE_NAME = "dds_detector"
 DIAGNOSTIC_TASK = "detector"  # diagnostic_updater publishes it as "dds_detector: detector"
 # "planning": the tracker and the distance estimate (what planners need from /detections)
@@ -50,7 +52,7 @@ LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 FOREIGN_PARAMETERS = ("use_sim_time", "diagnostic_updater.", "qos_overrides.")
 
 
-class ParameterError(ValueError):
+class ParameterError(DdsPerceptionError, ValueError):
     """A detector parameter (or the parameter file) is invalid; the message names the field."""
 
 
@@ -362,7 +364,7 @@ def load_params(
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise ParameterError(f"{path}: not valid YAML: {error}") from None
+        raise ParameterError(f"{path}: not valid YAML: {error}") from error
     values = {
         name: value
         for name, value in _flatten(_node_block(document, path, node_name)).items()
@@ -378,7 +380,7 @@ def load_params(
     try:
         return DetectorParams(**values)
     except ParameterError as error:
-        raise ParameterError(f"{path}: {error}") from None
+        raise ParameterError(f"{path}: {error}") from error
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -397,8 +399,8 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
             continue
         try:
             result[name] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ParameterError(f"override {item!r}: cannot parse {text!r}") from None
+        except yaml.YAMLError as error:
+            raise ParameterError(f"override {item!r}: cannot parse {text!r}") from error
     return result
 
 

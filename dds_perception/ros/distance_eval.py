@@ -28,6 +28,7 @@ import numpy as np
 
 from dds_perception.detection.ground_plane import KITTI_CAMERA_HEIGHT, GroundPlane
 from dds_perception.evaluation import distance
+from dds_perception.utils.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _detector(args: argparse.Namespace) -> tuple[distance.Detect | None, str]:
     """``detect(rgb) -> (boxes, scores)`` of the chosen detector, and its name."""
     if args.weights and args.teacher:
-        raise ValueError("--weights and --teacher: choose one detector")
+        raise UsageError("--weights and --teacher: choose one detector")
     threshold = float(args.score_threshold)
     if args.weights:
         from dds_perception.pipeline import Pipeline
@@ -82,7 +83,7 @@ def _detector(args: argparse.Namespace) -> tuple[distance.Detect | None, str]:
         teacher = OnnxTeacher(args.teacher, score_floor=min(threshold, 0.05))
         cars = {i for i, name in enumerate(teacher.class_names) if name == "car"}
         if not cars:
-            raise ValueError(f"--teacher {args.teacher}: the model has no 'car' class")
+            raise UsageError(f"--teacher {args.teacher}: the model has no 'car' class")
 
         def detect(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             boxes = [b for b in teacher.detect(rgb) if b.class_index in cars]

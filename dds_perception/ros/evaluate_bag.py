@@ -81,7 +81,7 @@ def match_detections(
         try:
             detections = m.msg_to_detections(item.msg)
         except m.MessageError as error:
-            raise bag.BagError(f"{reader.path}: topic {topic}: {error}") from None
+            raise bag.BagError(f"{reader.path}: topic {topic}: {error}") from error
         name = by_stamp.get(detections.stamp_ns)
         if name is None:
             result.unmatched_stamps.append(detections.stamp_ns)

@@ -33,6 +33,7 @@ from dds_perception.data import kitti
 from dds_perception.data.images import ImageDecodeError
 from dds_perception.ros import bag
 from dds_perception.ros import messages as m
+from dds_perception.utils.errors import UsageError
 
 
 class _GroundTruth:
@@ -63,7 +64,7 @@ def convert(
     frame_ids = layout.frame_ids(split, require_labels=layout.label_dir.is_dir())
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"--limit must be at least 1, got {limit}")
+            raise UsageError(f"--limit must be at least 1, got {limit}")
         frame_ids = frame_ids[:limit]
     if not frame_ids:
         raise kitti.KittiFormatError(f"{layout.image_dir}: no frames to convert")

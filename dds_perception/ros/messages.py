@@ -35,6 +35,7 @@ from dds_perception.data.images import (
     ImageDecodeError,
     to_rgb,
 )
+from dds_perception.utils.errors import DdsPerceptionError
 
 # vision_msgs 4.x types registered from ros/msg/*.msg (in dependency order for readability).
 VISION_MSGS = (
@@ -71,7 +72,7 @@ MSGTYPES: dict[str, str] = {
 }
 
 
-class MessageError(ValueError):
+class MessageError(DdsPerceptionError, ValueError):
     """A message cannot be built or read; the text names the message type and field."""
 
 

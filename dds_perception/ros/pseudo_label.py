@@ -49,6 +49,7 @@ from dds_perception.data import teacher as t
 from dds_perception.data.images import ImageDecodeError
 from dds_perception.ros import bag
 from dds_perception.ros import messages as m
+from dds_perception.utils.errors import UsageError
 from dds_perception.utils.io import atomic_path, write_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -79,14 +80,14 @@ def image_files(folder: str | os.PathLike[str]) -> list[Path]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such folder or bag")
     if not path.is_dir():
-        raise ValueError(f"{path}: not a folder of images or a ROS 2 bag")
+        raise UsageError(f"{path}: not a folder of images or a ROS 2 bag")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         try:
             return image_files(kitti.KittiLayout.find(path).image_dir)
         except FileNotFoundError:
             pass
-        raise ValueError(
+        raise UsageError(
             f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder and not a ROS 2 bag"
         )
     return files
@@ -95,9 +96,9 @@ def image_files(folder: str | os.PathLike[str]) -> list[Path]:
 def select(count: int, every: int, limit: int | None) -> list[int]:
     """Indices of every ``every``-th frame, at most ``limit`` of them."""
     if every < 1:
-        raise ValueError(f"--every must be at least 1, got {every}")
+        raise UsageError(f"--every must be at least 1, got {every}")
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
+        raise UsageError(f"--limit must be at least 1, got {limit}")
     picked = list(range(0, count, every))
     return picked if limit is None else picked[:limit]
 
@@ -142,9 +143,9 @@ def _check_output(out_root: Path) -> kitti.KittiLayout:
     layout = kitti.KittiLayout(out_root / "training")
     for folder in (layout.image_dir, layout.label_dir):
         if folder.is_dir() and any(folder.iterdir()):
-            raise ValueError(f"{folder}: not empty; choose a new OUT_ROOT or empty this one")
+            raise UsageError(f"{folder}: not empty; choose a new OUT_ROOT or empty this one")
     if (out_root / SUMMARY_NAME).exists():
-        raise ValueError(f"{out_root / SUMMARY_NAME}: exists; choose a new OUT_ROOT")
+        raise UsageError(f"{out_root / SUMMARY_NAME}: exists; choose a new OUT_ROOT")
     return layout
 
 
@@ -218,7 +219,7 @@ def pseudo_label(
         layout.label_dir.mkdir(parents=True, exist_ok=True)
         for frame in tqdm(frames, total=total, desc="pseudo-label", disable=not progress):
             if frame.frame_id in seen:
-                raise ValueError(f"{source}: frame id {frame.frame_id} appears twice")
+                raise UsageError(f"{source}: frame id {frame.frame_id} appears twice")
             seen.add(frame.frame_id)
             if frame.rgb is None:
                 failed.append(frame.error or frame.source)
@@ -236,7 +237,7 @@ def pseudo_label(
             counts.update(f"objects.{o.type}" for o in objects)
     if counts["frames"] == 0 and not failed:
         where = f"topic {topic} of {source}" if topic else str(source)
-        raise ValueError(f"{where}: no frames selected (--every {every}, --limit {limit})")
+        raise UsageError(f"{where}: no frames selected (--every {every}, --limit {limit})")
     seconds = time.perf_counter() - start
     summary = {
         "source": str(source),

@@ -30,6 +30,7 @@ from dds_perception.data.kitti import read_label_file
 from dds_perception.detection.tracking import ByteTracker, format_ids
 from dds_perception.evaluation.tracking import FrameTracks, id_metrics
 from dds_perception.ros import core
+from dds_perception.utils.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,10 +59,10 @@ def read_clip(clip: Path) -> tuple[float, list[tuple[Path, list[Any], list[int]]
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         sequence = meta["sequence"]
-    except (OSError, ValueError, KeyError):
-        raise ValueError(
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(
             f"{clip}: not a make-scenes --sequence folder (no sequence in scenes.json)"
-        ) from None
+        ) from error
     frames = []
     for name in sorted(sequence["track_ids"]):
         labels = read_label_file(clip / "training" / "label_2" / f"{name}.txt")
@@ -140,7 +141,7 @@ def evaluate_clip(
 
 def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.miss_rate < 1.0:
-        raise ValueError(f"--miss-rate {args.miss_rate}: must lie in [0, 1)")
+        raise UsageError(f"--miss-rate {args.miss_rate}: must lie in [0, 1)")
     params = core.DetectorParams(
         track_high_threshold=args.track_high_threshold, track_buffer=args.track_buffer
     )

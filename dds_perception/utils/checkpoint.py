@@ -18,13 +18,14 @@ import torch
 from safetensors import SafetensorError as SafetensorsError
 from safetensors.torch import load_file, save_file
 
+from dds_perception.utils.errors import DdsPerceptionError
 from dds_perception.utils.io import atomic_path
 
 META_KEY = "dds_perception"
 FORMAT = "dds_perception.weights/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DdsPerceptionError, ValueError):
     """A weights or training-state file is missing, corrupt, or describes another model."""
 
 
@@ -55,7 +56,7 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
                 raise CheckpointError(f"{file}: corrupt or truncated safetensors header")
             header = json.loads(handle.read(size))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{file}: not a safetensors weights file ({error})") from None
+        raise CheckpointError(f"{file}: not a safetensors weights file ({error})") from error
     meta = header.get("__metadata__", {}).get(META_KEY)
     if meta is None:
         raise CheckpointError(
@@ -75,7 +76,7 @@ def load_weights(
     try:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorsError, OSError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: corrupt or truncated weights ({error})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated weights ({error})") from error
     return tensors, meta
 
 
@@ -89,7 +90,7 @@ def load_state_into(
         first = str(error).splitlines()[0]
         raise CheckpointError(
             f"{source}: weights do not fit {type(module).__name__} ({first})"
-        ) from None
+        ) from error
 
 
 def save_training_state(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
@@ -108,4 +109,4 @@ def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt pickles/zips
-        raise CheckpointError(f"{file}: corrupt or truncated training state ({error})") from None
+        raise CheckpointError(f"{file}: corrupt or truncated training state ({error})") from error

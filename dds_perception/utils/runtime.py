@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import torch
 
+from dds_perception.utils.errors import UsageError
+
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """Map ``auto``/``cpu``/``cuda``/``cuda:N`` to a device, failing clearly when unavailable."""
@@ -22,15 +24,15 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    except RuntimeError as error:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from error
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+        raise UsageError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
+            raise UsageError(f"device {name!r} requested but CUDA is not available")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
+            raise UsageError(
                 f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s)"
             )
     return device

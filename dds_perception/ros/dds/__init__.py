@@ -19,10 +19,12 @@ run, so ``--help`` works without it and its absence gives one clear message (:fu
 
 from __future__ import annotations
 
+from dds_perception.utils.errors import DdsPerceptionError
+
 INSTALL_HINT = "pip install 'dds_perception[dds]'"
 
 
-class DdsError(RuntimeError):
+class DdsError(DdsPerceptionError, RuntimeError):
     """The DDS runtime cannot do what was asked (library missing, unknown type or topic)."""
 
 
@@ -33,4 +35,4 @@ def require() -> None:
     except ImportError as error:
         raise DdsError(
             f"the Cyclone DDS runtime needs the cyclonedds package ({error}); {INSTALL_HINT}"
-        ) from None
+        ) from error

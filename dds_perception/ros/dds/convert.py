@@ -44,8 +44,8 @@ Convert = Callable[[Any], Any]
 def _fields(typestore: Any, msgtype: str) -> list[tuple[str, tuple[int, Any]]]:
     try:
         return list(typestore.fielddefs[msgtype][1])
-    except KeyError:
-        raise DdsError(f"the typestore has no definition of {msgtype!r}") from None
+    except KeyError as error:
+        raise DdsError(f"the typestore has no definition of {msgtype!r}") from error
 
 
 def _check_members(cls: type, msgtype: str, names: list[str]) -> None:
@@ -166,8 +166,8 @@ def msgtype_of(msg: Any) -> str:
     """The ROS 2 type name of a rosbags message (``__msgtype__``)."""
     try:
         return str(msg.__msgtype__)
-    except AttributeError:
-        raise DdsError(f"{type(msg).__name__} is not a rosbags message") from None
+    except AttributeError as error:
+        raise DdsError(f"{type(msg).__name__} is not a rosbags message") from error
 
 
 def to_idl(msg: Any, typestore: Any, msgtype: str | None = None) -> Any:

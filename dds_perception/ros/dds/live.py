@@ -180,8 +180,8 @@ def run_live(
         deadline = frames_in_bag * frame_timeout + 60.0
         try:
             player.proc.wait(deadline)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"play did not finish within {deadline:.0f} s") from None
+        except subprocess.TimeoutExpired as error:
+            raise TimeoutError(f"play did not finish within {deadline:.0f} s") from error
         if player.proc.returncode != 0:
             raise DdsError(f"play failed ({player.proc.returncode}):\n{player.log()}")
         time.sleep(1.0)  # the last debug image and diagnostics reach the recorder

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dds_perception.ros import core, messages
+from dds_perception.utils.errors import UsageError
 
 NAMESPACE_HELP = "ROS namespace of the node and its relative topics (default /)"
 
@@ -259,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dds-perception node: error: {error}", file=sys.stderr)
         return 1
     if args.diagnostics_period <= 0:
-        raise ValueError(f"--diagnostics-period {args.diagnostics_period}: must be positive")
+        raise UsageError(f"--diagnostics-period {args.diagnostics_period}: must be positive")
     stop = threading.Event()
     install_stop_signals(stop)  # before loading the model: a SIGTERM while loading still counts
     pipeline = core.build_pipeline(params)  # bad weights/device: ValueError/OSError -> exit 1

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dds_perception.ros import messages
+from dds_perception.utils.errors import UsageError
 
 IMAGE_TYPES = (messages.MSGTYPES["Image"], messages.MSGTYPES["CompressedImage"])
 DETECTIONS_TYPE = messages.MSGTYPES["Detection2DArray"]
@@ -88,7 +89,7 @@ def parse_remaps(items: list[str]) -> dict[str, str]:
     for item in items:
         old, sep, new = item.partition(":=")
         if not sep or not old.strip() or not new.strip():
-            raise ValueError(f"--remap {item!r}: use FROM:=TO")
+            raise UsageError(f"--remap {item!r}: use FROM:=TO")
         remaps[old.strip()] = new.strip()
     return remaps
 
@@ -138,7 +139,7 @@ def play(args: argparse.Namespace, stop: threading.Event) -> dict[str, int]:
     from dds_perception.ros.dds import types as idl
 
     if args.rate <= 0:
-        raise ValueError(f"--rate {args.rate}: must be positive")
+        raise UsageError(f"--rate {args.rate}: must be positive")
     remaps = parse_remaps(args.remap)
     counts: dict[str, int] = {}
     with BagReader(args.bag) as reader, rt.DdsRuntime(domain=args.domain_id) as runtime:
@@ -150,14 +151,14 @@ def play(args: argparse.Namespace, stop: threading.Event) -> dict[str, int]:
             if available[topic] in idl.IDL_TYPES:
                 playable.append(topic)
             elif args.topics:
-                raise ValueError(
+                raise UsageError(
                     f"{args.bag}: topic {topic} has type {available[topic]}, "
                     "which this runtime cannot publish"
                 )
             else:
                 print(f"play: skipping {topic} ({available[topic]}: no DDS type)", file=sys.stderr)
         if not playable:
-            raise ValueError(f"{args.bag}: nothing to play")
+            raise UsageError(f"{args.bag}: nothing to play")
         qos = (
             rt.reliable_qos(10) if args.reliability == "reliable" else rt.sensor_qos("best_effort")
         )
@@ -200,7 +201,7 @@ def _wait_for_peers(
     waits = [runtime.name(t) for t in args.wait_for]
     unknown = [t for t in waits if t not in by_name]
     if unknown:
-        raise ValueError(f"--wait-for {', '.join(unknown)}: not a topic this replay publishes")
+        raise UsageError(f"--wait-for {', '.join(unknown)}: not a topic this replay publishes")
     deadline = time.monotonic() + args.wait_timeout
     while not stop.is_set():
         pending = [t for t in waits if by_name[t].subscription_count() == 0]

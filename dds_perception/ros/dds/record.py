@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Any
 
+from dds_perception.utils.errors import UsageError
+
 RECORD_DEPTH = 100  # reader history: a burst of this many messages per topic is kept
 
 
@@ -51,7 +53,7 @@ def parse_topic(item: str) -> tuple[str, str | None]:
     """``/topic`` or ``/topic:pkg/msg/Type`` -> (topic, type or None)."""
     topic, sep, msgtype = item.partition(":")
     if sep and msgtype.count("/") != 2:
-        raise ValueError(f"topic {item!r}: the type must read pkg/msg/Type")
+        raise UsageError(f"topic {item!r}: the type must read pkg/msg/Type")
     return topic, (msgtype or None)
 
 
@@ -59,7 +61,7 @@ def msgtype_from_dds(type_name: str) -> str:
     """``vision_msgs::msg::dds_::Detection2DArray_`` -> ``vision_msgs/msg/Detection2DArray``."""
     parts = type_name.split("::")
     if len(parts) != 4 or parts[2] != "dds_" or not parts[3].endswith("_"):
-        raise ValueError(f"DDS type {type_name!r} is not a ROS 2 message type")
+        raise UsageError(f"DDS type {type_name!r} is not a ROS 2 message type")
     return f"{parts[0]}/{parts[1]}/{parts[3][:-1]}"
 
 
@@ -126,7 +128,7 @@ def record(args: argparse.Namespace, stop: threading.Event) -> dict[str, int]:
 
     requested = [parse_topic(item) for item in args.topics]
     if args.count is not None and args.count <= 0:
-        raise ValueError(f"--count {args.count}: must be positive")
+        raise UsageError(f"--count {args.count}: must be positive")
     received: queue.Queue[tuple[str, int, Any]] = queue.Queue()
     # The bag is opened first: an existing --out fails at once, and a failure later (discovery
     # timeout, unknown type) removes the temporary bag instead of leaving a partial one.

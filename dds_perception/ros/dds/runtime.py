@@ -56,8 +56,8 @@ def domain_id(explicit: int | None = None) -> int:
             return 0
         try:
             explicit = int(text)
-        except ValueError:
-            raise DdsError(f"{DOMAIN_ENV}={text!r} is not an integer") from None
+        except ValueError as error:
+            raise DdsError(f"{DOMAIN_ENV}={text!r} is not an integer") from error
     if not 0 <= int(explicit) <= MAX_DOMAIN_ID:
         raise DdsError(f"domain id {explicit} outside 0..{MAX_DOMAIN_ID}")
     return int(explicit)

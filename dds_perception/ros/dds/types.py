@@ -278,10 +278,10 @@ def service_types(srvtype: str) -> tuple[type[IdlStruct], type[IdlStruct]]:
 
     try:
         return SERVICE_TYPES[srvtype]
-    except KeyError:
+    except KeyError as error:
         raise DdsError(
             f"no DDS service type for {srvtype!r}; known: {', '.join(sorted(SERVICE_TYPES))}"
-        ) from None
+        ) from error
 
 
 # ----------------------------------------------------------------------------- registry
@@ -329,10 +329,10 @@ def idl_type(msgtype: str) -> type[IdlStruct]:
 
     try:
         return IDL_TYPES[msgtype]
-    except KeyError:
+    except KeyError as error:
         raise DdsError(
             f"no DDS type for {msgtype!r}; known: {', '.join(sorted(IDL_TYPES))}"
-        ) from None
+        ) from error
 
 
 def install_bytes_fast_path(cls: type[IdlStruct], member: str = "data") -> None:

@@ -1,0 +1,18 @@
+"""The package's exceptions have one root, so callers can tell bad input from bugs.
+
+Every area raises its own subclass of :class:`DdsPerceptionError` (``KittiFormatError``,
+``CheckpointError``, ...) for input it cannot use: a file, field or value that is wrong. The
+command line catches only these (and missing or unreadable files) and prints one line; anything
+else is a bug and keeps its traceback. The subclasses also derive from the built-in type they
+replaced (mostly ``ValueError``), so existing ``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+
+class DdsPerceptionError(Exception):
+    """Root of the package's own errors: input it cannot use, named in the message."""
+
+
+class UsageError(DdsPerceptionError, ValueError):
+    """A command-line option or argument that cannot work (value out of range, conflict)."""
