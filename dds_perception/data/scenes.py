@@ -218,7 +218,6 @@ class _Vehicle:
     loc: np.ndarray  # bottom centre
     ry: float
     colour: tuple[int, int, int]
-    full_box: np.ndarray = field(default_factory=lambda: np.zeros(4))  # unclipped projection
     box: np.ndarray = field(default_factory=lambda: np.zeros(4))  # clipped
     truncated: float = 0.0
     occluded_fraction: float = 0.0
@@ -373,10 +372,6 @@ def _lamps(img: np.ndarray, face: np.ndarray, colour) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Background
-
-
-def _ground_v(cy: float, fy: float, cam_h: float, z) -> np.ndarray:
-    return cy + fy * cam_h / np.asarray(z, dtype=np.float64)
 
 
 def _draw_background(img, P, rng: np.random.Generator, cam_h: float, road_half: float) -> None:
@@ -571,7 +566,7 @@ def _place(vehicle: _Vehicle, P: np.ndarray, width: int, height: int) -> bool:
     area = max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
     if full_area <= 0 or area < 4:
         return False
-    vehicle.full_box, vehicle.box = full, box
+    vehicle.box = box
     vehicle.truncated = float(np.clip(1.0 - area / full_area, 0.0, 1.0))
     return vehicle.truncated <= MAX_TRUNCATION
 
