@@ -253,3 +253,51 @@ def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys)
     capsys.readouterr()
     crossval.crossval(args)  # finished folds are kept: nothing is trained again
     assert capsys.readouterr().out.count("done earlier") == 3
+
+
+def test_backbone_learning_rate_multiplier_and_gradient_clipping(scenes):
+    """--backbone-lr-mult gives the backbone its own (decayed-by-the-schedule) learning rate;
+    with the default of 1 the optimizer keeps its two groups; --clip-grad-norm bounds the norm
+    of the gradients the optimizer sees."""
+    from torch.utils.data import DataLoader
+
+    from dds_perception.data.detection_dataset import detection_collate
+    from dds_perception.engine import detection as engine
+    from dds_perception.engine.common import DistributedContext
+
+    args = parse_args([*TINY, "--data-root", str(scenes), "--lr", "0.01"])
+    model = build_detector(detector_config_from_args(args))
+    optimizer, _ = engine.build_optimizer(model, args, total_steps=10)
+    assert [g["weight_decay"] > 0 for g in optimizer.param_groups] == [True, False]
+    args = parse_args([*TINY, "--data-root", str(scenes), "--lr", "0.01",
+                       "--backbone-lr-mult", "0.25", "--clip-grad-norm", "0.5"])  # fmt: skip
+    optimizer, scheduler = engine.build_optimizer(model, args, total_steps=10)
+    backbone = {id(p) for p in model.backbone.parameters()}
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= backbone or not ids & backbone  # a group is all backbone or all head
+        wanted = 0.01 * (0.25 if ids <= backbone else 1.0)
+        assert group["initial_lr"] == pytest.approx(wanted)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+    norms = []
+
+    def record(opt, *_):
+        grads = [
+            p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None
+        ]
+        norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+
+    optimizer.register_step_pre_hook(record)
+    dataset = KittiDetectionDataset(
+        scenes, "train", transform=DetectionEvalTransform(tuple(args.input_size))
+    )
+    loader = DataLoader(dataset, batch_size=4, collate_fn=detection_collate)
+    for clip in (0.0, 0.5):  # without clipping the norm is larger: the check can fail
+        torch.manual_seed(0)
+        engine.train_one_epoch(
+            model, optimizer, scheduler, loader, DistributedContext(), epoch=0, step=0,
+            max_steps=1, scaler=torch.amp.GradScaler("cpu", enabled=False), amp=False,
+            progress=False, clip_grad_norm=clip,
+        )  # fmt: skip
+    assert norms[0] > 0.5 >= norms[1] - 1e-4

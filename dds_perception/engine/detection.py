@@ -205,6 +205,20 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=8, help="global batch size")
     group.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     group.add_argument("--weight-decay", type=float, default=1e-4)
+    group.add_argument(
+        "--backbone-lr-mult",
+        type=float,
+        default=1.0,
+        help="the backbone's learning rate as a fraction of --lr (pretrained features move "
+        "slower than the new head)",
+    )
+    group.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=0.0,
+        help="clip the gradients' global L2 norm to this (0: off); guards a fine-tuned "
+        "backbone against the rare batch whose loss explodes",
+    )
     group.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
     group.add_argument(
         "--scale-range",
@@ -393,6 +407,7 @@ def train_one_epoch(
     metrics: MetricsWriter | None = None,
     log_every: int = 10,
     progress: bool = True,
+    clip_grad_norm: float = 0.0,
 ) -> tuple[int, dict[str, float]]:
     """One pass over ``loader``; returns the new global step and the epoch's mean losses."""
     model.train()
@@ -410,6 +425,9 @@ def train_one_epoch(
         check_finite(loss, epoch=epoch, step=step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -517,15 +535,30 @@ def evaluate(
 def build_optimizer(
     model: torch.nn.Module, args: argparse.Namespace, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW (no decay on norms/biases/PReLU slopes), linear warm-up then cosine to 1 %."""
-    decay, no_decay = [], []
+    """AdamW (no decay on norms/biases/PReLU slopes), linear warm-up then cosine to 1 %.
+
+    The backbone's groups get ``args.backbone_lr_mult`` times the peak learning rate.
+    """
+    backbone = getattr(model, "backbone", None)
+    backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    mult = args.backbone_lr_mult
+    # (own learning rate, decays): with one learning rate the groups are the two they always
+    # were, in the same order, so runs started before this option resume as they were
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim > 1 else no_decay).append(param)
+            key = (mult != 1.0 and id(param) in backbone_ids, param.ndim > 1)
+            groups.setdefault(key, []).append(param)
+    order = [(False, True), (False, False), (True, True), (True, False)]
     optimizer = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {
+                "params": groups[key],
+                "weight_decay": args.weight_decay if key[1] else 0.0,
+                "lr": args.lr * (mult if key[0] else 1.0),
+            }
+            for key in order
+            if key in groups
         ],
         lr=args.lr,
     )
@@ -696,6 +729,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
             metrics=metrics,
             log_every=args.log_every_steps,
             progress=args.progress,
+            clip_grad_norm=args.clip_grad_norm,
         )
         metrics.write(
             {
