@@ -19,6 +19,8 @@ import pytest
 from test_node_core import FakePipeline, image_msg  # the same stand-in pipeline and frames
 
 from dds_perception.ros import core, messages
+from dds_perception.ros import params as node_params
+from dds_perception.ros.diagnostics import OK
 
 
 class _Record:
@@ -230,7 +232,7 @@ def _make(node_module, **overrides):
 def test_node_adapter_declares_parameters_with_descriptors(node_module):
     node, _ = _make(node_module)
     try:
-        assert list(node.descriptors) == core.parameter_names()
+        assert list(node.descriptors) == node_params.parameter_names()
         score = node.descriptors["score_threshold"]
         assert score.description and not score.read_only
         (limits,) = score.floating_point_range
@@ -268,7 +270,7 @@ def test_node_adapter_topics_qos_and_publishing(node_module):
         (name, fill) = node._updater.tasks[0]
         assert name == "detector" and node._updater.hardware_id == "cpu"
         stat = fill(_Stat())
-        assert stat.level == core.OK and dict(stat.values)["frames_processed"] == "2"
+        assert stat.level == OK and dict(stat.values)["frames_processed"] == "2"
         assert ("info", "decoding images with cv_bridge") not in node.logger.lines
     finally:
         node.destroy_node()

@@ -300,7 +300,7 @@ def test_ros_static_setup_installs_launch_config_models(monkeypatch):
 
 def test_ros_static_docs_parameter_table_matches_params():
     """docs/node.md's parameter table lists every node parameter with its real default."""
-    from dds_perception.ros import core
+    from dds_perception.ros import params as node_params
 
     text = (REPO / "docs" / "node.md").read_text(encoding="utf-8")
     start = text.index("### Parameters")
@@ -310,8 +310,8 @@ def test_ros_static_docs_parameter_table_matches_params():
         for line in section.splitlines()
         if line.startswith("| `") and len(cells := line.strip("|").split("|")) == 5
     }
-    assert set(rows) == set(core.parameter_names())
-    for spec in core.parameter_specs():
+    assert set(rows) == set(node_params.parameter_names())
+    for spec in node_params.parameter_specs():
         default = str(spec.default).lower() if isinstance(spec.default, bool) else spec.default
         assert spec.name in rows, f"docs/node.md parameters table lacks {spec.name}"
         assert rows[spec.name] == (str(default) or '""'), spec.name

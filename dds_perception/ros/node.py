@@ -7,7 +7,7 @@ Examples:
   ros2 topic echo /detections
 
 This is the only module that imports rclpy. It declares the parameters (descriptions and ranges
-from ``core.DetectorParams``), creates the subscriptions (images, camera_info), publishers,
+from ``params.DetectorParams``), creates the subscriptions (images, camera_info), publishers,
 the ``~/enable`` service (std_srvs/SetBool) and diagnostic_updater, and hands every frame to
 :class:`dds_perception.ros.core.DetectorCore`, which does the work on its own thread (the newest
 frame wins). The service sets the ``enable`` parameter (so ``ros2 param get`` agrees); the core
@@ -24,7 +24,15 @@ import argparse
 import sys
 from typing import Any
 
-from dds_perception.ros import core, messages
+from dds_perception.ros import core, diagnostics, messages
+from dds_perception.ros.params import (
+    NODE_NAME,
+    DetectorParams,
+    ParameterError,
+    parameter_names,
+    parameter_specs,
+)
+from dds_perception.ros.ports import Ports
 
 try:  # rclpy exists only on a ROS 2 machine; --help and the CLI table work without it
     import rclpy
@@ -152,12 +160,12 @@ class DetectorNode(Node):
     """The ``dds_detector`` node: subscription -> :class:`core.DetectorCore` -> publishers."""
 
     def __init__(self, *, pipeline_factory: Any = None, **node_kwargs: Any) -> None:
-        super().__init__(core.NODE_NAME, **node_kwargs)
+        super().__init__(NODE_NAME, **node_kwargs)
         self.core: core.DetectorCore | None = None
-        for spec in core.parameter_specs():
+        for spec in parameter_specs():
             self.declare_parameter(spec.name, spec.default, _descriptor(spec))
-        params = core.DetectorParams(
-            **{name: self.get_parameter(name).value for name in core.parameter_names()}
+        params = DetectorParams(
+            **{name: self.get_parameter(name).value for name in parameter_names()}
         )  # ParameterError here: one clear message from main()
         log = _RosLogger(self.get_logger())
         # missing or corrupt weights, an unavailable device: raises here, before any topic
@@ -190,7 +198,7 @@ class DetectorNode(Node):
                 history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE
             ),
         )
-        ports = core.Ports(
+        ports = Ports(
             publish_detections=self._detections_pub.publish,
             publish_debug_image=self._debug_pub.publish,
             debug_image_wanted=lambda: self._debug_pub.get_subscription_count() > 0,
@@ -270,12 +278,12 @@ class DetectorNode(Node):
             updater = diagnostic_updater.Updater(self)
             self.create_timer(1.0, updater.update)
         updater.setHardwareID(hardware_id)
-        updater.add(core.DIAGNOSTIC_TASK, self._fill_diagnostics)
+        updater.add(diagnostics.DIAGNOSTIC_TASK, self._fill_diagnostics)
         return updater
 
     def _fill_diagnostics(self, stat: Any) -> Any:
         report = self.core.diagnostics()
-        stat.summary(core.diagnostic_level(self.core.classes, report.level), report.message)
+        stat.summary(diagnostics.diagnostic_level(self.core.classes, report.level), report.message)
         for key, value in report.values:
             stat.add(key, value)
         return stat
@@ -283,13 +291,13 @@ class DetectorNode(Node):
     def _on_set_parameters(self, parameters: list[Any]) -> Any:
         from rcl_interfaces.msg import SetParametersResult
 
-        names = set(core.parameter_names())
+        names = set(parameter_names())
         changes = {p.name: p.value for p in parameters if p.name in names}
         if self.core is None or not changes:
             return SetParametersResult(successful=True)
         try:
             self.core.update_params(**changes)
-        except core.ParameterError as error:
+        except ParameterError as error:
             return SetParametersResult(successful=False, reason=str(error))
         self.get_logger().info(f"parameters updated: {changes}")
         return SetParametersResult(successful=True)
@@ -328,11 +336,11 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass  # Ctrl-C or a shutdown from outside (launch): not an error
     except (ValueError, OSError) as error:  # bad configuration: one clear line, non-zero exit
-        print(f"{core.NODE_NAME}: error: {error}", file=sys.stderr)
+        print(f"{NODE_NAME}: error: {error}", file=sys.stderr)
         status = 1
     except Exception as error:
         if type(error).__module__.startswith("rclpy"):  # e.g. a parameter out of its range
-            print(f"{core.NODE_NAME}: error: {type(error).__name__}: {error}", file=sys.stderr)
+            print(f"{NODE_NAME}: error: {type(error).__name__}: {error}", file=sys.stderr)
             status = 1
         else:
             raise

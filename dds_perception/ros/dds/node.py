@@ -36,6 +36,8 @@ from collections.abc import Callable
 from typing import Any
 
 from dds_perception.ros import core, messages
+from dds_perception.ros.params import NODE_NAME, DetectorParams, load_params, parse_overrides
+from dds_perception.ros.ports import Ports
 from dds_perception.utils.errors import UsageError
 
 NAMESPACE_HELP = "ROS namespace of the node and its relative topics (default /)"
@@ -74,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _logger() -> logging.Logger:
-    log = logging.getLogger(core.NODE_NAME)
+    log = logging.getLogger(NODE_NAME)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
@@ -95,7 +97,7 @@ class DdsDetectorNode:
     def __init__(
         self,
         pipeline: Any,
-        params: core.DetectorParams,
+        params: DetectorParams,
         *,
         domain: int | None = None,
         namespace: str = "/",
@@ -109,7 +111,7 @@ class DdsDetectorNode:
         self.runtime = rt.DdsRuntime(
             domain=domain,
             namespace=namespace,
-            node_name=core.NODE_NAME,
+            node_name=NODE_NAME,
             typestore=self.classes.typestore,
             on_error=self.log.warning,
         )
@@ -124,7 +126,7 @@ class DdsDetectorNode:
         self.diagnostics_pub = self.runtime.publisher(
             "/diagnostics", types["DiagnosticArray"], rt.reliable_qos(10)
         )
-        ports = core.Ports(
+        ports = Ports(
             publish_detections=self.detections_pub.publish,
             publish_label_info=self.label_pub.publish,
             publish_debug_image=self.debug_pub.publish,
@@ -138,7 +140,7 @@ class DdsDetectorNode:
             ports=ports,
             clock=time.time,
             logger=self.log,
-            node_name=core.NODE_NAME,
+            node_name=NODE_NAME,
         )
         image_type = types["CompressedImage"] if params.use_compressed else types["Image"]
         self.image_topic = self.runtime.name(params.subscribed_topic)
@@ -255,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
     log = _logger()
     try:
         require()
-        params = core.load_params(args.params_file, core.parse_overrides(args.param))
+        params = load_params(args.params_file, parse_overrides(args.param))
     except DdsError as error:
         print(f"dds-perception node: error: {error}", file=sys.stderr)
         return 1
