@@ -20,7 +20,7 @@ from test_node_core import FakePipeline, image_msg  # the same stand-in pipeline
 
 from dds_perception.ros import core, messages
 from dds_perception.ros import params as node_params
-from dds_perception.ros.diagnostics import OK
+from dds_perception.ros.diagnostics import ERROR, OK
 
 
 class _Record:
@@ -478,3 +478,47 @@ def test_node_adapter_starts_disabled(node_module):
         assert any("disabled, not subscribed" in text for _, text in node.logger.lines)
     finally:
         node.destroy_node()
+
+
+def test_node_adapter_bugs_in_callbacks_keep_traceback_and_node(node_module, monkeypatch):
+    """rclpy ends spin() on an exception in a callback: the parameter callback and the
+    diagnostics task turn a bug into a refusal / an ERROR status, with the traceback logged."""
+    node, _ = _make(node_module)
+    try:
+
+        def broken_update(**changes):
+            raise RuntimeError("lost a parameter")
+
+        monkeypatch.setattr(node.core, "update_params", broken_update)
+        (callback,) = node.param_callbacks
+        result = callback([SimpleNamespace(name="score_threshold", value=0.4)])
+        assert not result.successful
+        assert result.reason == "internal error: RuntimeError: lost a parameter"
+
+        def broken_diagnostics():
+            raise KeyError("stage")
+
+        monkeypatch.setattr(node.core, "diagnostics", broken_diagnostics)
+        stat = node._updater.tasks[0][1](_Stat())
+        assert stat.level == ERROR
+        assert stat.message == "diagnostics failed: KeyError: 'stage'"
+        traces = [text for level, text in node.logger.lines if level == "error"]
+        assert len(traces) == 2 and all("Traceback (most recent call last)" in t for t in traces)
+        assert "in broken_update" in traces[0] and "in broken_diagnostics" in traces[1]
+    finally:
+        node.destroy_node()
+
+
+@pytest.mark.parametrize("bug", [ValueError("a bug, not bad input"), AttributeError("typo")])
+def test_node_adapter_main_lets_a_bug_keep_its_traceback(node_module, monkeypatch, bug):
+    """Only bad configuration (the package's errors, missing files) is one line and exit 1; a
+    ValueError from a bug used to be printed as if it were a configuration error."""
+    _Node.overrides = {"device": "cpu"}
+
+    def broken_build(params):
+        raise bug
+
+    monkeypatch.setattr(core, "build_pipeline", broken_build)
+    with pytest.raises(type(bug), match=str(bug).strip("'")):
+        node_module.main(["detector_node"])
+    assert sys.modules["rclpy"].calls[-1] == ("shutdown",)  # cleaned up all the same

@@ -85,6 +85,7 @@ class Recorder:
         self.debug: list = []
         self.debug_wanted = debug_wanted
         self.warnings: list[str] = []
+        self.errors: list[str] = []
 
     def ports(self) -> Ports:
         return Ports(
@@ -100,7 +101,8 @@ class Recorder:
     def warning(self, message: str) -> None:
         self.warnings.append(message)
 
-    error = warning
+    def error(self, message: str) -> None:
+        self.errors.append(message)
 
 
 def ticking(step: float = 0.01):
@@ -351,6 +353,7 @@ def test_node_core_malformed_frame_counted_and_next_processed(classes, case):
     assert vars(node.counters) == {"received": 2, "processed": 1, "dropped": 0, "failed": 1}, name
     assert [m.header.stamp.sec for m in recorder.detections] == [2]
     assert len(recorder.warnings) == 1 and "failed" in recorder.warnings[0]
+    assert "Traceback" not in recorder.warnings[0] and recorder.errors == []  # bad input
     report = node.diagnostics()
     assert report.level == diagnostics.ERROR and report.as_dict()["failed_in_window"] == "1/2"
 

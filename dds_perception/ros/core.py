@@ -38,12 +38,12 @@ from dds_perception.ros.diagnostics import (
     OK,
     DiagnosticReport,
     FrameStats,
-    Throttle,
     assess,
     diagnostic_array_msg,
     stamp_seconds,
 )
 from dds_perception.ros.drawing import annotate
+from dds_perception.ros.error_log import ErrorLog, describe
 from dds_perception.ros.frame_slot import LatestFrameSlot
 from dds_perception.ros.params import (
     NODE_NAME,
@@ -146,7 +146,10 @@ class DetectorCore:
         self._stats = FrameStats(params.stats_window)
         self._slot = LatestFrameSlot()
         self._thread: threading.Thread | None = None
-        self._failure_throttle = Throttle(failure_log_period, time.monotonic)
+        # bad frames in one line, bugs with their traceback; throttled per place
+        self._errors = ErrorLog(
+            self.logger.warning, self.logger.error, period=failure_log_period, monotonic=monotonic
+        )
         self.planner = Planner(self.logger)
         self.frames_ignored = 0  # frames that arrived while disabled (before unsubscribing)
         self._release_pending = False
@@ -271,7 +274,7 @@ class DetectorCore:
 
             return release_cached_memory(self.device)
         except Exception as error:  # freeing memory is best effort
-            self.logger.warning(f"cached memory not released: {error}")
+            self._errors.report(error, "cached memory not released", "release")
             return []
 
     # ------------------------------------------------------------------ frames
@@ -305,10 +308,12 @@ class DetectorCore:
                 return
             try:
                 self.process(frame.msg, received=frame.received, source=frame.source)
-            finally:
-                self._slot.done()
                 if self._release_pending and not self.params.enable:
                     self._release_memory()
+            except Exception as error:  # process() records its own: the worker must not die
+                self._errors.report(error, "worker", "worker")
+            finally:
+                self._slot.done()
 
     def process(
         self, msg: Any, *, received: float | None = None, source: str | None = None
@@ -330,7 +335,7 @@ class DetectorCore:
             planning_ms = (clock() - t1) * 1e3
             out = self._messages.detections_to_msg(detections, msg.header, self.classes, **extras)
             self.ports.publish_detections(out)
-        except Exception as error:  # a bad frame must never stop the node
+        except Exception as error:  # neither a bad frame nor a bug may stop the node
             self._record_failure(msg, error)
             return None
         end_ms = (clock() - received) * 1e3
@@ -363,20 +368,18 @@ class DetectorCore:
             )
             self.ports.publish_debug_image(image)
         except Exception as error:  # the debug image is optional: never fail the frame for it
-            self.logger.warning(f"debug image not published: {error}")
+            self._errors.report(error, "debug image not published", "debug_image")
 
     def _record_failure(self, msg: Any, error: Exception) -> None:
-        text = f"{type(error).__name__}: {error}"
+        """Count a failed frame; log it (:class:`ErrorLog`: a bad frame in one line, a bug with
+        its traceback the first time its type occurs)."""
         with self._lock:
-            self._stats.failed(text)
+            self._stats.failed(describe(error))
             failed = self._stats.counters.failed
-        show, suppressed = self._failure_throttle()
-        if show:
-            stamp = ""
-            with contextlib.suppress(Exception):  # the header itself may be the broken part
-                stamp = f" stamp {stamp_seconds(msg.header):.3f}"
-            more = f" ({suppressed} more failures since the last report)" if suppressed else ""
-            self.logger.warning(f"frame{stamp} failed ({failed} so far): {text}{more}")
+        stamp = ""
+        with contextlib.suppress(Exception):  # the header itself may be the broken part
+            stamp = f" stamp {stamp_seconds(msg.header):.3f}"
+        self._errors.report(error, f"frame{stamp} failed ({failed} so far)", "frame")
 
     # ------------------------------------------------------------------ label info
     def label_info_msg(self) -> Any:

@@ -217,6 +217,11 @@ class Throttle:
         self.suppressed += 1
         return False, 0
 
+    def force(self) -> int:
+        """Let one through now, whatever the period; the number suppressed before it."""
+        self._last, suppressed, self.suppressed = self._monotonic(), self.suppressed, 0
+        return suppressed
+
 
 def stamp_seconds(header: Any) -> float:
     """A std_msgs/Header's stamp in seconds."""

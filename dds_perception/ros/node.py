@@ -25,6 +25,7 @@ import sys
 from typing import Any
 
 from dds_perception.ros import core, diagnostics, messages
+from dds_perception.ros.error_log import START_ERRORS, ErrorLog, describe
 from dds_perception.ros.params import (
     NODE_NAME,
     DetectorParams,
@@ -168,6 +169,8 @@ class DetectorNode(Node):
             **{name: self.get_parameter(name).value for name in parameter_names()}
         )  # ParameterError here: one clear message from main()
         log = _RosLogger(self.get_logger())
+        # callbacks of rclpy must not raise (an exception ends spin): bugs are logged instead
+        self._errors = ErrorLog(log.warning, log.error)
         # missing or corrupt weights, an unavailable device: raises here, before any topic
         pipeline = (pipeline_factory or core.build_pipeline)(params)
         classes = messages.ros_classes()
@@ -282,7 +285,13 @@ class DetectorNode(Node):
         return updater
 
     def _fill_diagnostics(self, stat: Any) -> Any:
-        report = self.core.diagnostics()
+        try:
+            report = self.core.diagnostics()
+        except Exception as error:  # a bug: logged with its traceback, reported as ERROR
+            self._errors.report(error, "diagnostics failed", "diagnostics")
+            level = diagnostics.diagnostic_level(self.core.classes, diagnostics.ERROR)
+            stat.summary(level, f"diagnostics failed: {describe(error)}")
+            return stat
         stat.summary(diagnostics.diagnostic_level(self.core.classes, report.level), report.message)
         for key, value in report.values:
             stat.add(key, value)
@@ -299,6 +308,11 @@ class DetectorNode(Node):
             self.core.update_params(**changes)
         except ParameterError as error:
             return SetParametersResult(successful=False, reason=str(error))
+        except Exception as error:  # a bug: refuse the change, keep the node and the traceback
+            self._errors.report(error, f"parameters {changes} not applied", "parameters")
+            return SetParametersResult(
+                successful=False, reason=f"internal error: {describe(error)}"
+            )
         self.get_logger().info(f"parameters updated: {changes}")
         return SetParametersResult(successful=True)
 
@@ -335,7 +349,7 @@ def main(args: list[str] | None = None) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass  # Ctrl-C or a shutdown from outside (launch): not an error
-    except (ValueError, OSError) as error:  # bad configuration: one clear line, non-zero exit
+    except START_ERRORS as error:  # bad configuration: one clear line, non-zero exit
         print(f"{NODE_NAME}: error: {error}", file=sys.stderr)
         status = 1
     except Exception as error:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dds_perception.ros import core, messages
+from dds_perception.ros.error_log import ErrorLog
 from dds_perception.ros.params import NODE_NAME, DetectorParams, load_params, parse_overrides
 from dds_perception.ros.ports import Ports
 from dds_perception.utils.errors import UsageError
@@ -114,7 +115,9 @@ class DdsDetectorNode:
             node_name=NODE_NAME,
             typestore=self.classes.typestore,
             on_error=self.log.warning,
+            on_bug=self.log.error,
         )
+        self._errors = ErrorLog(self.log.warning, self.log.error)
         types = messages.MSGTYPES
         self.detections_pub = self.runtime.publisher(
             "detections", types["Detection2DArray"], rt.reliable_qos(10)
@@ -200,7 +203,7 @@ class DdsDetectorNode:
             try:
                 self.publish_diagnostics()
             except Exception as error:  # diagnostics must never take the node down
-                self.log.warning(f"diagnostics not published: {error}")
+                self._errors.report(error, "diagnostics not published", "diagnostics")
 
     def close(self, timeout: float = 0.4) -> None:
         """Stop taking frames, let the frame in work finish (up to ``timeout``), leave DDS."""
