@@ -271,7 +271,7 @@ def test_node_adapter_topics_qos_and_publishing(node_module):
         assert name == "detector" and node._updater.hardware_id == "cpu"
         stat = fill(_Stat())
         assert stat.level == OK and dict(stat.values)["frames_processed"] == "2"
-        assert ("info", "decoding images with cv_bridge") not in node.logger.lines
+        assert not any(text.startswith("cv_bridge decodes") for _, text in node.logger.lines)
     finally:
         node.destroy_node()
     assert node.core._thread is None  # destroy_node stopped the worker
@@ -369,57 +369,148 @@ def test_node_adapter_debug_pixels_are_real(node_module):
         node.destroy_node()
 
 
-def test_node_adapter_cv_bridge_broken_by_numpy2_falls_back(node_module, monkeypatch):
-    """cv_bridge built against NumPy 1.x imports under NumPy 2 but fails on first use."""
-    bridge_module = types.ModuleType("cv_bridge")
+class RecordingPipeline(FakePipeline):
+    """The fake pipeline, keeping every frame it was given (to check the decoded pixels)."""
 
-    class CvBridge:
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[np.ndarray] = []
+
+    def __call__(self, rgb, encoding="rgb8", **kw):
+        self.frames.append(np.array(rgb, copy=True))
+        return super().__call__(rgb, encoding, **kw)
+
+
+class FakeCvBridge:
+    """cv_bridge's ``imgmsg_to_cv2`` for the encodings the node hands it, converting as the real
+    one does (OpenCV demosaicing for Bayer, the high byte of 16-bit mono), from the message's
+    own buffer, ``step`` and byte order; unknown encodings raise like CvBridgeError."""
+
+    calls: ClassVar[list[tuple[str, str]]] = []
+
+    def imgmsg_to_cv2(self, msg, desired_encoding="passthrough"):
+        import cv2
+
+        type(self).calls.append((msg.encoding, desired_encoding))
+        assert desired_encoding == "rgb8"
+        raw = np.frombuffer(bytes(msg.data), np.uint8)
+        if msg.encoding == "bayer_rggb8":
+            rows = raw.reshape(msg.height, msg.step)[:, : msg.width]
+            return cv2.cvtColor(np.ascontiguousarray(rows), cv2.COLOR_BayerBG2RGB)
+        if msg.encoding == "mono16":
+            dtype = ">u2" if msg.is_bigendian else "<u2"
+            rows = raw.reshape(msg.height, msg.step)[:, : msg.width * 2]
+            mono = np.ascontiguousarray(rows).view(dtype)
+            return np.repeat((mono >> 8).astype(np.uint8)[:, :, None], 3, axis=2)
+        if msg.encoding == "yuv422":  # a wrong answer: two channels
+            return np.zeros((msg.height, msg.width, 2), np.uint8)
+        raise TypeError(f"Unrecognized image encoding [{msg.encoding}]")  # as CvBridgeError
+
+    compressed_imgmsg_to_cv2 = imgmsg_to_cv2
+
+
+def _raw_image(classes, encoding: str, rows: np.ndarray, step: int, sec: int, width=None):
+    """An Image of ``encoding`` whose buffer is ``rows`` (padding included), ``width`` pixels
+    wide (default: the rows' width)."""
+    return classes.Image(
+        header=classes.Header(stamp=classes.Time(sec=sec, nanosec=0), frame_id="cam"),
+        height=rows.shape[0],
+        width=rows.shape[1] if width is None else width,
+        encoding=encoding,
+        is_bigendian=0,
+        step=step,
+        data=np.frombuffer(rows.tobytes(), np.uint8),
+    )
+
+
+def _make_with_bridge(node_module, monkeypatch, bridge):
+    bridge_module = types.ModuleType("cv_bridge")
+    bridge_module.CvBridge = bridge
+    monkeypatch.setitem(sys.modules, "cv_bridge", bridge_module)
+    _Node.overrides = {"device": "cpu"}
+    pipeline = RecordingPipeline()
+    return node_module.DetectorNode(pipeline_factory=lambda params: pipeline), pipeline
+
+
+def test_node_adapter_cv_bridge_broken_by_numpy2_falls_back(node_module, monkeypatch):
+    """cv_bridge built against NumPy 1.x imports under NumPy 2 but fails on first use: the
+    node decodes with its own conversions; encodings only cv_bridge knows fail as bad frames."""
+
+    class BrokenBridge:
         def imgmsg_to_cv2(self, msg, desired_encoding="passthrough"):
             raise AttributeError("_ARRAY_API not found")
 
         compressed_imgmsg_to_cv2 = imgmsg_to_cv2
 
-    bridge_module.CvBridge = CvBridge
-    monkeypatch.setitem(sys.modules, "cv_bridge", bridge_module)
-    node, pipeline = _make(node_module)
+    node, pipeline = _make_with_bridge(node_module, monkeypatch, BrokenBridge)
+    classes = messages.rosbags_classes()
     try:
         assert any("cv_bridge failed its self-test" in text for _, text in node.logger.lines)
-        _image_sub(node).callback(image_msg(messages.rosbags_classes(), 33))
+        _image_sub(node).callback(image_msg(classes, 33))
         assert node.core.wait_idle(10)
-        assert pipeline.seen == [33] and node.core.counters.failed == 0
+        bayer = _raw_image(classes, "bayer_rggb8", np.full((4, 6), 9, np.uint8), 6, sec=2)
+        _image_sub(node).callback(bayer)
+        assert node.core.wait_idle(10)
     finally:
         node.destroy_node()
+    assert [frame[0, 0, 0] for frame in pipeline.frames] == [33]
+    assert node.core.counters.failed == 1
+    assert "unsupported encoding 'bayer_rggb8'" in node.core.last_error
 
 
-def test_node_adapter_uses_working_cv_bridge(node_module, monkeypatch):
-    """A working cv_bridge (here: one answering like the real one) decodes the frames."""
-    bridge_module = types.ModuleType("cv_bridge")
-    calls = []
+def test_node_adapter_cv_bridge_only_for_encodings_the_project_lacks(node_module, monkeypatch):
+    """With a working cv_bridge: rgb8/bgr8/PNG frames never reach it (the project's conversions,
+    exact pixels); Bayer and 16-bit frames do, and the pipeline gets exactly its rgb8 result;
+    its failures and malformed results are bad frames (one line, no traceback)."""
+    import cv2
 
-    class CvBridge:
-        def imgmsg_to_cv2(self, msg, desired_encoding="passthrough"):
-            assert desired_encoding == "rgb8"
-            calls.append(msg.encoding)
-            return messages.image_msg_to_rgb(msg)
-
-        compressed_imgmsg_to_cv2 = imgmsg_to_cv2
-
-    bridge_module.CvBridge = CvBridge
-    monkeypatch.setitem(sys.modules, "cv_bridge", bridge_module)
-    node, pipeline = _make(node_module)
+    FakeCvBridge.calls = []
+    node, pipeline = _make_with_bridge(node_module, monkeypatch, FakeCvBridge)
+    classes = messages.rosbags_classes()
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    bayer = rng.integers(0, 256, (4, 6), dtype=np.uint8)
+    mono16 = rng.integers(0, 65536, (4, 6), dtype=np.uint16)
+    header = messages.header_msg(0, "cam", classes)
+    frames = [
+        messages.rgb_to_image_msg(rgb, header, classes, "rgb8"),
+        messages.rgb_to_image_msg(rgb, header, classes, "bgr8"),
+        messages.rgb_to_compressed_msg(rgb, header, classes, "png"),
+        _raw_image(classes, "bayer_rggb8", np.pad(bayer, ((0, 0), (0, 2))), 8, sec=1, width=6),
+        _raw_image(classes, "mono16", mono16.astype("<u2"), 12, sec=2),
+        _raw_image(classes, "yuv422", np.zeros((4, 12), np.uint8), 12, sec=3, width=6),
+        _raw_image(classes, "bayer_rggb8", bayer[:2], 6, sec=4),  # another size
+        _raw_image(classes, "32FC1", np.zeros((4, 6), np.float32), 24, sec=5),
+    ]
     try:
-        assert ("info", "decoding images with cv_bridge") in node.logger.lines
-        calls.clear()
-        _image_sub(node).callback(image_msg(messages.rosbags_classes(), 44))
-        assert node.core.wait_idle(10)
-        assert calls == ["rgb8"] and pipeline.seen == [44]
-        # a wrong step is refused before cv_bridge would read rows from the wrong offsets
-        bad = image_msg(messages.rosbags_classes(), 44, step=5)
-        _image_sub(node).callback(bad)
-        assert node.core.wait_idle(10)
-        assert node.core.counters.failed == 1 and calls == ["rgb8"]
+        assert any(text.startswith("cv_bridge decodes") for _, text in node.logger.lines)
+        FakeCvBridge.calls.clear()  # the start-up self-test's probes
+        for frame in frames:
+            _image_sub(node).callback(frame)
+            assert node.core.wait_idle(10)
     finally:
         node.destroy_node()
+    assert FakeCvBridge.calls == [
+        ("bayer_rggb8", "rgb8"),
+        ("mono16", "rgb8"),
+        ("yuv422", "rgb8"),
+        ("bayer_rggb8", "rgb8"),
+        ("32FC1", "rgb8"),
+    ]
+    got = pipeline.frames
+    assert len(got) == 6 and all(f.dtype == np.uint8 for f in got)
+    for frame in got[:3]:  # the project's conversions: exact pixels, whatever the layout
+        np.testing.assert_array_equal(frame, rgb)
+    np.testing.assert_array_equal(got[3], cv2.cvtColor(bayer, cv2.COLOR_BayerBG2RGB))
+    np.testing.assert_array_equal(
+        got[4], np.repeat((mono16 >> 8).astype(np.uint8)[..., None], 3, 2)
+    )
+    np.testing.assert_array_equal(got[5], cv2.cvtColor(bayer[:2], cv2.COLOR_BayerBG2RGB))
+    assert node.core.counters.failed == 2  # yuv422 (wrong shape) and 32FC1 (refused)
+    warnings = [text for level, text in node.logger.lines if level == "warning"]
+    assert "cv_bridge gave a uint8 array of shape (4, 6, 2)" in warnings[0]
+    assert not any(level == "error" for level, _ in node.logger.lines)  # bad frames, not bugs
+    assert "Unrecognized image encoding [32FC1]" in node.core.last_error
 
 
 def test_node_adapter_camera_info_subscription(node_module):

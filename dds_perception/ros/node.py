@@ -108,52 +108,82 @@ def _image_qos(reliability: str) -> Any:
 
 
 def _cv_bridge_decoder(classes: Any, logger: _RosLogger) -> Any:
-    """cv_bridge's image conversion, or None when it cannot be used here.
+    """The node's image decoder when cv_bridge can add encodings, else None (the project's own).
 
-    cv_bridge on Humble is built against NumPy 1.x: under NumPy 2 it fails to import or fails on
-    first use (``_ARRAY_API not found``), so errors of every kind are caught, and a probe frame
-    must decode to exactly what the project's own conversion gives before cv_bridge is used.
-    Raw frames are checked with the project's geometry rules first (cv_bridge trusts ``step``).
+    The project's conversions (``messages.image_msg_to_rgb``) decode rgb8, bgr8, rgba8, bgra8,
+    mono8 and JPEG/PNG, checking ``step`` and the buffer size; they decode those always.
+    cv_bridge is used only for the raw encodings they do not handle (Bayer, YUV 4:2:2, 16-bit,
+    ...); its errors and any result that is not an HxWx3 uint8 frame become
+    :class:`~dds_perception.data.images.ImageDecodeError` (a bad frame). cv_bridge on Humble is
+    built against NumPy 1.x: under NumPy 2 it fails to import or on first use (``_ARRAY_API not
+    found``), so errors of every kind are caught and probe frames (a uniform Bayer frame, a
+    mono16 frame) must convert before it is used.
     """
+    import numpy as np
+
+    from dds_perception.data.images import RAW_ENCODINGS, ImageDecodeError
+
     try:
         from cv_bridge import CvBridge
 
         bridge = CvBridge()
     except Exception as error:  # ImportError, or NumPy ABI errors of several kinds
         logger.info(
-            f"cv_bridge not usable ({type(error).__name__}: {error}); using the "
-            "project's image conversions"
+            f"cv_bridge not usable ({describe(error)}); decoding the encodings of the project's "
+            "image conversions only"
         )
         return None
 
-    def decode(msg: Any) -> Any:
-        if messages.is_compressed(msg):
-            return bridge.compressed_imgmsg_to_cv2(msg, "rgb8")
-        from dds_perception.data.images import raw_to_array
+    def convert(msg: Any) -> np.ndarray:
+        size = (int(msg.height), int(msg.width))
+        try:
+            rgb = np.asarray(bridge.imgmsg_to_cv2(msg, "rgb8"))
+        except Exception as error:  # CvBridgeError, a short buffer, ...: a bad frame
+            raise ImageDecodeError(
+                f"cv_bridge cannot convert a {size[1]}x{size[0]} {msg.encoding!r} frame to "
+                f"rgb8: {describe(error)}"
+            ) from error
+        if rgb.dtype != np.uint8 or rgb.shape != (*size, 3):
+            raise ImageDecodeError(
+                f"cv_bridge gave a {rgb.dtype} array of shape {rgb.shape} for a {size[1]}x"
+                f"{size[0]} {msg.encoding!r} frame; expected {size[0]}x{size[1]}x3 uint8"
+            )
+        return rgb
 
-        raw_to_array(msg.data, str(msg.encoding), int(msg.height), int(msg.width), int(msg.step))
-        return bridge.imgmsg_to_cv2(msg, "rgb8")
+    def decode(msg: Any) -> np.ndarray:
+        if messages.is_compressed(msg) or str(msg.encoding).lower() in RAW_ENCODINGS:
+            return messages.image_msg_to_rgb(msg)
+        return convert(msg)
 
-    import numpy as np
+    def probe(encoding: str, values: np.ndarray, step: int) -> np.ndarray:
+        return convert(
+            classes.Image(
+                header=messages.header_msg(0, "probe", classes),
+                height=4,
+                width=6,
+                encoding=encoding,
+                is_bigendian=0,
+                step=step,
+                data=classes.uint8_array(values.tobytes()),
+            )
+        )
 
-    probe_rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
-    header = messages.header_msg(0, "probe", classes)
     try:
-        probes = [
-            messages.rgb_to_image_msg(probe_rgb, header, classes, enc)
-            for enc in ("rgb8", "bgr8", "mono8")
-        ]
-        same = all(np.array_equal(decode(p), messages.image_msg_to_rgb(p)) for p in probes)
+        bayer = probe("bayer_rggb8", np.full(24, 100, np.uint8), 6)
+        mono16 = probe("mono16", np.full(24, 25600, "<u2"), 12)
+        usable = bool((bayer == 100).all() and (mono16 == mono16[0, 0, 0]).all())
     except Exception as error:
         logger.info(
-            f"cv_bridge failed its self-test ({type(error).__name__}: {error}); using "
-            "the project's image conversions"
+            f"cv_bridge failed its self-test ({describe(error)}); decoding the encodings of the "
+            "project's image conversions only"
         )
         return None
-    if not same:
-        logger.info("cv_bridge decodes differently from the project's conversions; using those")
+    if not usable:
+        logger.info("cv_bridge converts a uniform probe frame to a non-uniform one; not used")
         return None
-    logger.info("decoding images with cv_bridge")
+    logger.info(
+        "cv_bridge decodes the encodings the project's conversions lack (Bayer, YUV, 16-bit)"
+    )
     return decode
 
 
