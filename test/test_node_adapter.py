@@ -57,6 +57,9 @@ class _Logger:
         self.lines.append(("error", text))
 
 
+_UNSET = object()  # a parameter declared by type, without a value
+
+
 class _Node:
     """Records what rclpy.node.Node would be asked; parameter overrides as from --ros-args."""
 
@@ -64,7 +67,7 @@ class _Node:
 
     def __init__(self, name, **_kwargs):
         self._name = name
-        self.params, self.descriptors = {}, {}
+        self.params, self.descriptors, self.declared = {}, {}, {}
         self.publishers, self.subscriptions, self.timers = {}, [], []
         self.services: dict = {}
         self.param_callbacks: list = []
@@ -72,11 +75,19 @@ class _Node:
         self.destroyed = False
 
     def declare_parameter(self, name, value, descriptor):
-        self.params[name] = self.overrides.get(name, value)
+        """As rclpy (Galactic and later): a parameter declared by its type alone has no value
+        until an override gives one; reading it then raises ParameterUninitializedException."""
+        self.declared[name] = value
+        if isinstance(value, enum.Enum) and name not in self.overrides:
+            self.params[name] = _UNSET
+        else:
+            self.params[name] = self.overrides.get(name, value)
         self.descriptors[name] = descriptor
         return SimpleNamespace(value=self.params[name])
 
     def get_parameter(self, name):
+        if self.params[name] is _UNSET:
+            raise sys.modules["rclpy.exceptions"].ParameterUninitializedException(name)
         return SimpleNamespace(value=self.params[name])
 
     def get_logger(self):
@@ -158,6 +169,7 @@ def _standins() -> dict[str, types.ModuleType]:
             "rclpy.qos",
             "rclpy.executors",
             "rclpy.parameter",
+            "rclpy.exceptions",
             "rcl_interfaces",
             "rcl_interfaces.msg",
             "diagnostic_updater",
@@ -186,12 +198,15 @@ def _standins() -> dict[str, types.ModuleType]:
     modules["diagnostic_updater"].Updater = _Updater
 
     class Parameter:
-        Type = enum.Enum("Type", "BOOL INTEGER DOUBLE STRING")
+        Type = enum.Enum("Type", "BOOL INTEGER DOUBLE STRING STRING_ARRAY")
 
         def __init__(self, name, type_=None, value=None):
             self.name, self.type_, self.value = name, type_, value
 
     modules["rclpy.parameter"].Parameter = Parameter
+    modules["rclpy.exceptions"].ParameterUninitializedException = type(
+        "ParameterUninitializedException", (Exception,), {}
+    )
     modules["std_srvs.srv"].SetBool = SimpleNamespace(
         Request=lambda data=False: SimpleNamespace(data=data),
         Response=lambda: SimpleNamespace(success=False, message=""),
@@ -613,3 +628,72 @@ def test_node_adapter_main_lets_a_bug_keep_its_traceback(node_module, monkeypatc
     with pytest.raises(type(bug), match=str(bug).strip("'")):
         node_module.main(["detector_node"])
     assert sys.modules["rclpy"].calls[-1] == ("shutdown",)  # cleaned up all the same
+
+
+def test_node_adapter_several_cameras(node_module):
+    """image_topics: a subscription per camera (images and camera_info), detections and debug
+    images beside each image topic, frames routed to their own camera, a status per camera."""
+    front, rear = "/cam_front/image_raw", "/cam_rear/image_raw"
+    node, pipeline = _make(node_module, image_topics=[front, rear], camera_height=1.65)
+    classes = messages.rosbags_classes()
+    try:
+        subs = {s.topic_name: s for s in node.subscriptions}
+        assert set(subs) == {front, rear, "/cam_front/camera_info", "/cam_rear/camera_info"}
+        assert "detections" not in node.publishers and "~/debug_image" not in node.publishers
+        for topic in ("/cam_front/detections", "/cam_rear/detections"):
+            assert node.publishers[topic].qos.depth == 10
+        assert node.publishers["/cam_rear/debug_image"].qos.depth == 1
+        subs[front].callback(image_msg(classes, 7, sec=1, frame_id="front_optical"))
+        assert node.core.wait_idle(10)
+        subs[rear].callback(image_msg(classes, 9, sec=2, frame_id="rear_optical"))
+        assert node.core.wait_idle(10)
+        p2 = np.array([[700.0, 0, 4, 0], [0, 700.0, 3, 0], [0, 0, 1, 0]])
+        header = messages.header_msg(0, "rear_optical", classes)
+        subs["/cam_rear/camera_info"].callback(messages.camera_info_msg(p2, 8, 6, header, classes))
+        (front_out,) = node.publishers["/cam_front/detections"].sent
+        (rear_out,) = node.publishers["/cam_rear/detections"].sent
+        assert (front_out.header.frame_id, front_out.header.stamp.sec) == ("front_optical", 1)
+        assert (rear_out.header.frame_id, rear_out.header.stamp.sec) == ("rear_optical", 2)
+        assert pipeline.seen == [7, 9]
+        names = [name for name, _ in node._updater.tasks]
+        assert names == ["detector", f"camera {front}", f"camera {rear}"]
+        rear_stat = dict(node._updater.tasks[2][1](_Stat()).values)
+        assert rear_stat["frames_processed"] == "1" and rear_stat["camera_info"].startswith("ok:")
+        assert dict(node._updater.tasks[0][1](_Stat()).values)["frames_processed"] == "2"
+        response = node.services["~/enable"].callback(
+            SimpleNamespace(data=False), SimpleNamespace()
+        )
+        assert response.success
+        assert sorted(s.topic_name for s in node.subscriptions) == [
+            "/cam_front/camera_info",
+            "/cam_rear/camera_info",
+        ]
+        response = node.services["~/enable"].callback(
+            SimpleNamespace(data=True), SimpleNamespace()
+        )
+        assert response.message == f"enabled: subscribed to {front}, {rear}"
+        assert {front, rear} <= {s.topic_name for s in node.subscriptions}
+    finally:
+        node.destroy_node()
+
+
+def test_node_adapter_bad_camera_list_exits_1(node_module, capsys):
+    _Node.overrides = {"device": "cpu", "image_topics": ["/cam/image_raw", "/cam/image_raw"]}
+    assert node_module.main(["detector_node"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "dds_detector: error: image_topics ['/cam/image_raw', '/cam/image_raw']: "
+        "'/cam/image_raw' is listed 2 times"
+    )
+
+
+def test_node_adapter_image_topics_declared_as_a_string_array(node_module):
+    """rclpy takes an empty list for a byte array: image_topics is declared by its type."""
+    node, _ = _make(node_module)
+    try:
+        parameter_type = sys.modules["rclpy.parameter"].Parameter.Type.STRING_ARRAY
+        assert node.declared["image_topics"] is parameter_type  # not [] (a byte array)
+        assert node.declared["score_threshold"] == 0.3
+        assert node.core.params.image_topics == ()
+    finally:
+        node.destroy_node()

@@ -168,6 +168,7 @@ def test_ros_static_launch_file_compiles_and_declares_arguments(tmp_path):
         "namespace",
         "camera_info_topic",
         "camera_height",
+        "image_topics",
     ):
         assert required in names
     assert all(description for _n, _d, description in namespace["ARGUMENTS"])
@@ -252,6 +253,7 @@ def test_ros_static_launch_overrides_and_remaps():
         "namespace": "front",
         "camera_info_topic": "",
         "camera_height": "",
+        "image_topics": "",
     }
     (node,) = entities[-1].kwargs["function"](context)
     assert node.kwargs["executable"] == "detector_node" and node.kwargs["name"] == "dds_detector"
@@ -278,6 +280,22 @@ def test_ros_static_launch_overrides_and_remaps():
         entities[-1].kwargs["function"](context)
     context.update(camera_height="", use_compressed="maybe")
     with pytest.raises(ValueError, match="use_compressed 'maybe'"):
+        entities[-1].kwargs["function"](context)
+    # several cameras: a list parameter; the node checks the entries (empty ones too)
+    context.update(use_compressed="", camera_info_topic="", image_topics=" /a/image_raw,/b/img")
+    (node,) = entities[-1].kwargs["function"](context)
+    assert node.kwargs["parameters"][1]["image_topics"] == ["/a/image_raw", "/b/img"]
+    context.update(image_topics="[/a/image_raw, '/b/img']")
+    (node,) = entities[-1].kwargs["function"](context)
+    assert node.kwargs["parameters"][1]["image_topics"] == ["/a/image_raw", "/b/img"]
+    context.update(image_topics="/a/image_raw,,/b/img")
+    (node,) = entities[-1].kwargs["function"](context)
+    assert node.kwargs["parameters"][1]["image_topics"] == ["/a/image_raw", "", "/b/img"]
+    context.update(image_topics="[/a, 3]")
+    with pytest.raises(ValueError, match=r"image_topics '\[/a, 3\]': a list of topic names"):
+        entities[-1].kwargs["function"](context)
+    context.update(image_topics="/a/image_raw", camera_info_topic="/calib/info")
+    with pytest.raises(ValueError, match="camera_info_topic '/calib/info': with image_topics"):
         entities[-1].kwargs["function"](context)
 
 
@@ -324,6 +342,8 @@ def test_ros_static_docs_parameter_table_matches_params():
     assert set(rows) == set(node_params.parameter_names())
     for spec in node_params.parameter_specs():
         default = str(spec.default).lower() if isinstance(spec.default, bool) else spec.default
+        if isinstance(spec.default, tuple):  # a string array: [] in the table
+            default = f"[{', '.join(spec.default)}]"
         assert spec.name in rows, f"docs/node.md parameters table lacks {spec.name}"
         assert rows[spec.name] == (str(default) or '""'), spec.name
 

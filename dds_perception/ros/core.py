@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,12 @@ from typing import Any
 import numpy as np
 
 from dds_perception.ros.diagnostics import (
+    CAMERA_TASK,
     DIAGNOSTIC_TASK,
     OK,
     DiagnosticReport,
     FrameStats,
+    RollingStats,
     assess,
     diagnostic_array_msg,
     stamp_seconds,
@@ -91,7 +93,9 @@ def build_pipeline(params: DetectorParams):
 
 
 @dataclass
-class _Frame:
+class Frame:
+    """A received frame waiting for the worker."""
+
     msg: Any
     received: float  # monotonic seconds
     source: str  # the image topic it came from (trackers and camera models are per camera)
@@ -108,11 +112,16 @@ class DetectorCore:
     ``clock`` gives the runtime's "now" in seconds (ROS time, for the pipeline age);
     ``monotonic`` times the stages.
 
+    Several cameras (``image_topics``): each camera keeps its own newest frame, the worker runs
+    the frames that are ready as one batch (``pipeline.detect_batch``) and each frame goes out
+    through its camera's ports (``Ports.cameras``) with its own header; statistics are kept per
+    camera too (:meth:`camera_diagnostics`).
+
     For planners (issue 19) each published detection carries a track id and, once the camera's
     CameraInfo arrived (:meth:`submit_camera_info`) and ``camera_height`` is set, the car's
     position from the ground plane (:class:`~dds_perception.ros.planning.Planner`). ``enable``
-    false makes the runtime drop its image subscription (``Ports.set_image_subscription``),
-    drops the pending frame, resets the tracks and releases cached memory; diagnostics go on
+    false makes the runtime drop its image subscriptions (``Ports.set_image_subscription``),
+    drops the pending frames, resets the tracks and releases cached memory; diagnostics go on
     and say so.
     """
 
@@ -143,8 +152,14 @@ class DetectorCore:
         self.decoder = decoder or messages.image_msg_to_rgb
         self.node_name = node_name
         self._lock = threading.Lock()
-        self._stats = FrameStats(params.stats_window)
-        self._slot = LatestFrameSlot()
+        self._stats = FrameStats(params.stats_window)  # every camera's frames together
+        # several cameras: each one's own statistics, and how many frames each batch held
+        self._camera_stats = {
+            camera.key: FrameStats(params.stats_window)
+            for camera in (params.cameras if params.image_topics else ())
+        }
+        self._batch_sizes = RollingStats(params.stats_window)
+        self._slot = LatestFrameSlot()  # the newest pending frame of each camera
         self._thread: threading.Thread | None = None
         # bad frames in one line, bugs with their traceback; throttled per place
         self._errors = ErrorLog(
@@ -197,8 +212,18 @@ class DetectorCore:
 
     @property
     def default_source(self) -> str:
-        """The key of the node's one camera: its subscribed image topic."""
-        return self.params.subscribed_topic
+        """The key of the node's (first) camera: its subscribed image topic."""
+        return self.params.cameras[0].key
+
+    def _stats_for(self, source: str) -> tuple[FrameStats, ...]:
+        """The statistics a frame of ``source`` counts in (the node's, and its camera's when
+        there are several cameras). Call under the lock."""
+        if not self._camera_stats:
+            return (self._stats,)
+        camera = self._camera_stats.get(source)
+        if camera is None:  # a topic the parameters do not list: counted on its own
+            camera = self._camera_stats[source] = FrameStats(self.params.stats_window)
+        return (self._stats, camera)
 
     @property
     def class_names(self) -> list[str]:
@@ -216,6 +241,10 @@ class DetectorCore:
         Parameters that need a restart (weights, device, topics, ...) are refused unless their
         value is unchanged; nothing is applied when any change is refused.
         """
+        changes = {  # ROS gives string arrays as lists
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in changes.items()
+        }
         fixed = sorted(
             name
             for name, value in changes.items()
@@ -244,7 +273,7 @@ class DetectorCore:
         except ParameterError as error:
             return False, str(error)
         if enabled:
-            return True, f"enabled: subscribed to {self.params.subscribed_topic}"
+            return True, f"enabled: subscribed to {', '.join(self.params.subscribed_topics)}"
         return True, "disabled: not subscribed to images, no inference"
 
     def _switch(self, enabled: bool) -> None:
@@ -252,11 +281,14 @@ class DetectorCore:
         the tracks (a car seen after the pause is a new observation) and free cached memory."""
         self.ports.set_image_subscription(enabled)
         if enabled:
-            self.logger.info(f"enabled: subscribed to {self.params.subscribed_topic}")
+            topics = ", ".join(self.params.subscribed_topics)
+            self.logger.info(f"enabled: subscribed to {topics}")
             return
-        if self._slot.discard():
-            with self._lock:
-                self._stats.dropped()
+        dropped = self._slot.discard()
+        with self._lock:
+            for frame in dropped:
+                for stats in self._stats_for(frame.source):
+                    stats.dropped()
         self.planner.reset_tracks()
         if self._slot.wait_idle(0):
             released = self._release_memory()
@@ -281,19 +313,24 @@ class DetectorCore:
     def submit(self, msg: Any, source: str | None = None) -> None:
         """Hand over a received Image/CompressedImage; returns at once (subscription callback).
 
-        ``source``: the image topic (default: the subscribed one). While disabled, frames
-        still in flight are ignored (counted as ``frames_ignored_disabled``).
+        ``source``: the camera's subscribed image topic (default: the first camera's). A frame
+        replaces the same camera's pending one (counted as dropped), never another camera's.
+        While disabled, frames still in flight are ignored (counted as
+        ``frames_ignored_disabled``).
         """
         now = self.monotonic()
         if not self.params.enable:
             with self._lock:
                 self.frames_ignored += 1
             return
+        source = source or self.default_source
         with self._lock:
-            self._stats.received(now)
-        if self._slot.put(_Frame(msg, now, source or self.default_source)):
+            for stats in self._stats_for(source):
+                stats.received(now)
+        if self._slot.put(Frame(msg, now, source), key=source):
             with self._lock:
-                self._stats.dropped()
+                for stats in self._stats_for(source):
+                    stats.dropped()
 
     def submit_camera_info(self, msg: Any, source: str | None = None) -> None:
         """Take the camera model of ``source``'s images (default: the subscribed topic) from a
@@ -303,14 +340,14 @@ class DetectorCore:
 
     def _run(self) -> None:
         while True:
-            frame = self._slot.take()
-            if frame is None:
+            frames = self._slot.take_all()  # the newest frame of every camera that sent one
+            if not frames:
                 return
             try:
-                self.process(frame.msg, received=frame.received, source=frame.source)
+                self.process_batch(frames)
                 if self._release_pending and not self.params.enable:
                     self._release_memory()
-            except Exception as error:  # process() records its own: the worker must not die
+            except Exception as error:  # process_batch records its own: the worker must live
                 self._errors.report(error, "worker", "worker")
             finally:
                 self._slot.done()
@@ -321,33 +358,85 @@ class DetectorCore:
         """Run one frame through decode -> pipeline -> tracker and distance -> messages -> ports.
 
         Returns the Detection2DArray, or None when the frame failed (counted, logged throttled).
-        Called by the worker; runtimes without threads may call it directly.
+        Runtimes without threads may call it directly (the worker calls :meth:`process_batch`).
         """
+        received = self.monotonic() if received is None else received
+        return self.process_batch([Frame(msg, received, source or self.default_source)])[0]
+
+    def process_batch(self, frames: Sequence[Frame]) -> list[Any | None]:
+        """Run frames (one per camera) through decode -> one pipeline call for all of them ->
+        per frame: its camera's tracker and distances -> a message with its own header -> its
+        camera's ports. Each frame's Detection2DArray, None where one failed: a frame fails
+        alone (bad input, a bug in its planning or publishing), except when the network call
+        for the batch fails, which fails every frame in it."""
         clock = self.monotonic
-        received = clock() if received is None else received
+        outputs: list[Any | None] = [None] * len(frames)
+        ready: list[tuple[int, Frame, np.ndarray, float]] = []
+        for index, frame in enumerate(frames):
+            try:
+                t0 = clock()
+                rgb = self.decoder(frame.msg)
+                ready.append((index, frame, rgb, (clock() - t0) * 1e3))
+            except Exception as error:  # a bad frame must never stop the node
+                self._record_failure(frame, error)
+        if not ready:
+            return outputs
+        for (index, frame, rgb, decode_ms), found in zip(
+            ready, self._detect([rgb for _, _, rgb, _ in ready]), strict=True
+        ):
+            if isinstance(found, Exception):
+                self._record_failure(frame, found)
+            else:
+                outputs[index] = self._finish(frame, rgb, decode_ms, found)
+        return outputs
+
+    def _detect(self, rgbs: list[np.ndarray]) -> list[Any]:
+        """The pipeline's detections of each frame (or the exception it raised): several frames
+        in one ``detect_batch`` call (each letterboxed to the network input on its own)."""
+        if len(rgbs) > 1 and hasattr(self.pipeline, "detect_batch"):
+            with self._lock:
+                self._batch_sizes.add(len(rgbs))
+            try:
+                found = list(self.pipeline.detect_batch(rgbs))
+                if len(found) != len(rgbs):
+                    raise RuntimeError(f"detect_batch gave {len(found)} results for {len(rgbs)}")
+                return found
+            except Exception as error:  # neither a bad frame nor a bug may stop the node
+                return [error] * len(rgbs)
+        results: list[Any] = []
+        for rgb in rgbs:  # one frame, or a pipeline without batches: one call per frame
+            with self._lock:
+                self._batch_sizes.add(1)
+            try:
+                results.append(self.pipeline(rgb))
+            except Exception as error:
+                results.append(error)
+        return results
+
+    def _finish(self, frame: Frame, rgb: np.ndarray, decode_ms: float, detections: Any) -> Any:
+        """Planning, message and publication of one detected frame; its statistics."""
+        clock, msg = self.monotonic, frame.msg
         try:
-            t0 = clock()
-            rgb = self.decoder(msg)
-            decode_ms = (clock() - t0) * 1e3
-            detections = self.pipeline(rgb)
             t1 = clock()
-            extras = self._plan(detections, rgb.shape[:2], msg.header, source)
+            extras = self._plan(detections, rgb.shape[:2], msg.header, frame.source)
             planning_ms = (clock() - t1) * 1e3
             out = self._messages.detections_to_msg(detections, msg.header, self.classes, **extras)
-            self.ports.publish_detections(out)
+            self.ports.for_camera(frame.source).publish_detections(out)
         except Exception as error:  # neither a bad frame nor a bug may stop the node
-            self._record_failure(msg, error)
+            self._record_failure(frame, error)
             return None
-        end_ms = (clock() - received) * 1e3
+        end_ms = (clock() - frame.received) * 1e3
         age_ms = (self.clock() - stamp_seconds(msg.header)) * 1e3
         timings = dict(getattr(detections, "timings", {}) or {})
         timings["decode"] = decode_ms + float(timings.get("decode", 0.0))
         timings["planning"] = planning_ms
         timings["end_to_end"] = end_ms
         with self._lock:
-            self._stats.processed(timings, age_ms, clock())
+            now = clock()
+            for stats in self._stats_for(frame.source):
+                stats.processed(timings, age_ms, now)
         if self.params.publish_debug_image:
-            self._publish_debug(rgb, detections, msg.header)
+            self._publish_debug(rgb, detections, msg.header, frame.source)
         return out
 
     def _plan(
@@ -359,27 +448,30 @@ class DetectorCore:
             detections, image_size, header, source or self.default_source, self.params
         )
 
-    def _publish_debug(self, rgb: np.ndarray, detections: Any, header: Any) -> None:
+    def _publish_debug(self, rgb: np.ndarray, detections: Any, header: Any, source: str) -> None:
         try:
-            if not self.ports.debug_image_wanted():
+            ports = self.ports.for_camera(source)
+            if not ports.debug_image_wanted():
                 return
             image = self._messages.rgb_to_image_msg(
                 annotate(rgb, detections), header, self.classes
             )
-            self.ports.publish_debug_image(image)
+            ports.publish_debug_image(image)
         except Exception as error:  # the debug image is optional: never fail the frame for it
             self._errors.report(error, "debug image not published", "debug_image")
 
-    def _record_failure(self, msg: Any, error: Exception) -> None:
+    def _record_failure(self, frame: Frame, error: Exception) -> None:
         """Count a failed frame; log it (:class:`ErrorLog`: a bad frame in one line, a bug with
         its traceback the first time its type occurs)."""
         with self._lock:
-            self._stats.failed(describe(error))
+            for stats in self._stats_for(frame.source):
+                stats.failed(describe(error))
             failed = self._stats.counters.failed
         stamp = ""
         with contextlib.suppress(Exception):  # the header itself may be the broken part
-            stamp = f" stamp {stamp_seconds(msg.header):.3f}"
-        self._errors.report(error, f"frame{stamp} failed ({failed} so far)", "frame")
+            stamp = f" stamp {stamp_seconds(frame.msg.header):.3f}"
+        camera = f" from {frame.source}" if self._camera_stats else ""
+        self._errors.report(error, f"frame{stamp}{camera} failed ({failed} so far)", "frame")
 
     # ------------------------------------------------------------------ label info
     def label_info_msg(self) -> Any:
@@ -398,7 +490,8 @@ class DetectorCore:
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> DiagnosticReport:
-        """Level, message and key/values for diagnostics (design.md section 7).
+        """Level, message and key/values for diagnostics (design.md section 7), every camera's
+        frames together (:meth:`camera_diagnostics`: each camera's).
 
         Disabled (``enable`` false): OK, saying so. Otherwise ERROR when a frame of the recent
         window failed, WARN when the window's p95 end-to-end latency exceeds
@@ -410,10 +503,15 @@ class DetectorCore:
             summary = self._stats.summary(now)
             params = self.params
             ignored = self.frames_ignored
-        planning, problem = self.planner.values(
-            params, self.default_source, params.resolved_camera_info_topic,
-            summary.counters.processed,
-        )  # fmt: skip
+            processed = {key: s.counters.processed for key, s in self._camera_stats.items()}
+            batches = self._batch_sizes.summary()
+        cameras = [
+            (camera.key, camera.camera_info_topic, processed.get(camera.key, 0))
+            for camera in params.cameras
+        ]
+        if not self._camera_stats:  # one camera: its frames are the node's
+            cameras = [(cameras[0][0], cameras[0][1], summary.counters.processed)]
+        planning, problem = self.planner.values(params, cameras)
         values = [
             *summary.values(),
             ("device", self.device),
@@ -423,21 +521,58 @@ class DetectorCore:
             ("frames_ignored_disabled", str(ignored)),
             *planning,
         ]
-        if not params.enable:
-            level = OK
-            message = "disabled (enable is false): not subscribed to images, no inference"
-        else:
-            level, message = assess(summary, params.latency_budget_ms, problem)
-        return DiagnosticReport(DIAGNOSTIC_TASK, level, message, self.device, values)
+        if self._camera_stats:
+            values += [
+                ("cameras", str(len(params.cameras))),
+                ("batch_size_mean", f"{batches.mean:.2f}" if batches else "nan"),
+                ("batch_size_max", f"{batches.max:.0f}" if batches else "nan"),
+            ]
+        return DiagnosticReport(
+            DIAGNOSTIC_TASK, *self._level(summary, problem), self.device, values
+        )
+
+    def _level(self, summary: Any, problem: str) -> tuple[int, str]:
+        if not self.params.enable:
+            return OK, "disabled (enable is false): not subscribed to images, no inference"
+        return assess(summary, self.params.latency_budget_ms, problem)
+
+    def camera_diagnostics(self) -> list[DiagnosticReport]:
+        """One report per camera when there are several (none with one camera): its frames
+        received, processed, dropped and failed, its rates and latencies, its CameraInfo."""
+        if not self._camera_stats:
+            return []
+        now = self.monotonic()
+        reports = []
+        for camera in self.params.cameras:
+            with self._lock:
+                summary = self._stats_for(camera.key)[1].summary(now)
+            info, usable = self.planner.camera_state(camera.key, camera.camera_info_topic)
+            active, lost, issued = self.planner.tracks(camera.key)
+            problem = ""
+            if self.params.camera_height > 0 and not usable and summary.counters.processed:
+                problem = f"no usable CameraInfo on {camera.camera_info_topic}"
+            values = [
+                ("image_topic", camera.subscribed_topic),
+                ("detections_topic", camera.detections_topic),
+                *summary.values(),
+                ("last_error", summary.last_error),
+                ("camera_info", info),
+                ("tracks_active", str(active)),
+                ("tracks_lost", str(lost)),
+                ("track_ids_issued", str(issued)),
+            ]
+            level, message = self._level(summary, problem)
+            name = f"{CAMERA_TASK} {camera.image_topic}"
+            reports.append(DiagnosticReport(name, level, message, self.device, values))
+        return reports
 
     def diagnostics_msg(self) -> Any:
-        """The report as a diagnostic_msgs/DiagnosticArray (for runtimes without an updater).
-
-        The status name is ``"<node>: <task>"``, as diagnostic_updater names it.
-        """
-        report = self.diagnostics()
+        """Every report (the node's, each camera's) as a diagnostic_msgs/DiagnosticArray, for
+        runtimes without an updater. Status names are ``"<node>: <task>"``, as
+        diagnostic_updater names them."""
+        reports = [self.diagnostics(), *self.camera_diagnostics()]
         return diagnostic_array_msg(
-            [dataclasses.replace(report, name=f"{self.node_name}: {report.name}")],
+            [dataclasses.replace(r, name=f"{self.node_name}: {r.name}") for r in reports],
             make_header(self.classes, self.clock(), ""),
             self.classes,
         )

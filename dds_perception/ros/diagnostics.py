@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 DIAGNOSTIC_TASK = "detector"  # diagnostic_updater publishes it as "dds_detector: detector"
+CAMERA_TASK = "camera"  # several cameras: "dds_detector: camera /cam_front/image_raw" each
 # "planning": the tracker and the distance estimate (what planners need from /detections)
 STAGES = ("decode", "preprocess", "inference", "postprocess", "planning", "end_to_end")
 STATS = ("mean", "p50", "p95", "max")

@@ -1,53 +1,54 @@
-"""The newest-frame handoff between a runtime's subscription callback and the inference worker.
+"""The newest-frame handoff between a runtime's subscription callbacks and the inference worker.
 
-A one-place mailbox instead of a queue: when frames arrive faster than inference, a pending frame
-is replaced by the newer one (and counted as dropped by the caller), so the worker always works on
-the newest frame and both latency and memory stay bounded.
+One place per camera instead of a queue: when frames arrive faster than inference, a camera's
+pending frame is replaced by its newer one (and counted as dropped by the caller), so the worker
+always works on each camera's newest frame and both latency and memory stay bounded. The worker
+takes every pending frame at once (one per camera, a batch for one network call); a camera that
+sends nothing is simply absent from the batch, so it never holds the others back.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Hashable
 from typing import Any
 
 
 class LatestFrameSlot:
-    """A one-place mailbox: :meth:`put` replaces a pending item, :meth:`take` waits for one.
-
-    Keeping one pending frame (instead of a queue) bounds both the latency and the memory when
-    frames arrive faster than inference: the worker always works on the newest frame.
-    """
+    """A mailbox with one place per key: :meth:`put` replaces that key's pending item,
+    :meth:`take_all` waits for any and takes them all."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._item: Any = None
-        self._pending = False
+        self._items: dict[Hashable, Any] = {}  # key -> pending item, in arrival order
         self._busy = False
         self._closed = False
 
-    def put(self, item: Any) -> bool:
-        """Store ``item``; return True when it replaced a pending (now dropped) item."""
+    def put(self, item: Any, key: Hashable = None) -> bool:
+        """Store ``item`` as ``key``'s pending item; True when it replaced one (now dropped)."""
         with self._cond:
-            replaced = self._pending
-            self._item, self._pending = item, True
+            replaced = key in self._items
+            self._items.pop(key, None)  # the newest goes to the end: arrival order
+            self._items[key] = item
             self._cond.notify_all()
             return replaced
 
-    def take(self, timeout: float | None = None) -> Any:
-        """Wait for an item and mark the worker busy; None on timeout or when closed."""
+    def take_all(self, timeout: float | None = None) -> list[Any]:
+        """Wait for pending items, take all of them (oldest key first) and mark the worker
+        busy; an empty list on timeout or when closed."""
         with self._cond:
             self._busy = False
             self._cond.notify_all()
-            if not self._cond.wait_for(lambda: self._pending or self._closed, timeout):
-                return None
+            if not self._cond.wait_for(lambda: self._items or self._closed, timeout):
+                return []
             if self._closed:
-                return None
-            item, self._item, self._pending = self._item, None, False
+                return []
+            items, self._items = list(self._items.values()), {}
             self._busy = True
-            return item
+            return items
 
     def done(self) -> None:
-        """Mark the taken item as finished (lets :meth:`wait_idle` return)."""
+        """Mark the taken items as finished (lets :meth:`wait_idle` return)."""
         with self._cond:
             self._busy = False
             self._cond.notify_all()
@@ -55,18 +56,17 @@ class LatestFrameSlot:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until nothing is pending or in work; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+            return self._cond.wait_for(lambda: not self._items and not self._busy, timeout)
 
-    def discard(self) -> bool:
-        """Drop the pending item, if any; True when one was dropped."""
+    def discard(self) -> list[Any]:
+        """Drop every pending item; return them (the caller counts them as dropped)."""
         with self._cond:
-            dropped = self._pending
-            self._item, self._pending = None, False
+            items, self._items = list(self._items.values()), {}
             self._cond.notify_all()
-            return dropped
+            return items
 
     def close(self) -> None:
-        """Wake every waiter; later :meth:`take` calls return None."""
+        """Wake every waiter; later :meth:`take_all` calls return nothing."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -74,4 +74,4 @@ class LatestFrameSlot:
     @property
     def pending(self) -> bool:
         with self._cond:
-            return self._pending
+            return bool(self._items)

@@ -4,6 +4,8 @@ Examples:
   ros2 run dds_perception detector_node --ros-args -r image:=/camera/image_raw -p device:=cpu
   ros2 launch dds_perception detector.launch.py image_topic:=/camera/image_raw
   dds-perception detector_node --ros-args --params-file config/detector.yaml
+  ros2 run dds_perception detector_node --ros-args \
+      -p "image_topics:=[/cam_front/image_raw, /cam_rear/image_raw]"   # -> /cam_*/detections
   ros2 topic echo /detections
 
 This is the only module that imports rclpy. It declares the parameters (descriptions and ranges
@@ -11,8 +13,9 @@ from ``params.DetectorParams``), creates the subscriptions (images, camera_info)
 the ``~/enable`` service (std_srvs/SetBool) and diagnostic_updater, and hands every frame to
 :class:`dds_perception.ros.core.DetectorCore`, which does the work on its own thread (the newest
 frame wins). The service sets the ``enable`` parameter (so ``ros2 param get`` agrees); the core
-then has this node create or destroy the image subscription. Without rclpy it prints how to get
-it (a sourced ROS 2 install) or to use the Cyclone DDS runtime instead, and exits with status 1.
+then has this node create or destroy the image subscriptions (one per camera). Without rclpy it
+prints how to get it (a sourced ROS 2 install) or to use the Cyclone DDS runtime instead, and
+exits with status 1.
 
   ros2 service call /dds_detector/enable std_srvs/srv/SetBool "{data: false}"
   ros2 param set /dds_detector enable true
@@ -21,6 +24,8 @@ it (a sourced ROS 2 install) or to use the Cyclone DDS runtime instead, and exit
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 from typing import Any
 
@@ -46,6 +51,13 @@ try:  # rclpy exists only on a ROS 2 machine; --help and the CLI table work with
     except ImportError:  # Foxy: no such exception; nothing to catch
 
         class ExternalShutdownException(Exception):
+            """Stand-in for rclpy releases that lack it (never raised)."""
+
+    try:
+        from rclpy.exceptions import ParameterUninitializedException
+    except ImportError:  # Foxy: parameters cannot be declared by type; nothing to catch
+
+        class ParameterUninitializedException(Exception):
             """Stand-in for rclpy releases that lack it (never raised)."""
 
     ROS_IMPORT_ERROR: Exception | None = None
@@ -91,6 +103,14 @@ def _descriptor(spec: Any) -> Any:
     elif low is not None and str(spec.type) == "int":
         kwargs["integer_range"] = [IntegerRange(from_value=int(low), to_value=int(high), step=1)]
     return ParameterDescriptor(**kwargs)
+
+
+def _declared_default(spec: Any) -> Any:
+    """The value to declare a parameter with: its default, or for an empty string array its
+    type (rclpy would take an empty list for a byte array)."""
+    if isinstance(spec.default, tuple):
+        return list(spec.default) if spec.default else Parameter.Type.STRING_ARRAY
+    return spec.default
 
 
 def _image_qos(reliability: str) -> Any:
@@ -194,9 +214,9 @@ class DetectorNode(Node):
         super().__init__(NODE_NAME, **node_kwargs)
         self.core: core.DetectorCore | None = None
         for spec in parameter_specs():
-            self.declare_parameter(spec.name, spec.default, _descriptor(spec))
+            self.declare_parameter(spec.name, _declared_default(spec), _descriptor(spec))
         params = DetectorParams(
-            **{name: self.get_parameter(name).value for name in parameter_names()}
+            **{spec.name: self._parameter_value(spec) for spec in parameter_specs()}
         )  # ParameterError here: one clear message from main()
         log = _RosLogger(self.get_logger())
         # callbacks of rclpy must not raise (an exception ends spin): bugs are logged instead
@@ -205,13 +225,6 @@ class DetectorNode(Node):
         pipeline = (pipeline_factory or core.build_pipeline)(params)
         classes = messages.ros_classes()
 
-        self._detections_pub = self.create_publisher(
-            classes.Detection2DArray,
-            "detections",
-            QoSProfile(
-                history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE
-            ),
-        )
         self._label_pub = None
         if classes.LabelInfo is not None:  # vision_msgs 4.x (not Foxy's 2.x)
             self._label_pub = self.create_publisher(
@@ -224,18 +237,15 @@ class DetectorNode(Node):
                     durability=DurabilityPolicy.TRANSIENT_LOCAL,
                 ),
             )
-        self._debug_pub = self.create_publisher(
-            classes.Image,
-            "~/debug_image",
-            QoSProfile(
-                history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE
-            ),
-        )
-        ports = Ports(
-            publish_detections=self._detections_pub.publish,
-            publish_debug_image=self._debug_pub.publish,
-            debug_image_wanted=lambda: self._debug_pub.get_subscription_count() > 0,
+        # each camera's detections and debug image: 'detections' and '~/debug_image' for the
+        # one camera of image_topic, beside each image topic for image_topics
+        camera_ports = {
+            camera.key: self._camera_ports(classes, camera) for camera in params.cameras
+        }
+        ports = dataclasses.replace(
+            next(iter(camera_ports.values())),
             set_image_subscription=self._set_image_subscription,
+            cameras=camera_ports if params.image_topics else {},
         )
         if self._label_pub is not None:
             ports.publish_label_info = self._label_pub.publish
@@ -250,38 +260,83 @@ class DetectorNode(Node):
             node_name=self.get_name(),
         )
         self._image_type = classes.CompressedImage if params.use_compressed else classes.Image
-        self._subscription: Any = None
+        self._subscriptions: dict[str, Any] = {}  # camera key -> its image subscription
         self._updater = self._make_updater(str(self.core.device))
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.core.start()  # subscribes to the images through the port when enable is true
         # camera_info: best effort keep-last 1 matches both reliable and best-effort drivers
-        self._camera_info_sub = self.create_subscription(
-            classes.CameraInfo,
-            params.resolved_camera_info_topic,
-            self.core.submit_camera_info,
-            _image_qos("best_effort"),
-        )
+        self._camera_info_subs = [
+            self.create_subscription(
+                classes.CameraInfo,
+                camera.camera_info_topic,
+                self._camera_callback(self.core.submit_camera_info, camera.key),
+                _image_qos("best_effort"),
+            )
+            for camera in params.cameras
+        ]
         self._enable_srv = self._make_enable_service()
+        cameras = ", ".join(
+            f"'{c.subscribed_topic}' and '{c.camera_info_topic}' -> '{c.detections_topic}'"
+            for c in params.cameras
+        )
         log.info(
-            f"{'subscribed' if params.enable else 'disabled, not subscribed'} to "
-            f"'{params.subscribed_topic}' ({self._image_type.__name__}, {params.reliability}) "
-            f"and '{params.resolved_camera_info_topic}' in namespace '{self.get_namespace()}'; "
-            f"device {self.core.device}; publishing 'detections'; service '~/enable'"
+            f"{'subscribed' if params.enable else 'disabled, not subscribed'} to {cameras} "
+            f"({self._image_type.__name__}, {params.reliability}) in namespace "
+            f"'{self.get_namespace()}'; device {self.core.device}; service '~/enable'"
         )
 
+    def _parameter_value(self, spec: Any) -> Any:
+        """The parameter's value; its default when declared by type and never set."""
+        try:
+            value = self.get_parameter(spec.name).value
+        except ParameterUninitializedException:  # image_topics, nobody set it
+            return spec.default
+        return spec.default if value is None else value
+
+    def _camera_ports(self, classes: Any, camera: Any) -> Ports:
+        """A camera's detections (reliable, depth 10) and debug image (reliable, depth 1)."""
+        detections = self.create_publisher(
+            classes.Detection2DArray,
+            camera.detections_topic,
+            QoSProfile(
+                history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE
+            ),
+        )
+        debug = self.create_publisher(
+            classes.Image,
+            camera.debug_image_topic,
+            QoSProfile(
+                history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE
+            ),
+        )
+        return Ports(
+            publish_detections=detections.publish,
+            publish_debug_image=debug.publish,
+            debug_image_wanted=lambda: debug.get_subscription_count() > 0,
+        )
+
+    def _camera_callback(self, callback: Any, key: str) -> Any:
+        """``callback(msg)`` for the one camera of image_topic (as always), else
+        ``callback(msg, source=key)`` so that each frame stays with its camera."""
+        if not self.core.params.image_topics:
+            return callback
+        return functools.partial(callback, source=key)
+
     def _set_image_subscription(self, subscribed: bool) -> None:
-        """Create or destroy the image subscription (``enable``); idempotent."""
+        """Create or destroy the cameras' image subscriptions (``enable``); idempotent."""
         params = self.core.params if self.core is not None else None
-        if subscribed and self._subscription is None and params is not None:
-            self._subscription = self.create_subscription(
-                self._image_type,
-                params.subscribed_topic,
-                self.core.submit,
-                _image_qos(params.reliability),
-            )
-        elif not subscribed and self._subscription is not None:
-            self.destroy_subscription(self._subscription)
-            self._subscription = None
+        if subscribed and params is not None:
+            for camera in params.cameras:
+                if camera.key not in self._subscriptions:
+                    self._subscriptions[camera.key] = self.create_subscription(
+                        self._image_type,
+                        camera.subscribed_topic,
+                        self._camera_callback(self.core.submit, camera.key),
+                        _image_qos(params.reliability),
+                    )
+        elif not subscribed:
+            while self._subscriptions:
+                self.destroy_subscription(self._subscriptions.popitem()[1])
 
     def _make_enable_service(self) -> Any:
         from std_srvs.srv import SetBool
@@ -297,7 +352,8 @@ class DetectorNode(Node):
         if not result.successful:
             response.message = str(result.reason)
         elif enabled:
-            response.message = f"enabled: subscribed to {self.core.params.subscribed_topic}"
+            topics = ", ".join(self.core.params.subscribed_topics)
+            response.message = f"enabled: subscribed to {topics}"
         else:
             response.message = "disabled: not subscribed to images, no inference"
         return response
@@ -312,11 +368,21 @@ class DetectorNode(Node):
             self.create_timer(1.0, updater.update)
         updater.setHardwareID(hardware_id)
         updater.add(diagnostics.DIAGNOSTIC_TASK, self._fill_diagnostics)
+        if self.core.params.image_topics:  # several cameras: one status each
+            for index, camera in enumerate(self.core.params.cameras):
+                name = f"{diagnostics.CAMERA_TASK} {camera.image_topic}"
+                updater.add(name, functools.partial(self._fill_camera_diagnostics, index))
         return updater
 
     def _fill_diagnostics(self, stat: Any) -> Any:
+        return self._fill(stat, self.core.diagnostics)
+
+    def _fill_camera_diagnostics(self, index: int, stat: Any) -> Any:
+        return self._fill(stat, lambda: self.core.camera_diagnostics()[index])
+
+    def _fill(self, stat: Any, make_report: Any) -> Any:
         try:
-            report = self.core.diagnostics()
+            report = make_report()
         except Exception as error:  # a bug: logged with its traceback, reported as ERROR
             self._errors.report(error, "diagnostics failed", "diagnostics")
             level = diagnostics.diagnostic_level(self.core.classes, diagnostics.ERROR)

@@ -107,6 +107,13 @@ class DetectorParams:
     image_compressed_topic: str = _param(
         "image/compressed", "sensor_msgs/CompressedImage topic (with use_compressed)"
     )
+    image_topics: tuple[str, ...] = _param(
+        (),
+        "several cameras, one model: their sensor_msgs/Image topics (<topic>/compressed with "
+        "use_compressed); each camera's newest frames run as one batch and its detections go "
+        "to <camera>/detections beside its image topic (/cam_front/image_raw -> "
+        "/cam_front/detections); empty = the one camera of image_topic",
+    )
     stats_window: int = _param(
         100,
         "frames in the rolling latency / failure window of the diagnostics",
@@ -199,6 +206,7 @@ class DetectorParams:
         for name in ("image_topic", "image_compressed_topic"):
             if not getattr(self, name).strip():
                 raise ParameterError(f"{name}: must not be empty")
+        self._check_cameras()
         if not np.isfinite(self.camera_height):
             raise ParameterError(f"camera_height {self.camera_height}: must be a finite number")
         for spec in dataclasses.fields(self):  # the descriptor ranges, as ROS enforces them
@@ -206,6 +214,65 @@ class DetectorParams:
             value = getattr(self, spec.name)
             if low is not None and not low <= value <= high:
                 raise ParameterError(f"{spec.name} {value}: must lie in [{low}, {high}]")
+
+    def _check_cameras(self) -> None:
+        """``image_topics``: no empty entry, no camera twice, one camera per namespace (their
+        detections would share a topic), no single ``camera_info_topic`` for several."""
+        topics = self.image_topics
+        shown = list(topics)
+        for index, topic in enumerate(topics, 1):
+            if not topic:
+                raise ParameterError(f"image_topics {shown}: entry {index} is empty")
+        for topic in dict.fromkeys(topics):
+            if topics.count(topic) > 1:
+                raise ParameterError(
+                    f"image_topics {shown}: {topic!r} is listed {topics.count(topic)} times"
+                )
+        published: dict[str, str] = {}
+        for camera in self.cameras if topics else ():
+            other = published.setdefault(camera.detections_topic, camera.image_topic)
+            if other != camera.image_topic:
+                raise ParameterError(
+                    f"image_topics {shown}: {other!r} and {camera.image_topic!r} would both "
+                    f"publish on {camera.detections_topic!r} (a camera's detections go beside "
+                    "its image topic: one camera per namespace)"
+                )
+        if topics and self.camera_info_topic.strip():
+            raise ParameterError(
+                f"camera_info_topic {self.camera_info_topic!r}: names one camera's topic; with "
+                "image_topics each camera's camera_info is the one beside its image topic"
+            )
+
+    @property
+    def cameras(self) -> tuple[Camera, ...]:
+        """The node's cameras: ``image_topic``'s one (publishing on ``detections`` and
+        ``~/debug_image`` as always), or one per ``image_topics`` entry (publishing beside
+        it)."""
+        if not self.image_topics:
+            return (
+                Camera(
+                    image_topic=self.image_topic,
+                    subscribed_topic=self.subscribed_topic,
+                    camera_info_topic=self.resolved_camera_info_topic,
+                    detections_topic="detections",
+                    debug_image_topic="~/debug_image",
+                ),
+            )
+        return tuple(
+            Camera(
+                image_topic=topic,
+                subscribed_topic=f"{topic}/compressed" if self.use_compressed else topic,
+                camera_info_topic=sibling_topic(topic, "camera_info"),
+                detections_topic=sibling_topic(topic, "detections"),
+                debug_image_topic=sibling_topic(topic, "debug_image"),
+            )
+            for topic in self.image_topics
+        )
+
+    @property
+    def subscribed_topics(self) -> tuple[str, ...]:
+        """Every subscribed image topic (one per camera)."""
+        return tuple(camera.subscribed_topic for camera in self.cameras)
 
     @property
     def subscribed_topic(self) -> str:
@@ -240,15 +307,44 @@ class DetectorParams:
         return {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self)}
 
 
+@dataclass(frozen=True)
+class Camera:
+    """One camera of the node: where its frames come from and where its outputs go. Its
+    ``subscribed_topic`` is its key (trackers, camera models, statistics are per camera)."""
+
+    image_topic: str
+    subscribed_topic: str  # image_topic, or its /compressed with use_compressed
+    camera_info_topic: str
+    detections_topic: str
+    debug_image_topic: str
+
+    @property
+    def key(self) -> str:
+        return self.subscribed_topic
+
+
+def sibling_topic(image_topic: str, name: str) -> str:
+    """The topic ``name`` in the namespace of a camera's image topic (image_transport's rule
+    for camera_info): ``/cam_front/image_raw`` -> ``/cam_front/<name>``, ``image`` -> ``name``."""
+    head, sep, _last = image_topic.strip().rstrip("/").rpartition("/")
+    return f"{head}/{name}" if sep else name
+
+
 def camera_info_topic_for(image_topic: str) -> str:
     """The CameraInfo topic of a camera's image topic (image_transport's rule: the same
     namespace): ``/camera/image_raw`` -> ``/camera/camera_info``, ``image`` -> ``camera_info``."""
-    head, sep, _name = image_topic.strip().rstrip("/").rpartition("/")
-    return f"{head}/camera_info" if sep else "camera_info"
+    return sibling_topic(image_topic, "camera_info")
 
 
 def _coerce(spec: dataclasses.Field, value: Any) -> Any:
     """Check a parameter's type (ints accepted for floats); ParameterError naming it otherwise."""
+    if str(spec.type) == "tuple[str, ...]":  # a ROS string array: a list of topic names
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ParameterError(
+                f"{spec.name} {value!r}: expected a list of strings, e.g. "
+                "['/cam_front/image_raw', '/cam_rear/image_raw']"
+            )
+        return tuple(v.strip() for v in value)
     kind = {"str": str, "bool": bool, "int": int, "float": float}[str(spec.type)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

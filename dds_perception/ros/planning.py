@@ -11,6 +11,7 @@ and diagnostics read the counts.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -139,24 +140,45 @@ class Planner:
             text = f"none received on {topic}"
         return text, intrinsics is not None
 
+    def tracks(self, source: str | None = None) -> tuple[int, int, int]:
+        """(tracked, lost, ids issued) of ``source``'s tracker, or of every camera's (None)."""
+        with self._lock:
+            trackers = [
+                tracker
+                for key, tracker in self._trackers.items()
+                if source is None or key == source
+            ]
+            return (
+                sum(t.num_tracked for t in trackers),
+                sum(t.num_lost for t in trackers),
+                sum(t.next_id - 1 for t in trackers),
+            )
+
     def values(
-        self, params: DetectorParams, source: str, topic: str, processed: int
+        self, params: DetectorParams, cameras: Sequence[tuple[str, str, int]]
     ) -> tuple[list[tuple[str, str]], str]:
-        """Diagnostic key/values of tracking and distance, and a problem to warn about ("")."""
+        """Diagnostic key/values of tracking and distance, and a problem to warn about ("").
+
+        ``cameras``: (key, CameraInfo topic, frames processed) of each camera; with one, the
+        ``camera_info`` value describes its model, with several it counts the usable ones.
+        """
         from dds_perception.detection.ground_plane import REASONS
 
-        with self._lock:
-            trackers = list(self._trackers.values())
-            active = sum(t.num_tracked for t in trackers)
-            lost = sum(t.num_lost for t in trackers)
-            issued = sum(t.next_id - 1 for t in trackers)
-        camera, usable = self.camera_state(source, topic)
+        active, lost, issued = self.tracks()
+        states = [(topic, *self.camera_state(key, topic), done) for key, topic, done in cameras]
+        if len(states) == 1:
+            camera = states[0][1]
+        else:
+            camera = f"{sum(usable for _, _, usable, _ in states)} of {len(states)} cameras ok"
         with self._camera_lock:
             received = self.camera_info_received
             counts = dict(self.distance_counts)
+        missing = [topic for topic, _, usable, done in states if not usable and done]
         problem = ""
-        if params.camera_height > 0 and not usable and processed:
-            problem = f"no usable CameraInfo on {topic}: cars published without distance"
+        if params.camera_height > 0 and missing:
+            problem = (
+                f"no usable CameraInfo on {', '.join(missing)}: cars published without distance"
+            )
         values = [
             ("tracking", "on" if params.tracking else "off"),
             ("tracks_active", str(active)),
