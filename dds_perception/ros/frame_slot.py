@@ -34,8 +34,8 @@ class LatestFrameSlot:
             return replaced
 
     def take_all(self, timeout: float | None = None) -> list[Any]:
-        """Wait for pending items, take all of them (oldest key first) and mark the worker
-        busy; an empty list on timeout or when closed."""
+        """Wait for pending items, take all of them (in the order they arrived) and mark the
+        worker busy; an empty list on timeout or when closed."""
         with self._cond:
             self._busy = False
             self._cond.notify_all()
