@@ -697,3 +697,26 @@ def test_node_adapter_image_topics_declared_as_a_string_array(node_module):
         assert node.core.params.image_topics == ()
     finally:
         node.destroy_node()
+
+
+def test_node_adapter_image_topics_on_foxy(node_module, monkeypatch):
+    """Foxy's rclpy cannot declare a parameter by its type (TypeError): image_topics is then
+    declared unset, and takes its default or the list it is given."""
+    declare = _Node.declare_parameter
+
+    def foxy_declare(self, name, value, descriptor):
+        if isinstance(value, enum.Enum):
+            raise TypeError("The given value is not one of the allowed types")
+        return declare(self, name, value, descriptor)
+
+    monkeypatch.setattr(_Node, "declare_parameter", foxy_declare)
+    node, _ = _make(node_module)
+    try:
+        assert node.declared["image_topics"] is None and node.core.params.image_topics == ()
+    finally:
+        node.destroy_node()
+    node, _ = _make(node_module, image_topics=["/a/image_raw", "/b/image_raw"])
+    try:
+        assert node.core.params.image_topics == ("/a/image_raw", "/b/image_raw")
+    finally:
+        node.destroy_node()

@@ -214,7 +214,11 @@ class DetectorNode(Node):
         super().__init__(NODE_NAME, **node_kwargs)
         self.core: core.DetectorCore | None = None
         for spec in parameter_specs():
-            self.declare_parameter(spec.name, _declared_default(spec), _descriptor(spec))
+            descriptor = _descriptor(spec)
+            try:
+                self.declare_parameter(spec.name, _declared_default(spec), descriptor)
+            except TypeError:  # Foxy: no declaring by type; an unset parameter takes any value
+                self.declare_parameter(spec.name, None, descriptor)
         params = DetectorParams(
             **{spec.name: self._parameter_value(spec) for spec in parameter_specs()}
         )  # ParameterError here: one clear message from main()
