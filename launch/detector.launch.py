@@ -7,12 +7,20 @@ Examples:
   ros2 launch dds_perception detector.launch.py params_file:=/path/to/my_detector.yaml
   ros2 launch dds_perception detector.launch.py image_topic:=/kitti/camera/image_raw \
       camera_height:=1.65     # distances from /kitti/camera/camera_info
+  ros2 launch dds_perception detector.launch.py \
+      image_topics:=/cam_front/image_raw,/cam_rear/image_raw    # one model, one batch
 
 ``weights``, ``device``, ``use_compressed`` and ``camera_height`` override the parameter file only
 when given (their default, empty, keeps the file's value). The node's ``camera_info`` is remapped
 to ``camera_info_topic``, by default the ``camera_info`` beside ``image_topic``.
+
+``image_topics`` (comma-separated, or a YAML list ``[a, b]``) runs several cameras through the
+model as one batch instead of ``image_topic``'s one: each camera's detections go to the topic
+``detections`` beside its image topic (``/cam_front/image_raw`` -> ``/cam_front/detections``)
+and its camera_info is the one beside it too.
 """
 
+import yaml
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
@@ -29,6 +37,13 @@ ARGUMENTS = (
         "image_topic",
         "/image_raw",
         "camera sensor_msgs/Image topic, remapped to the node's 'image'",
+    ),
+    (
+        "image_topics",
+        "",
+        "several cameras, one batch: their Image topics, comma-separated "
+        "(/cam_front/image_raw,/cam_rear/image_raw); each camera's detections go to "
+        "<camera>/detections; empty = the one camera of image_topic",
     ),
     ("weights", "", "detector weights (.safetensors); empty = the parameter file's value"),
     ("device", "", "auto, cpu, cuda or cuda:N; empty = the parameter file's value"),
@@ -58,6 +73,17 @@ def camera_info_beside(image_topic: str) -> str:
     return f"{head}/camera_info" if sep else "camera_info"
 
 
+def parse_topics(text: str) -> list[str]:
+    """``/a/image_raw,/b/image_raw`` or ``[/a/image_raw, /b/image_raw]`` -> a list of topics
+    (empty entries are kept: the node refuses them with the list in its message)."""
+    if text.strip().startswith("["):
+        topics = yaml.safe_load(text)
+        if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
+            raise ValueError(f"image_topics {text!r}: a list of topic names, e.g. [/a, /b]")
+        return [topic.strip() for topic in topics]
+    return [topic.strip() for topic in text.split(",")]
+
+
 def _node(context, *args, **kwargs):
     """Build the node once the arguments are known, overriding only the given parameters."""
     value = {name: LaunchConfiguration(name).perform(context) for name, _, _ in ARGUMENTS}
@@ -78,6 +104,13 @@ def _node(context, *args, **kwargs):
             raise ValueError(
                 f"camera_height {value['camera_height']!r}: a number of metres, e.g. 1.65"
             ) from None
+    if value["image_topics"].strip():
+        overrides["image_topics"] = parse_topics(value["image_topics"])
+        if value["camera_info_topic"]:
+            raise ValueError(
+                f"camera_info_topic {value['camera_info_topic']!r}: with image_topics each "
+                "camera's camera_info is the one beside its image topic"
+            )
     image_topic = value["image_topic"]
     camera_info = value["camera_info_topic"] or camera_info_beside(image_topic)
     return [

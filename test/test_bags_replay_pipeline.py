@@ -14,15 +14,12 @@ import cv2
 import numpy as np
 import pytest
 
-pipeline_module = pytest.importorskip(
-    "dds_perception.pipeline", reason="the inference pipeline (issue 4) is not merged yet"
-)
-
-from dds_perception.data import kitti  # noqa: E402
-from dds_perception.data.scenes import generate_kitti_scenes  # noqa: E402
-from dds_perception.evaluation.kitti import evaluate_folders  # noqa: E402
-from dds_perception.ros import bag, kitti2bag, replay  # noqa: E402
-from dds_perception.ros import messages as m  # noqa: E402
+from dds_perception import pipeline as pipeline_module
+from dds_perception.data import kitti
+from dds_perception.data.scenes import generate_kitti_scenes
+from dds_perception.evaluation.kitti import evaluate_folders
+from dds_perception.ros import bag, kitti2bag, replay
+from dds_perception.ros import messages as m
 
 FRAMES = 3
 INPUT_SIZE = (96, 320)  # 1/16 of the default input: the same code path, far less compute

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
 
 from dds_perception.cli import COMMANDS, _command_parser, build_parser, main
 from dds_perception.utils.errors import DdsPerceptionError
+
+REPO = Path(__file__).resolve().parents[1]
+# a repository path in help text: models/... or config/..., not part of a longer path
+REPO_PATH = re.compile(r"(?<![\w/.~$-])((?:models|config)/[\w.*/-]*[\w*])")
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -17,6 +22,33 @@ def test_cli_every_command_has_help_with_an_example(name):
     assert callable(module.run)
     assert parser.description
     assert f"dds-perception {name}" in (parser.epilog or ""), f"{name}: no example in --help"
+
+
+def _help_paths() -> list[tuple[str, str]]:
+    """(command, path) for every models/... or config/... path in any command's --help."""
+    found = []
+    for name in sorted(COMMANDS):
+        parser, _ = _command_parser(name)
+        found += [(name, path) for path in REPO_PATH.findall(parser.format_help())]
+    return found
+
+
+def test_cli_help_examples_name_files_that_exist():
+    """Copying an example from --help must not fail on a file the repository does not have
+    (replay's example named models/dds_rpn_car.safetensors, a model that was never shipped)."""
+    found = _help_paths()
+    assert {"replay", "export", "node", "train-detector"} <= {name for name, _ in found}
+    missing = [
+        f"dds-perception {name} --help: {path}"
+        for name, path in found
+        if not (any(REPO.glob(path)) if "*" in path else (REPO / path).exists())
+    ]
+    assert not missing, "\n".join(missing)
+
+
+def test_cli_help_path_pattern():
+    text = "--weights models/a.safetensors, (config/detector.yaml) ~/models/x runs/config/y"
+    assert REPO_PATH.findall(text) == ["models/a.safetensors", "config/detector.yaml"]
 
 
 def test_cli_top_level_lists_every_command(capsys):

@@ -134,3 +134,41 @@ def test_dds_service_client_times_out_without_server(domain: int) -> None:
             missing.call(timeout=0.2, data=True)
     finally:
         client.close()
+
+
+def test_dds_runtime_callback_bug_keeps_traceback_and_dispatcher(domain: int) -> None:
+    """A callback's bug is reported with its traceback (once per type and topic), bad input as
+    one line; the dispatcher goes on delivering the next samples (issue 18.1)."""
+    classes = messages.rosbags_classes()
+    types = messages.MSGTYPES
+    lines: list[str] = []
+    bugs: list[str] = []
+    runtime = rt.DdsRuntime(
+        domain=domain, typestore=classes.typestore, on_error=lines.append, on_bug=bugs.append
+    )
+    delivered: list[str] = []
+
+    def callback(msg) -> None:
+        if msg.data == "bug":
+            raise KeyError("missing field")
+        if msg.data == "bad":
+            raise messages.MessageError("std_msgs/String.data: not a camera name")
+        delivered.append(msg.data)
+
+    try:
+        runtime.subscribe("bugs", types["String"], callback)
+        runtime.subscribe("bad", types["String"], callback)
+        runtime.start()
+        pub = runtime.publisher("bugs", types["String"], rt.reliable_qos(10))
+        bad_pub = runtime.publisher("bad", types["String"], rt.reliable_qos(10))
+        assert _wait(lambda: pub.subscription_count() == 1 and bad_pub.subscription_count() == 1)
+        for text in ("bug", "ok 1", "bug", "ok 2"):
+            pub.publish(messages.string_msg(text, classes))
+        bad_pub.publish(messages.string_msg("bad", classes))
+        assert _wait(lambda: delivered == ["ok 1", "ok 2"] and lines)
+    finally:
+        runtime.close()
+    (trace,) = bugs  # the second KeyError on the topic: throttled, no second traceback
+    assert trace.startswith("rt/bugs: KeyError: 'missing field'\n")
+    assert "Traceback (most recent call last)" in trace and "in callback" in trace
+    assert lines == ["rt/bad: MessageError: std_msgs/String.data: not a camera name"]

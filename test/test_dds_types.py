@@ -150,3 +150,107 @@ def test_dds_struct_mismatch_is_reported() -> None:
     msg = store.types["std_msgs/msg/String"](data="x", extra=1)
     with pytest.raises(DdsError, match="IDL struct String has fields"):
         convert.to_idl(msg, store)
+
+
+# XTypes type identifiers (minimal, equivalence hash) of the hand-written structs the generated
+# ones replaced, recorded with cyclonedds 11.0.1 (pinned): the DDS types Cyclone announces in
+# discovery must stay the same whatever the generator does.
+RECORDED_TYPE_IDS = {
+    "builtin_interfaces/msg/Time": "00070000f2d4854f13aef32dfe2157f3e6320d",
+    "std_msgs/msg/Header": "00070000f2e5765ec48cffd419ed7fe84e2a55",
+    "std_msgs/msg/String": "00070000f2c3da80d638e91b9fad0a6b765cc2",
+    "sensor_msgs/msg/Image": "00070000f25bf087313e6226079b7c2d8b0840",
+    "sensor_msgs/msg/CompressedImage": "00070000f27784ccb1194d78ce69c93f63697e",
+    "sensor_msgs/msg/RegionOfInterest": "00070000f222f5f7300d1dfc51b64643139285",
+    "sensor_msgs/msg/CameraInfo": "00070000f2a9d863b8a6110effaea35950aa60",
+    "geometry_msgs/msg/Point": "00070000f204ac28f91964235dc981e3f8fadf",
+    "geometry_msgs/msg/Quaternion": "00070000f26f01ea4900bc028058c3a8dae352",
+    "geometry_msgs/msg/Pose": "00070000f20d47264b4a66fa94bbfe34f32f7d",
+    "geometry_msgs/msg/PoseWithCovariance": "00070000f21912048a82ed6f0a49065e94e70c",
+    "vision_msgs/msg/Point2D": "00070000f2aad0ce96f9ccc40e05871ec83ecc",
+    "vision_msgs/msg/Pose2D": "00070000f29d62a375919df929340450e138f7",
+    "vision_msgs/msg/BoundingBox2D": "00070000f2d56c2c5f4281923557894b6671fd",
+    "vision_msgs/msg/ObjectHypothesis": "00070000f26ba1f37fefb42937574752b3823d",
+    "vision_msgs/msg/ObjectHypothesisWithPose": "00070000f2cbcc0cb7709ffe6ebabea6932fb0",
+    "vision_msgs/msg/Detection2D": "00070000f225172bda750fc2923c9458df23c3",
+    "vision_msgs/msg/Detection2DArray": "00070000f2763ae81303cbcc9b8b8e28af1893",
+    "vision_msgs/msg/VisionClass": "00070000f2a7689ac9934c1af29b4e22378338",
+    "vision_msgs/msg/LabelInfo": "00070000f24a229a71584fa94b36550f36c00a",
+    "diagnostic_msgs/msg/KeyValue": "00070000f2d522b62020ed2a67c5a75f1a1a1b",
+    "diagnostic_msgs/msg/DiagnosticStatus": "00070000f21364a12c8ee2402eeddffecc7ca2",
+    "diagnostic_msgs/msg/DiagnosticArray": "00070000f2386f46279fe31d4b0780d2f8dd7a",
+    "std_srvs/srv/SetBool#request": "00070000f2df87622dfa96b2492dfa90be5f62",
+    "std_srvs/srv/SetBool#response": "00070000f2b2ab8ba852ddc371780de24eadca",
+}
+
+
+def test_dds_generated_types_keep_the_recorded_dds_types() -> None:
+    got = {
+        name: cls.__idl__.get_type_id().serialize().hex() for name, cls in idl.IDL_TYPES.items()
+    }
+    request, response = idl.service_types("std_srvs/srv/SetBool")
+    got["std_srvs/srv/SetBool#request"] = request.__idl__.get_type_id().serialize().hex()
+    got["std_srvs/srv/SetBool#response"] = response.__idl__.get_type_id().serialize().hex()
+    assert got == RECORDED_TYPE_IDS
+
+
+def test_dds_types_are_the_message_definitions() -> None:
+    """Every struct has its definition's fields, in order, with rosidl's IDL types; the
+    vision_msgs ones come from the .msg files shipped in ros/msg/."""
+    from importlib.resources import files
+
+    from rosbags.typesys import get_types_from_msg
+
+    for msgtype, cls in idl.IDL_TYPES.items():
+        fields = [name for name, _ in TS.fielddefs[msgtype][1]]
+        assert list(cls.__dataclass_fields__) == fields, msgtype
+    shipped = files("dds_perception.ros") / "msg"
+    for name in messages.VISION_MSGS:
+        text = (shipped / f"{name}.msg").read_text(encoding="utf-8")
+        ((_, (_, fields)),) = get_types_from_msg(text, f"vision_msgs/msg/{name}").items()
+        assert list(idl.IDL_TYPES[f"vision_msgs/msg/{name}"].__dataclass_fields__) == [
+            field for field, _ in fields
+        ]
+    hints = idl.DiagnosticStatus.__annotations__
+    assert hints["level"] is idl.BASE_TYPES["byte"]  # ROS 2 byte is an IDL octet
+
+
+def test_dds_types_follow_a_changed_definition() -> None:
+    """The structs are built from the definitions, not copied: a new definition (a field
+    added, a bounded sequence, a fixed array of structs) gives a struct whose bytes are again
+    rosbags' CDR of the same message."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    store = get_typestore(Stores.EMPTY)
+    store.register(get_types_from_msg("uint16 class_id\nstring class_name", "t_msgs/msg/Cls"))
+    store.register(
+        get_types_from_msg(
+            "t_msgs/Cls[2] pair\nint8 extra\nfloat32[<=3] bounded\nbyte[] raw\nstring<=8 name",
+            "t_msgs/msg/Plus",
+        )
+    )
+    structs = idl.build_structs(store, ["t_msgs/msg/Plus"])
+    assert set(structs) == {"t_msgs/msg/Plus", "t_msgs/msg/Cls"}
+    plus = structs["t_msgs/msg/Plus"]
+    assert plus.__idl_typename__ == "t_msgs::msg::dds_::Plus_"
+    assert list(plus.__dataclass_fields__) == ["pair", "extra", "bounded", "raw", "name"]
+    cls_t = store.types["t_msgs/msg/Cls"]
+    msg = store.types["t_msgs/msg/Plus"](
+        pair=[cls_t(class_id=7, class_name="car"), cls_t(class_id=65535, class_name="")],
+        extra=-5,
+        bounded=np.array([1.5, -2.0], np.float32),
+        raw=np.array([-1, 0, 127], np.int8),
+        name="front",
+    )
+    sample = plus(
+        pair=[structs["t_msgs/msg/Cls"](7, "car"), structs["t_msgs/msg/Cls"](65535, "")],
+        extra=-5,
+        bounded=[1.5, -2.0],
+        raw=[255, 0, 127],
+        name="front",
+    )
+    assert sample.serialize() == bytes(store.serialize_cdr(msg, "t_msgs/msg/Plus"))
+    first, second = plus(), plus()
+    assert first.pair is not second.pair and first.pair[0] is not second.pair[0]  # fresh
+    with pytest.raises(DdsError, match="no definition of 't_msgs/msg/Missing'"):
+        idl.build_structs(store, ["t_msgs/msg/Missing"])

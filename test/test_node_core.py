@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 
 from dds_perception.detection import ground_plane
-from dds_perception.ros import core, messages
-from dds_perception.ros.core import DetectorCore, DetectorParams, ParameterError, Ports
+from dds_perception.ros import core, diagnostics, messages
+from dds_perception.ros import params as node_params
+from dds_perception.ros.core import DetectorCore
+from dds_perception.ros.diagnostics import STAGES, STATS
+from dds_perception.ros.params import DetectorParams, ParameterError
+from dds_perception.ros.ports import Ports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,6 +85,7 @@ class Recorder:
         self.debug: list = []
         self.debug_wanted = debug_wanted
         self.warnings: list[str] = []
+        self.errors: list[str] = []
 
     def ports(self) -> Ports:
         return Ports(
@@ -96,7 +101,8 @@ class Recorder:
     def warning(self, message: str) -> None:
         self.warnings.append(message)
 
-    error = warning
+    def error(self, message: str) -> None:
+        self.errors.append(message)
 
 
 def ticking(step: float = 0.01):
@@ -156,9 +162,12 @@ def test_node_params_file_matches_defaults():
     import yaml
 
     block = yaml.safe_load((REPO / "config" / "detector.yaml").read_text())["dds_detector"]
-    assert list(block["ros__parameters"]) == core.parameter_names()
-    assert core.load_params(REPO / "config" / "detector.yaml") == DetectorParams()
-    assert core.default_params_file() == REPO / "config" / "detector.yaml"
+    # image_topics (default: an empty list) cannot be written there: ROS 2 parameter files
+    # cannot type an empty array (rcl takes no [] value), so the node declares it by type
+    in_file = [name for name in node_params.parameter_names() if name != "image_topics"]
+    assert list(block["ros__parameters"]) == in_file
+    assert node_params.load_params(REPO / "config" / "detector.yaml") == DetectorParams()
+    assert node_params.default_params_file() == REPO / "config" / "detector.yaml"
 
 
 @pytest.mark.parametrize(
@@ -202,25 +211,25 @@ def test_node_params_file_blocks_and_errors(tmp_path):
         "    qos_overrides:\n      /parameter_events:\n        publisher:\n          depth: 5\n"
         "other_node:\n  ros__parameters:\n    whatever: 1\n"
     )
-    params = core.load_params(path, overrides={"max_detections": 7})
+    params = node_params.load_params(path, overrides={"max_detections": 7})
     assert (params.device, params.score_threshold, params.max_detections) == ("cpu", 0.6, 7)
 
     path.write_text("dds_detector:\n  ros__parameters:\n    score_treshold: 0.4\n")
     with pytest.raises(ParameterError, match=r"p\.yaml: unknown parameter\(s\) score_treshold"):
-        core.load_params(path)
+        node_params.load_params(path)
     path.write_text("dds_detector:\n  ros__parameters:\n    nms_iou: 2.0\n")
     with pytest.raises(ParameterError, match=r"p\.yaml: nms_iou 2.0: must lie in"):
-        core.load_params(path)
+        node_params.load_params(path)
     path.write_text("other:\n  ros__parameters: {}\n")
     with pytest.raises(ParameterError, match=r"no 'dds_detector: ros__parameters:' block"):
-        core.load_params(path)
+        node_params.load_params(path)
     path.write_text("dds_detector: [1, 2\n")
     with pytest.raises(ParameterError, match=r"not valid YAML"):
-        core.load_params(path)
+        node_params.load_params(path)
 
 
 def test_node_parse_overrides():
-    values = core.parse_overrides(
+    values = node_params.parse_overrides(
         [
             "device:=cuda:0",
             "score_threshold=0.45",
@@ -237,7 +246,7 @@ def test_node_parse_overrides():
         "max_detections": 5,
     }
     with pytest.raises(ParameterError, match=r"override 'colour=red'"):
-        core.parse_overrides(["colour=red"])
+        node_params.parse_overrides(["colour=red"])
 
 
 def test_node_build_pipeline_bad_weights(tmp_path):
@@ -347,8 +356,9 @@ def test_node_core_malformed_frame_counted_and_next_processed(classes, case):
     assert vars(node.counters) == {"received": 2, "processed": 1, "dropped": 0, "failed": 1}, name
     assert [m.header.stamp.sec for m in recorder.detections] == [2]
     assert len(recorder.warnings) == 1 and "failed" in recorder.warnings[0]
+    assert "Traceback" not in recorder.warnings[0] and recorder.errors == []  # bad input
     report = node.diagnostics()
-    assert report.level == core.ERROR and report.as_dict()["failed_in_window"] == "1/2"
+    assert report.level == diagnostics.ERROR and report.as_dict()["failed_in_window"] == "1/2"
 
 
 def test_node_core_failure_log_is_throttled(classes):
@@ -367,7 +377,7 @@ def test_node_core_failure_log_is_throttled(classes):
 EXPECTED_KEYS = {
     "rate_hz",
     "input_rate_hz",
-    *(f"{stage}_ms_{stat}" for stage in (*core.STAGES, "age") for stat in core.STATS),
+    *(f"{stage}_ms_{stat}" for stage in (*STAGES, "age") for stat in STATS),
     "frames_received",
     "frames_processed",
     "frames_dropped",
@@ -398,7 +408,7 @@ def test_node_diagnostics_keys_and_values(classes):
     report = node.diagnostics()
     values = report.as_dict()
     assert set(values) == EXPECTED_KEYS
-    assert (report.level, report.name, report.hardware_id) == (core.OK, "detector", "cpu")
+    assert (report.level, report.name, report.hardware_id) == (diagnostics.OK, "detector", "cpu")
     assert values["inference_ms_mean"] == "2.00" and values["preprocess_ms_p95"] == "1.00"
     assert values["age_ms_max"] == "250.00"  # now 100.25 s - stamp 100.0 s
     # end to end: receipt -> published is a whole number of 10 ms clock ticks
@@ -411,19 +421,19 @@ def test_node_diagnostics_keys_and_values(classes):
 def test_node_diagnostics_levels(classes):
     ok = make_core(classes, latency_budget_ms=1.0e5)
     ok.process(image_msg(classes, 1))
-    assert ok.diagnostics().level == core.OK
+    assert ok.diagnostics().level == diagnostics.OK
 
     slow = make_core(classes, latency_budget_ms=1.0)  # every frame takes >= 10 ms ticks
     slow.process(image_msg(classes, 1))
     report = slow.diagnostics()
-    assert report.level == core.WARN and "exceeds the 1.0 ms budget" in report.message
+    assert report.level == diagnostics.WARN and "exceeds the 1.0 ms budget" in report.message
 
     failing = make_core(classes, latency_budget_ms=1.0e5, stats_window=3)
     failing.process(image_msg(classes, 1, encoding="bogus"))
-    assert failing.diagnostics().level == core.ERROR
+    assert failing.diagnostics().level == diagnostics.ERROR
     for _ in range(3):  # the failure leaves the 3-frame window
         failing.process(image_msg(classes, 1))
-    assert failing.diagnostics().level == core.OK
+    assert failing.diagnostics().level == diagnostics.OK
     assert failing.diagnostics().as_dict()["frames_failed"] == "1"
 
 

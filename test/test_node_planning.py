@@ -10,8 +10,11 @@ import pytest
 from test_node_core import Recorder, image_msg, make_core, ticking
 
 from dds_perception.detection import ground_plane
-from dds_perception.ros import core, messages
-from dds_perception.ros.core import DetectorCore, DetectorParams, ParameterError
+from dds_perception.ros import messages
+from dds_perception.ros import params as node_params
+from dds_perception.ros.core import DetectorCore
+from dds_perception.ros.diagnostics import OK, WARN
+from dds_perception.ros.params import DetectorParams, ParameterError
 
 WIDTH, HEIGHT = 80, 60
 K = [100.0, 0.0, 40.0, 0.0, 100.0, 30.0, 0.0, 0.0, 1.0]  # fx = fy = 100, centre (40, 30)
@@ -71,10 +74,10 @@ def core_with(classes, frames, recorder=None, **params) -> DetectorCore:
 
 
 def test_planning_params_and_camera_info_topic():
-    assert core.camera_info_topic_for("/camera/image_raw") == "/camera/camera_info"
-    assert core.camera_info_topic_for("image") == "camera_info"
-    assert core.camera_info_topic_for("/image_raw") == "/camera_info"
-    assert core.camera_info_topic_for("front/image_rect/") == "front/camera_info"
+    assert node_params.camera_info_topic_for("/camera/image_raw") == "/camera/camera_info"
+    assert node_params.camera_info_topic_for("image") == "camera_info"
+    assert node_params.camera_info_topic_for("/image_raw") == "/camera_info"
+    assert node_params.camera_info_topic_for("front/image_rect/") == "front/camera_info"
     params = DetectorParams(image_topic="/kitti/camera/image_raw")
     assert params.resolved_camera_info_topic == "/kitti/camera/camera_info"
     assert DetectorParams(camera_info_topic="/x/info").resolved_camera_info_topic == "/x/info"
@@ -83,7 +86,8 @@ def test_planning_params_and_camera_info_topic():
         DetectorParams(camera_height=float("nan"))
     with pytest.raises(ParameterError, match=r"camera_pitch 2.0: must lie in \[-1.0, 1.0\]"):
         DetectorParams(camera_pitch=2.0)
-    assert {"enable", "tracking", "camera_height", "track_buffer"} <= core.runtime_parameters()
+    runtime = node_params.runtime_parameters()
+    assert {"enable", "tracking", "camera_height", "track_buffer"} <= runtime
 
 
 def test_planning_track_ids_in_the_messages(classes):
@@ -121,7 +125,7 @@ def test_planning_positions_from_camera_info(classes, typestore_roundtrip):
     (det,) = recorder.detections[-1].detections
     assert det.results[0].pose.pose.position.z == 0.0
     report = node.diagnostics()
-    assert report.level == core.WARN and "no usable CameraInfo on camera_info" in report.message
+    assert report.level == WARN and "no usable CameraInfo on camera_info" in report.message
     assert report.as_dict()["distance_omitted_no_camera_info"] == "1"
 
     node.submit_camera_info(camera_info(classes))
@@ -139,7 +143,7 @@ def test_planning_positions_from_camera_info(classes, typestore_roundtrip):
     assert messages.msg_to_detections(out).positions[0] == pytest.approx([0.0, 1.5, 8.9])
     values = node.diagnostics().as_dict()
     assert values["distance_estimated"] == "1" and values["camera_info"].startswith("ok: 80x60")
-    assert node.diagnostics().level == core.OK
+    assert node.diagnostics().level == OK
 
 
 @pytest.fixture
@@ -196,7 +200,7 @@ def test_planning_bad_boxes_and_heights_are_reasons(classes):
     node.update_params(camera_height=0.0)  # "not configured": omitted, counted, no warning
     node.process(frame(classes, 101))
     assert node.diagnostics().as_dict()["distance_omitted_no_camera_height"] == "3"
-    assert node.diagnostics().level == core.OK
+    assert node.diagnostics().level == OK
 
 
 class SubscriptionPort:
@@ -251,7 +255,7 @@ def test_planning_enable_disable(classes, monkeypatch):
         assert pipeline.calls == 1 and node.counters.processed == 1
         report = node.diagnostics()
         values = report.as_dict()
-        assert report.level == core.OK and report.message.startswith("disabled")
+        assert report.level == OK and report.message.startswith("disabled")
         assert values["enabled"] == "false" and values["frames_ignored_disabled"] == "2"
         assert values["frames_processed"] == "1" and values["tracks_active"] == "0"
         ok, message = node.set_enabled(True)

@@ -209,3 +209,87 @@ def test_demo_runs_on_the_shipped_real_frames(cli, tmp_path):
     assert "Car AP on 4 real KITTI frames" in (out / "ap.md").read_text()
     assert len(list((out / "results").glob("*.txt"))) == 4
     assert "AP equals the label files' AP" in result.stdout  # the bag replay agrees
+
+
+# ----------------------------------------------------------------------------- batches
+def _frames_of_several_sizes() -> list[np.ndarray]:
+    """Real KITTI frames (two sizes) plus crops and a portrait frame: letterboxes differ."""
+    images = sorted((SAMPLES / "training" / "image_2").glob("*.png"))
+    real = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in images[1:3]]
+    return [
+        real[0],  # 375x1242
+        real[1],  # 376x1241
+        np.ascontiguousarray(real[0][40:340, 200:800]),  # 300x600: other scale and padding
+        np.ascontiguousarray(real[1][:, 500:860]),  # 376x360, portrait: pad left and right
+    ]
+
+
+def _assert_same_detections(got: Detections, want: Detections, what: str) -> None:
+    assert got.image_size == want.image_size, what
+    assert len(got) == len(want), what
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-4, err_msg=what)
+    np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-2, err_msg=what)
+
+
+def test_detect_batch_equals_one_frame_at_a_time(pipeline):
+    frames = _frames_of_several_sizes()
+    alone = [pipeline(frame) for frame in frames]
+    batch = pipeline.detect_batch(frames)
+    assert len(batch) == len(frames)
+    for i, (got, want) in enumerate(zip(batch, alone, strict=True)):
+        assert len(want) > 0
+        _assert_same_detections(got, want, f"frame {i}")
+        assert set(got.timings) == set(STAGES)
+    # the frames' letterboxes differ, so their boxes do too (no frame answered for another)
+    assert not np.allclose(batch[0].boxes[:5], batch[2].boxes[:5])
+    # a smaller batch re-uses nothing of the larger one's canvases; the order is the caller's
+    again = pipeline.detect_batch([frames[3], frames[0]])
+    _assert_same_detections(again[0], alone[3], "reordered 0")
+    _assert_same_detections(again[1], alone[0], "reordered 1")
+    assert pipeline.detect_batch([]) == []
+
+
+def test_detect_batch_takes_any_encoding_of_arrays(pipeline):
+    frames = _frames_of_several_sizes()[:2]
+    bgr = [cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) for frame in frames]
+    together = zip(pipeline.detect_batch(bgr, "bgr8"), pipeline.detect_batch(frames), strict=True)
+    for got, want in together:
+        np.testing.assert_array_equal(got.boxes, want.boxes)
+    with pytest.raises(ImageDecodeError):
+        pipeline.detect_batch([frames[0]], "yuv422")
+
+
+class _OneAtATime:
+    """A backend for N images at most, or for exactly N (an ONNX export without a dynamic
+    batch): the pipeline has to split (and pad) the batch."""
+
+    def __init__(self, inner, *, fixed_batch=None, max_batch=None) -> None:
+        self.inner, self.fixed_batch, self.max_batch = inner, fixed_batch, max_batch
+        self.sizes: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, images):
+        if self.fixed_batch is not None:
+            assert images.shape[0] == self.fixed_batch
+        else:
+            assert images.shape[0] <= self.max_batch
+        self.sizes.append(images.shape[0])
+        return self.inner(images)
+
+
+@pytest.mark.parametrize(("fixed", "limit", "sizes"), [(2, None, [2, 2]), (None, 3, [3, 1])])
+def test_detect_batch_splits_for_a_backend_with_a_batch_limit(pipeline, fixed, limit, sizes):
+    frames = _frames_of_several_sizes()
+    want = pipeline.detect_batch(frames)
+    inner = pipeline.backend
+    limited = _OneAtATime(inner, fixed_batch=fixed, max_batch=limit)
+    try:
+        pipeline.backend = limited
+        got = pipeline.detect_batch(frames[:4] if fixed is None else frames[:3])
+    finally:
+        pipeline.backend = inner
+    assert limited.sizes == sizes
+    for i, (a, b) in enumerate(zip(got, want[: len(got)], strict=True)):
+        _assert_same_detections(a, b, f"frame {i}")

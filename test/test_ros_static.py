@@ -49,7 +49,18 @@ ROSDEP_KEYS = {
     "tqdm": "python3-tqdm",
     "matplotlib": "python3-matplotlib",
     "pytest": "python3-pytest",
+    "safetensors": "python3-safetensors-pip",
+    "PIL": "python3-pil",
 }
+# Third-party modules the node's code reaches that the node does not need, each with the reason;
+# they may be imported only inside functions (never when the node loads) and need no rosdep key.
+NOT_NEEDED_BY_THE_NODE = {
+    "rosbags": "rosbags message classes: bags and the Cyclone DDS runtime, never the rclpy node",
+    "onnx": "backend:=onnxruntime/tensorrt only (pip extra 'onnx')",
+    "onnxruntime": "backend:=onnxruntime only (pip extra 'onnx')",
+    "tensorrt": "backend:=tensorrt only (JetPack's python3-libnvinfer or pip extra 'tensorrt')",
+}
+NODE_MODULE = "dds_perception.ros.node"  # console script detector_node, the colcon install's
 
 
 def _is_ros_package(module: str) -> bool:
@@ -157,6 +168,7 @@ def test_ros_static_launch_file_compiles_and_declares_arguments(tmp_path):
         "namespace",
         "camera_info_topic",
         "camera_height",
+        "image_topics",
     ):
         assert required in names
     assert all(description for _n, _d, description in namespace["ARGUMENTS"])
@@ -241,6 +253,7 @@ def test_ros_static_launch_overrides_and_remaps():
         "namespace": "front",
         "camera_info_topic": "",
         "camera_height": "",
+        "image_topics": "",
     }
     (node,) = entities[-1].kwargs["function"](context)
     assert node.kwargs["executable"] == "detector_node" and node.kwargs["name"] == "dds_detector"
@@ -267,6 +280,22 @@ def test_ros_static_launch_overrides_and_remaps():
         entities[-1].kwargs["function"](context)
     context.update(camera_height="", use_compressed="maybe")
     with pytest.raises(ValueError, match="use_compressed 'maybe'"):
+        entities[-1].kwargs["function"](context)
+    # several cameras: a list parameter; the node checks the entries (empty ones too)
+    context.update(use_compressed="", camera_info_topic="", image_topics=" /a/image_raw,/b/img")
+    (node,) = entities[-1].kwargs["function"](context)
+    assert node.kwargs["parameters"][1]["image_topics"] == ["/a/image_raw", "/b/img"]
+    context.update(image_topics="[/a/image_raw, '/b/img']")
+    (node,) = entities[-1].kwargs["function"](context)
+    assert node.kwargs["parameters"][1]["image_topics"] == ["/a/image_raw", "/b/img"]
+    context.update(image_topics="/a/image_raw,,/b/img")
+    (node,) = entities[-1].kwargs["function"](context)
+    assert node.kwargs["parameters"][1]["image_topics"] == ["/a/image_raw", "", "/b/img"]
+    context.update(image_topics="[/a, 3]")
+    with pytest.raises(ValueError, match=r"image_topics '\[/a, 3\]': a list of topic names"):
+        entities[-1].kwargs["function"](context)
+    context.update(image_topics="/a/image_raw", camera_info_topic="/calib/info")
+    with pytest.raises(ValueError, match="camera_info_topic '/calib/info': with image_topics"):
         entities[-1].kwargs["function"](context)
 
 
@@ -300,7 +329,7 @@ def test_ros_static_setup_installs_launch_config_models(monkeypatch):
 
 def test_ros_static_docs_parameter_table_matches_params():
     """docs/node.md's parameter table lists every node parameter with its real default."""
-    from dds_perception.ros import core
+    from dds_perception.ros import params as node_params
 
     text = (REPO / "docs" / "node.md").read_text(encoding="utf-8")
     start = text.index("### Parameters")
@@ -310,8 +339,102 @@ def test_ros_static_docs_parameter_table_matches_params():
         for line in section.splitlines()
         if line.startswith("| `") and len(cells := line.strip("|").split("|")) == 5
     }
-    assert set(rows) == set(core.parameter_names())
-    for spec in core.parameter_specs():
+    assert set(rows) == set(node_params.parameter_names())
+    for spec in node_params.parameter_specs():
         default = str(spec.default).lower() if isinstance(spec.default, bool) else spec.default
+        if isinstance(spec.default, tuple):  # a string array: [] in the table
+            default = f"[{', '.join(spec.default)}]"
         assert spec.name in rows, f"docs/node.md parameters table lacks {spec.name}"
         assert rows[spec.name] == (str(default) or '""'), spec.name
+
+
+def _module_file(name: str) -> Path | None:
+    path = REPO.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _node_third_party_imports() -> dict[str, dict[str, bool]]:
+    """Top-level third-party module -> {importing package module: imported at module level?}
+    for every module the node can run: the transitive closure of the package modules that
+    ``ros/node.py`` imports, imports inside functions (lazy ones, e.g. the pipeline) included."""
+    found: dict[str, dict[str, bool]] = {}
+    seen: set[str] = set()
+    stack = [NODE_MODULE]
+    while stack:
+        name = stack.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        stack += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run too
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        top_level = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            eager = id(node) in top_level or any(  # module level, or in a top-level try/if
+                id(node) in {id(n) for n in ast.walk(stmt)}
+                for stmt in tree.body
+                if isinstance(stmt, (ast.Try, ast.If))
+            )
+            for module in modules:
+                if module.startswith("dds_perception"):
+                    stack.append(module)
+                    continue
+                top = module.split(".")[0]
+                if top in sys.stdlib_module_names:
+                    continue
+                sites = found.setdefault(top, {})
+                sites[name] = sites.get(name, False) or eager
+    return found
+
+
+def test_ros_static_package_xml_declares_what_the_node_imports():
+    """Every third-party module the node imports while running (found by walking its imports,
+    lazy ones included) has its rosdep key in package.xml, or is listed, with the reason, as not
+    needed by the node and then imported only inside functions."""
+    declared = _depends(_package_xml(), "depend", "exec_depend")
+    imports = _node_third_party_imports()
+    assert {"rclpy", "torch", "safetensors", "yaml"} <= set(imports)  # the walk reaches them
+    problems = []
+    for module, sites in sorted(imports.items()):
+        if module in NOT_NEEDED_BY_THE_NODE:
+            eager = sorted(site for site, at_load in sites.items() if at_load)
+            if eager:
+                problems.append(
+                    f"{module} ({NOT_NEEDED_BY_THE_NODE[module]}) is imported when "
+                    f"{', '.join(eager)} loads: import it inside the function"
+                )
+            continue
+        key = module if _is_ros_package(module) else ROSDEP_KEYS.get(module)
+        if key is None:
+            problems.append(
+                f"{module} (imported by {', '.join(sorted(sites))}): add its rosdep "
+                "key to ROSDEP_KEYS and package.xml, or to NOT_NEEDED_BY_THE_NODE"
+            )
+        elif key not in declared:
+            problems.append(
+                f"{module}: package.xml lacks <exec_depend>{key}</exec_depend> "
+                f"(imported by {', '.join(sorted(sites))})"
+            )
+    stale = sorted(set(NOT_NEEDED_BY_THE_NODE) - set(imports))
+    assert not problems and not stale, "\n".join(problems + [f"stale entry {m}" for m in stale])
+
+
+def test_ros_static_node_import_walk_finds_a_missing_dependency(monkeypatch):
+    """The check above can fail: without safetensors in package.xml it names the module."""
+    root = _package_xml()
+    for element in list(root):
+        if (element.text or "").strip() == "python3-safetensors-pip":
+            root.remove(element)
+    monkeypatch.setattr(sys.modules[__name__], "_package_xml", lambda: root)
+    with pytest.raises(AssertionError, match=r"safetensors: package.xml lacks <exec_depend>"):
+        test_ros_static_package_xml_declares_what_the_node_imports()

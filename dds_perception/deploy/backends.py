@@ -79,6 +79,10 @@ class Backend(abc.ABC):
     channels_last: bool = False
     config: DetectorConfig
     class_names: list[str]
+    # batch sizes the network accepts: ``fixed_batch`` N (an export for exactly N images), or up
+    # to ``max_batch`` (None: any); the pipeline's ``detect_batch`` splits or pads to fit
+    fixed_batch: int | None = None
+    max_batch: int | None = None
 
     @abc.abstractmethod
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -260,6 +264,7 @@ class OnnxRuntimeBackend(Backend):
         )
         self._dtype = np.float16 if self.info.half else np.float32
         self._fixed_batch = None if self.info.dynamic_batch else int(self.info.input_shape[0])
+        self.fixed_batch = self._fixed_batch
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
         if isinstance(images, torch.Tensor):
@@ -564,6 +569,10 @@ class TensorRTBackend(Backend):
         self.device = self.input_device = self.engine.device
         self.input_dtype = self.engine.input_dtype
         self.channels_last = False
+        if self.engine.dynamic_batch:
+            self.max_batch = self.engine.max_batch
+        else:
+            self.fixed_batch = int(self.engine.input_shape[0])
 
     @property
     def engine_path(self) -> Path:

@@ -1,13 +1,14 @@
 """The detector node's logic in plain Python, shared by every runtime (rclpy, Cyclone DDS, tests).
 
 The core owns everything a detector node does between "a frame arrived" and "messages go out":
-its parameters (:class:`DetectorParams`, loaded from ``config/detector.yaml``), a latest-frame
-slot with one worker thread (the newest frame wins; frames that arrive while one is processed
-replace the pending one and are counted as dropped, never queued), frame counters, rolling
-latency statistics per stage, the diagnostics content, and message building through
-:mod:`dds_perception.ros.messages`. A runtime only moves messages: it hands received frames to
-:meth:`DetectorCore.submit` and gives the core its publishing functions (:class:`Ports`), a
-clock and a logger. Nothing here imports rclpy.
+the newest-frame handoff to one worker thread (:mod:`.frame_slot`: frames that arrive while one
+is processed replace the pending one and are counted as dropped, never queued), frame counters
+and rolling latency statistics (:mod:`.diagnostics`), track ids and distances (:mod:`.planning`),
+the debug image (:mod:`.drawing`) and message building through :mod:`dds_perception.ros.messages`.
+Its parameters are :class:`~dds_perception.ros.params.DetectorParams` (:mod:`.params`, loaded
+from ``config/detector.yaml``). A runtime only moves messages: it hands received frames to
+:meth:`DetectorCore.submit` and gives the core its publishing functions (:class:`Ports`), a clock
+and a logger. Nothing here imports rclpy.
 
 Example (any runtime)::
 
@@ -23,385 +24,45 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
-import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import yaml
 
-from dds_perception.utils.errors import DdsPerceptionError
-
-NODE_NAME = "dds_detector"
-DIAGNOSTIC_TASK = "detector"  # diagnostic_updater publishes it as "dds_detector: detector"
-# "planning": the tracker and the distance estimate (what planners need from /detections)
-STAGES = ("decode", "preprocess", "inference", "postprocess", "planning", "end_to_end")
-STATS = ("mean", "p50", "p95", "max")
-RELIABILITIES = ("best_effort", "reliable")
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-BACKENDS = ("torch", "onnxruntime", "tensorrt")  # dds_perception.deploy.backends.BACKENDS
-OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
-LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
-# parameters of other components that may sit in the same ros__parameters block
-FOREIGN_PARAMETERS = ("use_sim_time", "diagnostic_updater.", "qos_overrides.")
-
-
-class ParameterError(DdsPerceptionError, ValueError):
-    """A detector parameter (or the parameter file) is invalid; the message names the field."""
-
-
-def _param(default: Any, description: str, *, low=None, high=None, runtime=False, choices=()):
-    """A dataclass field carrying the ROS parameter descriptor data (description, range)."""
-    return field(
-        default=default,
-        metadata={
-            "description": description,
-            "range": (low, high),
-            "runtime": runtime,  # changeable while running; the others need a restart
-            "choices": tuple(choices),
-        },
-    )
+from dds_perception.ros.diagnostics import (
+    CAMERA_TASK,
+    DIAGNOSTIC_TASK,
+    OK,
+    DiagnosticReport,
+    FrameStats,
+    RollingStats,
+    assess,
+    diagnostic_array_msg,
+    stamp_seconds,
+)
+from dds_perception.ros.drawing import annotate
+from dds_perception.ros.error_log import ErrorLog, describe
+from dds_perception.ros.frame_slot import LatestFrameSlot
+from dds_perception.ros.params import (
+    NODE_NAME,
+    DetectorParams,
+    ParameterError,
+    parameter_names,
+    runtime_parameters,
+)
+from dds_perception.ros.planning import Planner
+from dds_perception.ros.ports import Logger, NullLogger, Ports
 
 
-@dataclass(frozen=True)
-class DetectorParams:
-    """Every parameter of the ``dds_detector`` node (design.md section 7), validated on creation.
+def make_header(classes: Any, seconds: float, frame_id: str = "") -> Any:
+    """A std_msgs/Header of ``classes`` stamped ``seconds`` (e.g. "now" for label info)."""
+    from dds_perception.ros.messages import header_msg
 
-    The field metadata (description, range, run-time changeable) is the single source for the
-    ROS parameter descriptors, the README table and the validation messages.
-    """
-
-    weights: str = _param(
-        "", "detector weights (.safetensors) or an exported .onnx; empty = the shipped model"
-    )
-    device: str = _param("auto", "inference device", choices=("auto", "cpu", "cuda", "cuda:N"))
-    half: bool = _param(False, "fp16 inference (CUDA only)")
-    backend: str = _param(
-        "torch",
-        "network backend: torch, onnxruntime or tensorrt (engine built once, cached beside the "
-        ".onnx; a .safetensors file is exported to ONNX once, into ~/.cache/dds_perception)",
-        choices=BACKENDS,
-    )
-    score_threshold: float = _param(
-        0.3, "minimum detection score", low=0.0, high=1.0, runtime=True
-    )
-    nms_iou: float = _param(
-        0.5, "IoU above which NMS suppresses a box", low=0.0, high=1.0, runtime=True
-    )
-    max_detections: int = _param(
-        100, "maximum detections per frame", low=1, high=10000, runtime=True
-    )
-    input_width: int = _param(
-        0,
-        "network input width in px, a multiple of 32; 0 = from the weights file",
-        low=0,
-        high=8192,
-    )
-    input_height: int = _param(
-        0,
-        "network input height in px, a multiple of 32; 0 = from the weights file",
-        low=0,
-        high=8192,
-    )
-    use_compressed: bool = _param(
-        False, "subscribe sensor_msgs/CompressedImage on image_compressed_topic instead of Image"
-    )
-    reliability: str = _param("best_effort", "subscription QoS reliability", choices=RELIABILITIES)
-    latency_budget_ms: float = _param(
-        100.0,
-        "diagnostics WARN when p95 end-to-end latency exceeds it",
-        low=0.001,
-        high=1.0e6,
-        runtime=True,
-    )
-    publish_debug_image: bool = _param(
-        True, "publish annotated frames on ~/debug_image while it has subscribers", runtime=True
-    )
-    image_topic: str = _param("image", "sensor_msgs/Image topic (remap it to the camera)")
-    image_compressed_topic: str = _param(
-        "image/compressed", "sensor_msgs/CompressedImage topic (with use_compressed)"
-    )
-    stats_window: int = _param(
-        100,
-        "frames in the rolling latency / failure window of the diagnostics",
-        low=2,
-        high=100000,
-    )
-    enable: bool = _param(
-        True,
-        "process images; false unsubscribes from the camera (no decode, no inference) and "
-        "frees cached memory until set true again (the ~/enable service sets it too)",
-        runtime=True,
-    )
-    tracking: bool = _param(
-        True,
-        "fill Detection2D.id with a stable id per car across frames (ByteTrack-style tracker, "
-        "one per camera); false = empty ids",
-        runtime=True,
-    )
-    track_buffer: float = _param(
-        1.0,
-        "seconds a lost track is kept so that the car gets its id back when seen again",
-        low=0.0,
-        high=3600.0,
-        runtime=True,
-    )
-    track_high_threshold: float = _param(
-        0.5,
-        "tracker: boxes scoring at least this are matched first and start tracks (from 0.1 "
-        "higher); lower-scoring boxes only keep existing tracks alive",
-        low=0.0,
-        high=1.0,
-        runtime=True,
-    )
-    camera_info_topic: str = _param(
-        "",
-        "sensor_msgs/CameraInfo topic; empty = camera_info beside image_topic "
-        "(/camera/image_raw -> /camera/camera_info)",
-    )
-    camera_height: float = _param(
-        0.0,
-        "camera height above a flat road in metres (KITTI: 1.65); with a CameraInfo it gives "
-        "each car's position in results[0].pose; <= 0 = no distances",
-        runtime=True,
-    )
-    camera_pitch: float = _param(
-        0.0, "camera pitch in radians, positive = looking down", low=-1.0, high=1.0, runtime=True
-    )
-    distance_offset: float = _param(
-        1.4,
-        "metres from a box's bottom edge (the car's nearest point on the road) to the published "
-        "position, along the viewing direction: 1.4 = a car's centre; 0 = the nearest point",
-        low=0.0,
-        high=10.0,
-        runtime=True,
-    )
-
-    def __post_init__(self) -> None:
-        for spec in dataclasses.fields(self):
-            object.__setattr__(self, spec.name, _coerce(spec, getattr(self, spec.name)))
-        if not DEVICE_PATTERN.match(self.device):
-            raise ParameterError(
-                f"device {self.device!r}: unknown device; use auto, cpu, cuda or cuda:N"
-            )
-        if self.backend not in BACKENDS:
-            raise ParameterError(f"backend {self.backend!r}: use {', '.join(BACKENDS)}")
-        if self.reliability not in RELIABILITIES:
-            raise ParameterError(
-                f"reliability {self.reliability!r}: use {' or '.join(RELIABILITIES)}"
-            )
-        for name in ("input_width", "input_height"):
-            if getattr(self, name) < 0:
-                raise ParameterError(
-                    f"{name} {getattr(self, name)}: must be positive (or 0 = from the weights)"
-                )
-        if (self.input_width == 0) != (self.input_height == 0):
-            raise ParameterError(
-                f"input_width {self.input_width} / input_height {self.input_height}: set both "
-                "or neither (0 = from the weights file)"
-            )
-        for name in ("score_threshold", "nms_iou"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ParameterError(f"{name} {value}: must lie in [0, 1]")
-        if self.max_detections <= 0:
-            raise ParameterError(f"max_detections {self.max_detections}: must be positive")
-        if self.latency_budget_ms <= 0:
-            raise ParameterError(f"latency_budget_ms {self.latency_budget_ms}: must be positive")
-        if self.stats_window < 2:
-            raise ParameterError(f"stats_window {self.stats_window}: must be at least 2")
-        for name in ("image_topic", "image_compressed_topic"):
-            if not getattr(self, name).strip():
-                raise ParameterError(f"{name}: must not be empty")
-        if not np.isfinite(self.camera_height):
-            raise ParameterError(f"camera_height {self.camera_height}: must be a finite number")
-        for spec in dataclasses.fields(self):  # the descriptor ranges, as ROS enforces them
-            low, high = spec.metadata["range"]
-            value = getattr(self, spec.name)
-            if low is not None and not low <= value <= high:
-                raise ParameterError(f"{spec.name} {value}: must lie in [{low}, {high}]")
-
-    @property
-    def subscribed_topic(self) -> str:
-        """The topic the node subscribes: the compressed one with ``use_compressed``."""
-        return self.image_compressed_topic if self.use_compressed else self.image_topic
-
-    @property
-    def resolved_camera_info_topic(self) -> str:
-        """``camera_info_topic``, or when empty the ``camera_info`` beside ``image_topic``."""
-        if self.camera_info_topic.strip():
-            return self.camera_info_topic.strip()
-        return camera_info_topic_for(self.image_topic)
-
-    @property
-    def input_size(self) -> tuple[int, int] | None:
-        """``(height, width)`` for the pipeline, or None to take the weights file's size."""
-        if self.input_width and self.input_height:
-            return (self.input_height, self.input_width)
-        return None
-
-    def replace(self, **changes: Any) -> DetectorParams:
-        """A validated copy with ``changes`` applied (unknown names: :class:`ParameterError`)."""
-        unknown = sorted(set(changes) - set(parameter_names()))
-        if unknown:
-            raise ParameterError(
-                f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(parameter_names())}"
-            )
-        return dataclasses.replace(self, **changes)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Parameter name -> value, in declaration order."""
-        return {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self)}
-
-
-def camera_info_topic_for(image_topic: str) -> str:
-    """The CameraInfo topic of a camera's image topic (image_transport's rule: the same
-    namespace): ``/camera/image_raw`` -> ``/camera/camera_info``, ``image`` -> ``camera_info``."""
-    head, sep, _name = image_topic.strip().rstrip("/").rpartition("/")
-    return f"{head}/camera_info" if sep else "camera_info"
-
-
-def _coerce(spec: dataclasses.Field, value: Any) -> Any:
-    """Check a parameter's type (ints accepted for floats); ParameterError naming it otherwise."""
-    kind = {"str": str, "bool": bool, "int": int, "float": float}[str(spec.type)]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ParameterError(
-            f"{spec.name} {value!r}: expected {kind.__name__}, got {type(value).__name__}"
-        )
-    return value
-
-
-def parameter_names() -> list[str]:
-    """Names of every node parameter, in declaration order."""
-    return [spec.name for spec in dataclasses.fields(DetectorParams)]
-
-
-def parameter_specs() -> list[dataclasses.Field]:
-    """The dataclass fields of :class:`DetectorParams` (name, type, default, metadata)."""
-    return list(dataclasses.fields(DetectorParams))
-
-
-def runtime_parameters() -> frozenset[str]:
-    """Parameters that may change while the node runs (thresholds, budget, debug image)."""
-    return frozenset(s.name for s in dataclasses.fields(DetectorParams) if s.metadata["runtime"])
-
-
-def default_params_file() -> Path:
-    """``config/detector.yaml`` of this checkout, of a pip install, or of a colcon install."""
-    name = Path("config") / "detector.yaml"
-    candidates = [Path(__file__).resolve().parents[2] / name]
-    try:  # colcon install: share/dds_perception/config
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.append(Path(get_package_share_directory("dds_perception")) / name)
-    except Exception:  # ament_index absent, or the package is not in the index
-        pass
-    candidates.append(Path(sys.prefix) / "share" / "dds_perception" / name)
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"detector parameter file not found; looked in: {', '.join(map(str, candidates))}"
-    )
-
-
-def _node_block(document: Any, path: Path, node_name: str) -> dict[str, Any]:
-    """Merge the ``ros__parameters`` blocks that apply to ``node_name`` (wildcards first)."""
-    if not isinstance(document, Mapping):
-        raise ParameterError(f"{path}: expected a mapping of node names at the top level")
-    wildcard, specific = {}, {}
-    for key, body in document.items():
-        key_text = str(key).strip("/")
-        if key_text in ("**", "*"):
-            target = wildcard
-        elif key_text == node_name or key_text.endswith(f"/{node_name}"):
-            target = specific
-        else:
-            continue
-        if not isinstance(body, Mapping) or not isinstance(body.get("ros__parameters"), Mapping):
-            raise ParameterError(f"{path}: '{key}' has no 'ros__parameters:' mapping")
-        target.update(body["ros__parameters"])
-    if not wildcard and not specific:
-        raise ParameterError(f"{path}: no '{node_name}: ros__parameters:' block")
-    return {**wildcard, **specific}
-
-
-def _flatten(block: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """ROS parameter files may nest names (``a: {b: 1}`` is ``a.b``); return dotted names."""
-    flat: dict[str, Any] = {}
-    for key, value in block.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def load_params(
-    path: str | Path | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    *,
-    node_name: str = NODE_NAME,
-) -> DetectorParams:
-    """Read ``path``'s ``dds_detector: ros__parameters:`` block, apply ``overrides``, validate.
-
-    ``path`` None: :func:`default_params_file`. Unknown parameter names are an error (typos
-    would otherwise be ignored silently); parameters of diagnostic_updater and ``use_sim_time``
-    are skipped.
-    """
-    path = Path(path) if path is not None else default_params_file()
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ParameterError(f"{path}: not valid YAML: {error}") from error
-    values = {
-        name: value
-        for name, value in _flatten(_node_block(document, path, node_name)).items()
-        if not name.startswith(FOREIGN_PARAMETERS)
-    }
-    values.update(overrides or {})
-    unknown = sorted(set(values) - set(parameter_names()))
-    if unknown:
-        raise ParameterError(
-            f"{path}: unknown parameter(s) {', '.join(map(str, unknown))}; "
-            f"known: {', '.join(parameter_names())}"
-        )
-    try:
-        return DetectorParams(**values)
-    except ParameterError as error:
-        raise ParameterError(f"{path}: {error}") from error
-
-
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """Turn ``name:=value`` / ``name=value`` strings (command line) into typed values."""
-    specs = {spec.name: spec for spec in dataclasses.fields(DetectorParams)}
-    result: dict[str, Any] = {}
-    for item in items:
-        name, sep, text = item.partition(":=") if ":=" in item else item.partition("=")
-        name = name.strip()
-        if not sep or name not in specs:
-            raise ParameterError(
-                f"override {item!r}: use NAME:=VALUE with NAME one of {', '.join(specs)}"
-            )
-        if str(specs[name].type) == "str":
-            result[name] = text
-            continue
-        try:
-            result[name] = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ParameterError(f"override {item!r}: cannot parse {text!r}") from error
-    return result
+    return header_msg(round(seconds * 1e9), frame_id, classes)
 
 
 def build_pipeline(params: DetectorParams):
@@ -431,268 +92,10 @@ def build_pipeline(params: DetectorParams):
     )
 
 
-# --------------------------------------------------------------------------- frame slot
-
-
-class LatestFrameSlot:
-    """A one-place mailbox: :meth:`put` replaces a pending item, :meth:`take` waits for one.
-
-    Keeping one pending frame (instead of a queue) bounds both the latency and the memory when
-    frames arrive faster than inference: the worker always works on the newest frame.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: Any = None
-        self._pending = False
-        self._busy = False
-        self._closed = False
-
-    def put(self, item: Any) -> bool:
-        """Store ``item``; return True when it replaced a pending (now dropped) item."""
-        with self._cond:
-            replaced = self._pending
-            self._item, self._pending = item, True
-            self._cond.notify_all()
-            return replaced
-
-    def take(self, timeout: float | None = None) -> Any:
-        """Wait for an item and mark the worker busy; None on timeout or when closed."""
-        with self._cond:
-            self._busy = False
-            self._cond.notify_all()
-            if not self._cond.wait_for(lambda: self._pending or self._closed, timeout):
-                return None
-            if self._closed:
-                return None
-            item, self._item, self._pending = self._item, None, False
-            self._busy = True
-            return item
-
-    def done(self) -> None:
-        """Mark the taken item as finished (lets :meth:`wait_idle` return)."""
-        with self._cond:
-            self._busy = False
-            self._cond.notify_all()
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until nothing is pending or in work; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
-
-    def discard(self) -> bool:
-        """Drop the pending item, if any; True when one was dropped."""
-        with self._cond:
-            dropped = self._pending
-            self._item, self._pending = None, False
-            self._cond.notify_all()
-            return dropped
-
-    def close(self) -> None:
-        """Wake every waiter; later :meth:`take` calls return None."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    @property
-    def pending(self) -> bool:
-        with self._cond:
-            return self._pending
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Mean/p50/p95/max of a window of samples (ms)."""
-
-    mean: float
-    p50: float
-    p95: float
-    max: float
-    count: int
-
-
-class RollingStats:
-    """The last ``window`` samples of one quantity, summarised on demand."""
-
-    def __init__(self, window: int) -> None:
-        self._values: deque[float] = deque(maxlen=window)
-
-    def add(self, value: float) -> None:
-        self._values.append(float(value))
-
-    def summary(self) -> Summary | None:
-        """None while empty."""
-        if not self._values:
-            return None
-        values = np.fromiter(self._values, dtype=np.float64)
-        p50, p95 = np.percentile(values, [50, 95])
-        return Summary(
-            float(values.mean()), float(p50), float(p95), float(values.max()), int(values.size)
-        )
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-
 @dataclass
-class Counters:
-    """Frames received by the runtime, processed, dropped (replaced unprocessed) and failed."""
+class Frame:
+    """A received frame waiting for the worker."""
 
-    received: int = 0
-    processed: int = 0
-    dropped: int = 0
-    failed: int = 0
-
-
-@dataclass(frozen=True)
-class DiagnosticReport:
-    """The content of one diagnostic_msgs/DiagnosticStatus, independent of message classes."""
-
-    name: str
-    level: int
-    message: str
-    hardware_id: str
-    values: list[tuple[str, str]]
-
-    @property
-    def level_name(self) -> str:
-        return LEVEL_NAMES[self.level]
-
-    def as_dict(self) -> dict[str, str]:
-        return dict(self.values)
-
-
-# --------------------------------------------------------------------------- ports
-
-
-class Logger(Protocol):
-    """What the core logs through (``logging.Logger`` and rclpy's logger adapter both fit)."""
-
-    def info(self, message: str) -> Any: ...
-    def warning(self, message: str) -> Any: ...
-    def error(self, message: str) -> Any: ...
-
-
-class _NullLogger:
-    def info(self, message: str) -> None:
-        pass
-
-    warning = error = info
-
-
-def _never() -> bool:
-    return False
-
-
-def _discard(_msg: Any) -> None:
-    pass
-
-
-def _no_subscription_control(_subscribed: bool) -> None:
-    pass
-
-
-@dataclass
-class Ports:
-    """How the core talks to its runtime: publishing functions and the debug-image demand.
-
-    ``debug_image_wanted`` is asked for every frame: the annotated image is built only while it
-    returns True (rclpy: the publisher's ``get_subscription_count() > 0``).
-    ``set_image_subscription(True/False)`` creates or destroys the runtime's image subscription
-    (the ``enable`` parameter): called by :meth:`DetectorCore.start` and on every change; it
-    must be idempotent.
-    """
-
-    publish_detections: Callable[[Any], None] = _discard
-    publish_label_info: Callable[[Any], None] = _discard
-    publish_debug_image: Callable[[Any], None] = _discard
-    debug_image_wanted: Callable[[], bool] = _never
-    set_image_subscription: Callable[[bool], None] = _no_subscription_control
-
-
-class Throttle:
-    """Lets one message through per ``period`` seconds and counts the ones it held back."""
-
-    def __init__(self, period: float, monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.period = period
-        self._monotonic = monotonic
-        self._last: float | None = None
-        self.suppressed = 0
-
-    def __call__(self) -> tuple[bool, int]:
-        """(pass?, number suppressed since the last one that passed)."""
-        now = self._monotonic()
-        if self._last is None or now - self._last >= self.period:
-            self._last, suppressed, self.suppressed = now, self.suppressed, 0
-            return True, suppressed
-        self.suppressed += 1
-        return False, 0
-
-
-def stamp_seconds(header: Any) -> float:
-    """A std_msgs/Header's stamp in seconds."""
-    return float(header.stamp.sec) + float(header.stamp.nanosec) * 1e-9
-
-
-def make_header(classes: Any, seconds: float, frame_id: str = "") -> Any:
-    """A std_msgs/Header of ``classes`` stamped ``seconds`` (e.g. "now" for label info)."""
-    from dds_perception.ros.messages import header_msg
-
-    return header_msg(round(seconds * 1e9), frame_id, classes)
-
-
-def diagnostic_level(classes: Any, level: int) -> Any:
-    """The level constant of ``classes.DiagnosticStatus`` (bytes in rclpy, int in rosbags)."""
-    return getattr(classes.DiagnosticStatus, LEVEL_NAMES[level], level)
-
-
-def diagnostic_array_msg(reports: Sequence[DiagnosticReport], header: Any, classes: Any) -> Any:
-    """diagnostic_msgs/DiagnosticArray of ``classes`` holding one status per report."""
-    status = [
-        classes.DiagnosticStatus(
-            level=diagnostic_level(classes, report.level),
-            name=report.name,
-            message=report.message,
-            hardware_id=report.hardware_id,
-            values=[classes.KeyValue(key=key, value=value) for key, value in report.values],
-        )
-        for report in reports
-    ]
-    return classes.DiagnosticArray(header=header, status=status)
-
-
-def annotate(rgb: np.ndarray, detections: Any) -> np.ndarray:
-    """A copy of ``rgb`` with each detection's box, class and score drawn on it."""
-    import cv2
-
-    canvas = np.ascontiguousarray(rgb).copy()
-    height, width = canvas.shape[:2]
-    thickness = max(1, round(min(height, width) / 300))
-    for box, score, name in zip(
-        detections.boxes, detections.scores, detections.class_names, strict=True
-    ):
-        x1, y1, x2, y2 = (round(float(v)) for v in box)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 255, 0), thickness)
-        cv2.putText(
-            canvas,
-            f"{name} {float(score):.2f}",
-            (x1, max(y1 - 4, 10)),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            0.4 * thickness,
-            (0, 255, 0),
-            thickness,
-        )
-    return canvas
-
-
-# --------------------------------------------------------------------------- the core
-
-
-@dataclass
-class _Frame:
     msg: Any
     received: float  # monotonic seconds
     source: str  # the image topic it came from (trackers and camera models are per camera)
@@ -709,13 +112,17 @@ class DetectorCore:
     ``clock`` gives the runtime's "now" in seconds (ROS time, for the pipeline age);
     ``monotonic`` times the stages.
 
-    For planners (issue 19) each published detection carries a track id (``tracking``; one
-    :class:`~dds_perception.detection.tracking.ByteTracker` per image topic) and, once the
-    camera's CameraInfo arrived (:meth:`submit_camera_info`) and ``camera_height`` is set, the
-    car's position from the ground plane
-    (:func:`~dds_perception.detection.ground_plane.estimate`). ``enable`` false makes the
-    runtime drop its image subscription (``Ports.set_image_subscription``), drops the pending
-    frame, resets the tracks and releases cached memory; diagnostics go on and say so.
+    Several cameras (``image_topics``): each camera keeps its own newest frame, the worker runs
+    the frames that are ready as one batch (``pipeline.detect_batch``) and each frame goes out
+    through its camera's ports (``Ports.cameras``) with its own header; statistics are kept per
+    camera too (:meth:`camera_diagnostics`).
+
+    For planners (issue 19) each published detection carries a track id and, once the camera's
+    CameraInfo arrived (:meth:`submit_camera_info`) and ``camera_height`` is set, the car's
+    position from the ground plane (:class:`~dds_perception.ros.planning.Planner`). ``enable``
+    false makes the runtime drop its image subscriptions (``Ports.set_image_subscription``),
+    drops the pending frames, resets the tracks and releases cached memory; diagnostics go on
+    and say so.
     """
 
     def __init__(
@@ -741,34 +148,29 @@ class DetectorCore:
         self.ports = ports or Ports()
         self.clock = clock
         self.monotonic = monotonic
-        self.logger: Logger = logger or _NullLogger()
+        self.logger: Logger = logger or NullLogger()
         self.decoder = decoder or messages.image_msg_to_rgb
         self.node_name = node_name
-        self.counters = Counters()
-        self.last_error = ""
         self._lock = threading.Lock()
-        self._slot = LatestFrameSlot()
+        self._stats = FrameStats(params.stats_window)  # every camera's frames together
+        # several cameras: each one's own statistics, and how many frames each batch held
+        self._camera_stats = {
+            camera.key: FrameStats(params.stats_window)
+            for camera in (params.cameras if params.image_topics else ())
+        }
+        self._batch_sizes = RollingStats(params.stats_window)
+        self._slot = LatestFrameSlot()  # the newest pending frame of each camera
         self._thread: threading.Thread | None = None
-        self._failure_throttle = Throttle(failure_log_period, time.monotonic)
-        # planning outputs: trackers and camera models per image topic, distance outcomes
-        self._plan_lock = threading.Lock()
-        self._trackers: dict[str, Any] = {}
-        self._cameras: dict[str, Any] = {}  # source -> Intrinsics
-        self._camera_errors: dict[str, str] = {}  # source -> why its CameraInfo is unusable
-        self.camera_info_received = 0
-        self.distance_counts: dict[str, int] = {}
+        # bad frames in one line, bugs with their traceback; throttled per place
+        self._errors = ErrorLog(
+            self.logger.warning, self.logger.error, period=failure_log_period, monotonic=monotonic
+        )
+        self.planner = Planner(self.logger)
         self.frames_ignored = 0  # frames that arrived while disabled (before unsubscribing)
         self._release_pending = False
-        self._reset_windows(params.stats_window)
         self._apply_runtime(params)
 
     # ------------------------------------------------------------------ lifecycle
-    def _reset_windows(self, window: int) -> None:
-        self._stats = {name: RollingStats(window) for name in (*STAGES, "age")}
-        self._outcomes: deque[bool] = deque(maxlen=window)  # True = processed, False = failed
-        self._done_times: deque[float] = deque(maxlen=window)
-        self._arrival_times: deque[float] = deque(maxlen=window)
-
     def start(self) -> None:
         """Publish the label info once, start the worker thread, and have the runtime subscribe
         to images when ``enable`` is true."""
@@ -792,6 +194,15 @@ class DetectorCore:
         return self._slot.wait_idle(timeout)
 
     @property
+    def counters(self) -> Any:
+        """Frames received, processed, dropped and failed (a live ``Counters``)."""
+        return self._stats.counters
+
+    @property
+    def last_error(self) -> str:
+        return self._stats.last_error
+
+    @property
     def device(self) -> str:
         return str(getattr(self.pipeline, "device", self.params.device))
 
@@ -801,8 +212,18 @@ class DetectorCore:
 
     @property
     def default_source(self) -> str:
-        """The key of the node's one camera: its subscribed image topic."""
-        return self.params.subscribed_topic
+        """The key of the node's (first) camera: its subscribed image topic."""
+        return self.params.cameras[0].key
+
+    def _stats_for(self, source: str) -> tuple[FrameStats, ...]:
+        """The statistics a frame of ``source`` counts in (the node's, and its camera's when
+        there are several cameras). Call under the lock."""
+        if not self._camera_stats:
+            return (self._stats,)
+        camera = self._camera_stats.get(source)
+        if camera is None:  # a topic the parameters do not list: counted on its own
+            camera = self._camera_stats[source] = FrameStats(self.params.stats_window)
+        return (self._stats, camera)
 
     @property
     def class_names(self) -> list[str]:
@@ -820,6 +241,10 @@ class DetectorCore:
         Parameters that need a restart (weights, device, topics, ...) are refused unless their
         value is unchanged; nothing is applied when any change is refused.
         """
+        changes = {  # ROS gives string arrays as lists
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in changes.items()
+        }
         fixed = sorted(
             name
             for name, value in changes.items()
@@ -848,7 +273,7 @@ class DetectorCore:
         except ParameterError as error:
             return False, str(error)
         if enabled:
-            return True, f"enabled: subscribed to {self.params.subscribed_topic}"
+            return True, f"enabled: subscribed to {', '.join(self.params.subscribed_topics)}"
         return True, "disabled: not subscribed to images, no inference"
 
     def _switch(self, enabled: bool) -> None:
@@ -856,14 +281,15 @@ class DetectorCore:
         the tracks (a car seen after the pause is a new observation) and free cached memory."""
         self.ports.set_image_subscription(enabled)
         if enabled:
-            self.logger.info(f"enabled: subscribed to {self.params.subscribed_topic}")
+            topics = ", ".join(self.params.subscribed_topics)
+            self.logger.info(f"enabled: subscribed to {topics}")
             return
-        if self._slot.discard():
-            with self._lock:
-                self.counters.dropped += 1
-        with self._plan_lock:
-            for tracker in self._trackers.values():
-                tracker.reset()
+        dropped = self._slot.discard()
+        with self._lock:
+            for frame in dropped:
+                for stats in self._stats_for(frame.source):
+                    stats.dropped()
+        self.planner.reset_tracks()
         if self._slot.wait_idle(0):
             released = self._release_memory()
         else:  # a frame is in inference: the worker releases after it
@@ -880,62 +306,51 @@ class DetectorCore:
 
             return release_cached_memory(self.device)
         except Exception as error:  # freeing memory is best effort
-            self.logger.warning(f"cached memory not released: {error}")
+            self._errors.report(error, "cached memory not released", "release")
             return []
 
     # ------------------------------------------------------------------ frames
     def submit(self, msg: Any, source: str | None = None) -> None:
         """Hand over a received Image/CompressedImage; returns at once (subscription callback).
 
-        ``source``: the image topic (default: the subscribed one). While disabled, frames
-        still in flight are ignored (counted as ``frames_ignored_disabled``).
+        ``source``: the camera's subscribed image topic (default: the first camera's). A frame
+        replaces the same camera's pending one (counted as dropped), never another camera's.
+        While disabled, frames still in flight are ignored (counted as
+        ``frames_ignored_disabled``).
         """
         now = self.monotonic()
         if not self.params.enable:
             with self._lock:
                 self.frames_ignored += 1
             return
+        source = source or self.default_source
         with self._lock:
-            self.counters.received += 1
-            self._arrival_times.append(now)
-        if self._slot.put(_Frame(msg, now, source or self.default_source)):
+            for stats in self._stats_for(source):
+                stats.received(now)
+        if self._slot.put(Frame(msg, now, source), key=source):
             with self._lock:
-                self.counters.dropped += 1
+                for stats in self._stats_for(source):
+                    stats.dropped()
 
     def submit_camera_info(self, msg: Any, source: str | None = None) -> None:
         """Take the camera model of ``source``'s images (default: the subscribed topic) from a
-        sensor_msgs/CameraInfo; an unusable one (zero focal length, K not 3x3, ...) is kept as
-        the reason why that camera's boxes get no distance, never raised."""
-        from dds_perception.detection.ground_plane import CameraModelError, Intrinsics
-
-        source = source or self.default_source
-        try:
-            intrinsics, problem = Intrinsics.from_camera_info(msg), ""
-        except (CameraModelError, AttributeError, TypeError, ValueError) as error:
-            intrinsics, problem = None, f"{type(error).__name__}: {error}"
-        with self._lock:
-            self.camera_info_received += 1
-            known_problem = self._camera_errors.get(source)
-            if intrinsics is None:
-                self._cameras.pop(source, None)
-                self._camera_errors[source] = problem
-            else:
-                self._cameras[source] = intrinsics
-                self._camera_errors.pop(source, None)
-        if problem and problem != known_problem:
-            self.logger.warning(f"CameraInfo for {source} unusable, no distances: {problem}")
+        sensor_msgs/CameraInfo; an unusable one is kept as the reason why that camera's boxes
+        get no distance, never raised."""
+        self.planner.submit_camera_info(msg, source or self.default_source)
 
     def _run(self) -> None:
         while True:
-            frame = self._slot.take()
-            if frame is None:
+            frames = self._slot.take_all()  # the newest frame of every camera that sent one
+            if not frames:
                 return
             try:
-                self.process(frame.msg, received=frame.received, source=frame.source)
-            finally:
-                self._slot.done()
+                self.process_batch(frames)
                 if self._release_pending and not self.params.enable:
                     self._release_memory()
+            except Exception as error:  # process_batch records its own: the worker must live
+                self._errors.report(error, "worker", "worker")
+            finally:
+                self._slot.done()
 
     def process(
         self, msg: Any, *, received: float | None = None, source: str | None = None
@@ -943,128 +358,120 @@ class DetectorCore:
         """Run one frame through decode -> pipeline -> tracker and distance -> messages -> ports.
 
         Returns the Detection2DArray, or None when the frame failed (counted, logged throttled).
-        Called by the worker; runtimes without threads may call it directly.
+        Runtimes without threads may call it directly (the worker calls :meth:`process_batch`).
         """
+        received = self.monotonic() if received is None else received
+        return self.process_batch([Frame(msg, received, source or self.default_source)])[0]
+
+    def process_batch(self, frames: Sequence[Frame]) -> list[Any | None]:
+        """Run frames (one per camera) through decode -> one pipeline call for all of them ->
+        per frame: its camera's tracker and distances -> a message with its own header -> its
+        camera's ports. Each frame's Detection2DArray, None where one failed: a frame fails
+        alone (bad input, a bug in its planning or publishing), except when the network call
+        for the batch fails, which fails every frame in it."""
         clock = self.monotonic
-        received = clock() if received is None else received
+        outputs: list[Any | None] = [None] * len(frames)
+        ready: list[tuple[int, Frame, np.ndarray, float]] = []
+        for index, frame in enumerate(frames):
+            try:
+                t0 = clock()
+                rgb = self.decoder(frame.msg)
+                ready.append((index, frame, rgb, (clock() - t0) * 1e3))
+            except Exception as error:  # a bad frame must never stop the node
+                self._record_failure(frame, error)
+        if not ready:
+            return outputs
+        for (index, frame, rgb, decode_ms), found in zip(
+            ready, self._detect([rgb for _, _, rgb, _ in ready]), strict=True
+        ):
+            if isinstance(found, Exception):
+                self._record_failure(frame, found)
+            else:
+                outputs[index] = self._finish(frame, rgb, decode_ms, found)
+        return outputs
+
+    def _detect(self, rgbs: list[np.ndarray]) -> list[Any]:
+        """The pipeline's detections of each frame (or the exception it raised): several frames
+        in one ``detect_batch`` call (each letterboxed to the network input on its own)."""
+        if len(rgbs) > 1 and hasattr(self.pipeline, "detect_batch"):
+            with self._lock:
+                self._batch_sizes.add(len(rgbs))
+            try:
+                found = list(self.pipeline.detect_batch(rgbs))
+                if len(found) != len(rgbs):
+                    raise RuntimeError(f"detect_batch gave {len(found)} results for {len(rgbs)}")
+                return found
+            except Exception as error:  # neither a bad frame nor a bug may stop the node
+                return [error] * len(rgbs)
+        results: list[Any] = []
+        for rgb in rgbs:  # one frame, or a pipeline without batches: one call per frame
+            with self._lock:
+                self._batch_sizes.add(1)
+            try:
+                results.append(self.pipeline(rgb))
+            except Exception as error:
+                results.append(error)
+        return results
+
+    def _finish(self, frame: Frame, rgb: np.ndarray, decode_ms: float, detections: Any) -> Any:
+        """Planning, message and publication of one detected frame; its statistics."""
+        clock, msg = self.monotonic, frame.msg
         try:
-            t0 = clock()
-            rgb = self.decoder(msg)
-            decode_ms = (clock() - t0) * 1e3
-            detections = self.pipeline(rgb)
             t1 = clock()
-            extras = self._plan(detections, rgb.shape[:2], msg.header, source)
+            extras = self._plan(detections, rgb.shape[:2], msg.header, frame.source)
             planning_ms = (clock() - t1) * 1e3
             out = self._messages.detections_to_msg(detections, msg.header, self.classes, **extras)
-            self.ports.publish_detections(out)
-        except Exception as error:  # a bad frame must never stop the node
-            self._record_failure(msg, error)
+            self.ports.for_camera(frame.source).publish_detections(out)
+        except Exception as error:  # neither a bad frame nor a bug may stop the node
+            self._record_failure(frame, error)
             return None
-        end_ms = (clock() - received) * 1e3
+        end_ms = (clock() - frame.received) * 1e3
         age_ms = (self.clock() - stamp_seconds(msg.header)) * 1e3
         timings = dict(getattr(detections, "timings", {}) or {})
         timings["decode"] = decode_ms + float(timings.get("decode", 0.0))
         timings["planning"] = planning_ms
         timings["end_to_end"] = end_ms
         with self._lock:
-            self.counters.processed += 1
-            self._outcomes.append(True)
-            self._done_times.append(clock())
-            for stage in STAGES:
-                if stage in timings:
-                    self._stats[stage].add(timings[stage])
-            self._stats["age"].add(age_ms)
+            now = clock()
+            for stats in self._stats_for(frame.source):
+                stats.processed(timings, age_ms, now)
         if self.params.publish_debug_image:
-            self._publish_debug(rgb, detections, msg.header)
+            self._publish_debug(rgb, detections, msg.header, frame.source)
         return out
-
-    # ------------------------------------------------------------------ planning outputs
-    def _tracker_config(self, params: DetectorParams) -> Any:
-        from dds_perception.detection.tracking import TrackerConfig
-
-        high = params.track_high_threshold
-        return TrackerConfig(
-            high_threshold=high,
-            low_threshold=min(0.1, high),
-            new_track_threshold=min(1.0, high + 0.1),
-            track_buffer=params.track_buffer,
-        )
 
     def _plan(
         self, detections: Any, image_size: tuple[int, int], header: Any, source: str | None
     ) -> dict[str, Any]:
-        """Track ids and ground-plane positions of one frame's detections (keyword arguments
-        of ``messages.detections_to_msg``)."""
-        from dds_perception.detection import ground_plane, tracking
+        """Track ids and ground-plane positions of one frame (``Planner.plan``; timed by the
+        planning benchmark)."""
+        return self.planner.plan(
+            detections, image_size, header, source or self.default_source, self.params
+        )
 
-        params = self.params
-        source = source or self.default_source
-        boxes = np.asarray(detections.boxes, dtype=np.float64).reshape(-1, 4)
-        extras: dict[str, Any] = {}
-        with self._plan_lock:
-            if params.tracking:
-                tracker = self._trackers.get(source)
-                config = self._tracker_config(params)
-                if tracker is None:
-                    tracker = self._trackers[source] = tracking.ByteTracker(config)
-                tracker.config = config
-                scores = np.asarray(detections.scores, dtype=np.float64).reshape(-1)
-                extras["ids"] = tracking.format_ids(
-                    tracker.update(boxes, scores, stamp_seconds(header))
-                )
-            elif source in self._trackers:  # tracking switched off: start afresh when back
-                self._trackers[source].reset()
-        with self._lock:
-            intrinsics = self._cameras.get(source)
-            bad_info = source in self._camera_errors
-        if bad_info:
-            estimates = ground_plane.GroundEstimates.omitted(
-                len(boxes), ground_plane.BAD_CAMERA_INFO
-            )
-        else:
-            plane = ground_plane.GroundPlane(
-                camera_height=params.camera_height,
-                pitch=params.camera_pitch,
-                center_offset=params.distance_offset,
-            )
-            estimates = ground_plane.estimate(boxes, intrinsics, plane, image_size)
-        counts: dict[str, int] = {}
-        for reason in estimates.reasons:
-            key = reason or "estimated"
-            counts[key] = counts.get(key, 0) + 1
-        with self._lock:
-            for key, value in counts.items():
-                self.distance_counts[key] = self.distance_counts.get(key, 0) + value
-        if len(boxes):
-            extras["positions"] = estimates.positions
-            extras["covariances"] = ground_plane.pose_covariances(estimates.covariances)
-        return extras
-
-    def _publish_debug(self, rgb: np.ndarray, detections: Any, header: Any) -> None:
+    def _publish_debug(self, rgb: np.ndarray, detections: Any, header: Any, source: str) -> None:
         try:
-            if not self.ports.debug_image_wanted():
+            ports = self.ports.for_camera(source)
+            if not ports.debug_image_wanted():
                 return
             image = self._messages.rgb_to_image_msg(
                 annotate(rgb, detections), header, self.classes
             )
-            self.ports.publish_debug_image(image)
+            ports.publish_debug_image(image)
         except Exception as error:  # the debug image is optional: never fail the frame for it
-            self.logger.warning(f"debug image not published: {error}")
+            self._errors.report(error, "debug image not published", "debug_image")
 
-    def _record_failure(self, msg: Any, error: Exception) -> None:
-        text = f"{type(error).__name__}: {error}"
+    def _record_failure(self, frame: Frame, error: Exception) -> None:
+        """Count a failed frame; log it (:class:`ErrorLog`: a bad frame in one line, a bug with
+        its traceback the first time its type occurs)."""
         with self._lock:
-            self.counters.failed += 1
-            self._outcomes.append(False)
-            self.last_error = text
-            failed = self.counters.failed
-        show, suppressed = self._failure_throttle()
-        if show:
-            stamp = ""
-            with contextlib.suppress(Exception):  # the header itself may be the broken part
-                stamp = f" stamp {stamp_seconds(msg.header):.3f}"
-            more = f" ({suppressed} more failures since the last report)" if suppressed else ""
-            self.logger.warning(f"frame{stamp} failed ({failed} so far): {text}{more}")
+            for stats in self._stats_for(frame.source):
+                stats.failed(describe(error))
+            failed = self._stats.counters.failed
+        stamp = ""
+        with contextlib.suppress(Exception):  # the header itself may be the broken part
+            stamp = f" stamp {stamp_seconds(frame.msg.header):.3f}"
+        camera = f" from {frame.source}" if self._camera_stats else ""
+        self._errors.report(error, f"frame{stamp}{camera} failed ({failed} so far)", "frame")
 
     # ------------------------------------------------------------------ label info
     def label_info_msg(self) -> Any:
@@ -1082,62 +489,9 @@ class DetectorCore:
         self.ports.publish_label_info(self.label_info_msg())
 
     # ------------------------------------------------------------------ diagnostics
-    def _rate(self, times: Sequence[float], now: float, horizon: float = 10.0) -> float:
-        """Events per second over the recent ``horizon`` (0 with fewer than two)."""
-        recent = [t for t in times if now - t <= horizon]
-        if len(recent) < 2:
-            return 0.0
-        span = max(now, recent[-1]) - recent[0]
-        return (len(recent) - 1) / span if span > 0 else 0.0
-
-    def _planning_values(self) -> tuple[list[tuple[str, str]], str]:
-        """Diagnostic key/values of tracking and distance, and a problem to warn about ("")."""
-        from dds_perception.detection.ground_plane import REASONS
-
-        params = self.params
-        source = self.default_source
-        with self._plan_lock:
-            trackers = list(self._trackers.values())
-            active = sum(t.num_tracked for t in trackers)
-            lost = sum(t.num_lost for t in trackers)
-            issued = sum(t.next_id - 1 for t in trackers)
-        with self._lock:
-            intrinsics = self._cameras.get(source)
-            error = self._camera_errors.get(source, "")
-            received = self.camera_info_received
-            counts = dict(self.distance_counts)
-            ignored = self.frames_ignored
-            processed = self.counters.processed
-        topic = params.resolved_camera_info_topic
-        if intrinsics is not None:
-            camera = (
-                f"ok: {intrinsics.width}x{intrinsics.height}, fx {intrinsics.fx:.1f}, "
-                f"fy {intrinsics.fy:.1f}"
-            )
-        elif error:
-            camera = f"invalid: {error}"
-        else:
-            camera = f"none received on {topic}"
-        problem = ""
-        if params.camera_height > 0 and intrinsics is None and processed:
-            problem = f"no usable CameraInfo on {topic}: cars published without distance"
-        values = [
-            ("enabled", "true" if params.enable else "false"),
-            ("frames_ignored_disabled", str(ignored)),
-            ("tracking", "on" if params.tracking else "off"),
-            ("tracks_active", str(active)),
-            ("tracks_lost", str(lost)),
-            ("track_ids_issued", str(issued)),
-            ("camera_info", camera),
-            ("camera_info_received", str(received)),
-            ("camera_height_m", f"{params.camera_height:.3f}"),
-            ("distance_estimated", str(counts.get("estimated", 0))),
-            *((f"distance_omitted_{reason}", str(counts.get(reason, 0))) for reason in REASONS),
-        ]
-        return values, problem
-
     def diagnostics(self) -> DiagnosticReport:
-        """Level, message and key/values for diagnostics (design.md section 7).
+        """Level, message and key/values for diagnostics (design.md section 7), every camera's
+        frames together (:meth:`camera_diagnostics`: each camera's).
 
         Disabled (``enable`` false): OK, saying so. Otherwise ERROR when a frame of the recent
         window failed, WARN when the window's p95 end-to-end latency exceeds
@@ -1146,62 +500,79 @@ class DetectorCore:
         """
         now = self.monotonic()
         with self._lock:
-            counters = dataclasses.replace(self.counters)
-            summaries = {name: stats.summary() for name, stats in self._stats.items()}
-            outcomes = list(self._outcomes)
-            rate = self._rate(list(self._done_times), now)
-            input_rate = self._rate(list(self._arrival_times), now)
-            last_error = self.last_error
-            budget = self.params.latency_budget_ms
-        values: list[tuple[str, str]] = [
-            ("rate_hz", f"{rate:.2f}"),
-            ("input_rate_hz", f"{input_rate:.2f}"),
+            summary = self._stats.summary(now)
+            params = self.params
+            ignored = self.frames_ignored
+            processed = {key: s.counters.processed for key, s in self._camera_stats.items()}
+            batches = self._batch_sizes.summary()
+        cameras = [
+            (camera.key, camera.camera_info_topic, processed.get(camera.key, 0))
+            for camera in params.cameras
         ]
-        for name in (*STAGES, "age"):
-            summary = summaries[name]
-            for stat in STATS:
-                text = f"{getattr(summary, stat):.2f}" if summary else "nan"
-                values.append((f"{name}_ms_{stat}", text))
-        failed_recent = outcomes.count(False)
-        values += [
-            ("frames_received", str(counters.received)),
-            ("frames_processed", str(counters.processed)),
-            ("frames_dropped", str(counters.dropped)),
-            ("frames_failed", str(counters.failed)),
-            ("failed_in_window", f"{failed_recent}/{len(outcomes)}"),
+        if not self._camera_stats:  # one camera: its frames are the node's
+            cameras = [(cameras[0][0], cameras[0][1], summary.counters.processed)]
+        planning, problem = self.planner.values(params, cameras)
+        values = [
+            *summary.values(),
             ("device", self.device),
-            ("latency_budget_ms", f"{budget:.1f}"),
-            ("last_error", last_error),
+            ("latency_budget_ms", f"{params.latency_budget_ms:.1f}"),
+            ("last_error", summary.last_error),
+            ("enabled", "true" if params.enable else "false"),
+            ("frames_ignored_disabled", str(ignored)),
+            *planning,
         ]
-        planning, problem = self._planning_values()
-        values += planning
-        e2e = summaries["end_to_end"]
+        if self._camera_stats:
+            values += [
+                ("cameras", str(len(params.cameras))),
+                ("batch_size_mean", f"{batches.mean:.2f}" if batches else "nan"),
+                ("batch_size_max", f"{batches.max:.0f}" if batches else "nan"),
+            ]
+        return DiagnosticReport(
+            DIAGNOSTIC_TASK, *self._level(summary, problem), self.device, values
+        )
+
+    def _level(self, summary: Any, problem: str) -> tuple[int, str]:
         if not self.params.enable:
-            level = OK
-            message = "disabled (enable is false): not subscribed to images, no inference"
-        elif failed_recent:
-            level = ERROR
-            message = f"{failed_recent} of the last {len(outcomes)} frames failed: {last_error}"
-        elif e2e is not None and e2e.p95 > budget:
-            level = WARN
-            message = f"p95 end-to-end latency {e2e.p95:.1f} ms exceeds the {budget:.1f} ms budget"
-        elif problem:
-            level, message = WARN, problem
-        elif e2e is None:
-            level, message = OK, "waiting for images"
-        else:
-            level = OK
-            message = f"{rate:.1f} Hz, p95 end-to-end {e2e.p95:.1f} ms"
-        return DiagnosticReport(DIAGNOSTIC_TASK, level, message, self.device, values)
+            return OK, "disabled (enable is false): not subscribed to images, no inference"
+        return assess(summary, self.params.latency_budget_ms, problem)
+
+    def camera_diagnostics(self) -> list[DiagnosticReport]:
+        """One report per camera when there are several (none with one camera): its frames
+        received, processed, dropped and failed, its rates and latencies, its CameraInfo."""
+        if not self._camera_stats:
+            return []
+        now = self.monotonic()
+        reports = []
+        for camera in self.params.cameras:
+            with self._lock:
+                summary = self._stats_for(camera.key)[1].summary(now)
+            info, usable = self.planner.camera_state(camera.key, camera.camera_info_topic)
+            active, lost, issued = self.planner.tracks(camera.key)
+            problem = ""
+            if self.params.camera_height > 0 and not usable and summary.counters.processed:
+                problem = f"no usable CameraInfo on {camera.camera_info_topic}"
+            values = [
+                ("image_topic", camera.subscribed_topic),
+                ("detections_topic", camera.detections_topic),
+                *summary.values(),
+                ("last_error", summary.last_error),
+                ("camera_info", info),
+                ("tracks_active", str(active)),
+                ("tracks_lost", str(lost)),
+                ("track_ids_issued", str(issued)),
+            ]
+            level, message = self._level(summary, problem)
+            name = f"{CAMERA_TASK} {camera.image_topic}"
+            reports.append(DiagnosticReport(name, level, message, self.device, values))
+        return reports
 
     def diagnostics_msg(self) -> Any:
-        """The report as a diagnostic_msgs/DiagnosticArray (for runtimes without an updater).
-
-        The status name is ``"<node>: <task>"``, as diagnostic_updater names it.
-        """
-        report = self.diagnostics()
+        """Every report (the node's, each camera's) as a diagnostic_msgs/DiagnosticArray, for
+        runtimes without an updater. Status names are ``"<node>: <task>"``, as
+        diagnostic_updater names them."""
+        reports = [self.diagnostics(), *self.camera_diagnostics()]
         return diagnostic_array_msg(
-            [dataclasses.replace(report, name=f"{self.node_name}: {report.name}")],
+            [dataclasses.replace(r, name=f"{self.node_name}: {r.name}") for r in reports],
             make_header(self.classes, self.clock(), ""),
             self.classes,
         )

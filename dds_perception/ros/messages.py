@@ -171,10 +171,22 @@ class MessageClasses:
 # Building the bundles
 
 
+def _typesys() -> Any:
+    """``rosbags.typesys``; a :class:`MessageError` with the install command without it (only
+    the rosbags classes need it: bags, the Cyclone DDS runtime; never the rclpy node)."""
+    try:
+        import rosbags.typesys
+    except ImportError as error:
+        raise MessageError(
+            f"the rosbags message classes need the rosbags package ({error}); "
+            "pip install 'rosbags>=0.10,<0.12'"
+        ) from error
+    return rosbags.typesys
+
+
 def vision_msgs_types() -> dict[str, Any]:
     """Parse the shipped vision_msgs 4.x ``.msg`` files into rosbags type definitions."""
-    from rosbags.typesys import get_types_from_msg
-
+    get_types_from_msg = _typesys().get_types_from_msg
     msg_dir = files("dds_perception.ros") / "msg"  # package data, also inside a wheel or zip
     types: dict[str, Any] = {}
     for name in VISION_MSGS:
@@ -184,8 +196,7 @@ def vision_msgs_types() -> dict[str, Any]:
 
 
 def _store_enum(store: Any) -> Any:
-    from rosbags.typesys import Stores
-
+    Stores = _typesys().Stores
     if isinstance(store, Stores):
         return store
     key = str(store).lower().removeprefix("ros2_")
@@ -196,9 +207,7 @@ def _store_enum(store: Any) -> Any:
 
 @functools.cache
 def _typestore_cached(store: Any) -> Any:
-    from rosbags.typesys import get_typestore
-
-    typestore = get_typestore(store)
+    typestore = _typesys().get_typestore(store)
     typestore.register(vision_msgs_types())
     return typestore
 

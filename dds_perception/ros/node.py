@@ -4,15 +4,18 @@ Examples:
   ros2 run dds_perception detector_node --ros-args -r image:=/camera/image_raw -p device:=cpu
   ros2 launch dds_perception detector.launch.py image_topic:=/camera/image_raw
   dds-perception detector_node --ros-args --params-file config/detector.yaml
+  ros2 run dds_perception detector_node --ros-args \
+      -p "image_topics:=[/cam_front/image_raw, /cam_rear/image_raw]"   # -> /cam_*/detections
   ros2 topic echo /detections
 
 This is the only module that imports rclpy. It declares the parameters (descriptions and ranges
-from ``core.DetectorParams``), creates the subscriptions (images, camera_info), publishers,
+from ``params.DetectorParams``), creates the subscriptions (images, camera_info), publishers,
 the ``~/enable`` service (std_srvs/SetBool) and diagnostic_updater, and hands every frame to
 :class:`dds_perception.ros.core.DetectorCore`, which does the work on its own thread (the newest
 frame wins). The service sets the ``enable`` parameter (so ``ros2 param get`` agrees); the core
-then has this node create or destroy the image subscription. Without rclpy it prints how to get
-it (a sourced ROS 2 install) or to use the Cyclone DDS runtime instead, and exits with status 1.
+then has this node create or destroy the image subscriptions (one per camera). Without rclpy it
+prints how to get it (a sourced ROS 2 install) or to use the Cyclone DDS runtime instead, and
+exits with status 1.
 
   ros2 service call /dds_detector/enable std_srvs/srv/SetBool "{data: false}"
   ros2 param set /dds_detector enable true
@@ -21,10 +24,21 @@ it (a sourced ROS 2 install) or to use the Cyclone DDS runtime instead, and exit
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 from typing import Any
 
-from dds_perception.ros import core, messages
+from dds_perception.ros import core, diagnostics, messages
+from dds_perception.ros.error_log import START_ERRORS, ErrorLog, describe
+from dds_perception.ros.params import (
+    NODE_NAME,
+    DetectorParams,
+    ParameterError,
+    parameter_names,
+    parameter_specs,
+)
+from dds_perception.ros.ports import Ports
 
 try:  # rclpy exists only on a ROS 2 machine; --help and the CLI table work without it
     import rclpy
@@ -37,6 +51,13 @@ try:  # rclpy exists only on a ROS 2 machine; --help and the CLI table work with
     except ImportError:  # Foxy: no such exception; nothing to catch
 
         class ExternalShutdownException(Exception):
+            """Stand-in for rclpy releases that lack it (never raised)."""
+
+    try:
+        from rclpy.exceptions import ParameterUninitializedException
+    except ImportError:  # Foxy: parameters cannot be declared by type; nothing to catch
+
+        class ParameterUninitializedException(Exception):
             """Stand-in for rclpy releases that lack it (never raised)."""
 
     ROS_IMPORT_ERROR: Exception | None = None
@@ -84,6 +105,14 @@ def _descriptor(spec: Any) -> Any:
     return ParameterDescriptor(**kwargs)
 
 
+def _declared_default(spec: Any) -> Any:
+    """The value to declare a parameter with: its default, or for an empty string array its
+    type (rclpy would take an empty list for a byte array)."""
+    if isinstance(spec.default, tuple):
+        return list(spec.default) if spec.default else Parameter.Type.STRING_ARRAY
+    return spec.default
+
+
 def _image_qos(reliability: str) -> Any:
     """Sensor-data QoS: keep last 1, volatile, best effort (default) or reliable."""
     return QoSProfile(
@@ -99,52 +128,82 @@ def _image_qos(reliability: str) -> Any:
 
 
 def _cv_bridge_decoder(classes: Any, logger: _RosLogger) -> Any:
-    """cv_bridge's image conversion, or None when it cannot be used here.
+    """The node's image decoder when cv_bridge can add encodings, else None (the project's own).
 
-    cv_bridge on Humble is built against NumPy 1.x: under NumPy 2 it fails to import or fails on
-    first use (``_ARRAY_API not found``), so errors of every kind are caught, and a probe frame
-    must decode to exactly what the project's own conversion gives before cv_bridge is used.
-    Raw frames are checked with the project's geometry rules first (cv_bridge trusts ``step``).
+    The project's conversions (``messages.image_msg_to_rgb``) decode rgb8, bgr8, rgba8, bgra8,
+    mono8 and JPEG/PNG, checking ``step`` and the buffer size; they decode those always.
+    cv_bridge is used only for the raw encodings they do not handle (Bayer, YUV 4:2:2, 16-bit,
+    ...); its errors and any result that is not an HxWx3 uint8 frame become
+    :class:`~dds_perception.data.images.ImageDecodeError` (a bad frame). cv_bridge on Humble is
+    built against NumPy 1.x: under NumPy 2 it fails to import or on first use (``_ARRAY_API not
+    found``), so errors of every kind are caught and probe frames (a uniform Bayer frame, a
+    mono16 frame) must convert before it is used.
     """
+    import numpy as np
+
+    from dds_perception.data.images import RAW_ENCODINGS, ImageDecodeError
+
     try:
         from cv_bridge import CvBridge
 
         bridge = CvBridge()
     except Exception as error:  # ImportError, or NumPy ABI errors of several kinds
         logger.info(
-            f"cv_bridge not usable ({type(error).__name__}: {error}); using the "
-            "project's image conversions"
+            f"cv_bridge not usable ({describe(error)}); decoding the encodings of the project's "
+            "image conversions only"
         )
         return None
 
-    def decode(msg: Any) -> Any:
-        if messages.is_compressed(msg):
-            return bridge.compressed_imgmsg_to_cv2(msg, "rgb8")
-        from dds_perception.data.images import raw_to_array
+    def convert(msg: Any) -> np.ndarray:
+        size = (int(msg.height), int(msg.width))
+        try:
+            rgb = np.asarray(bridge.imgmsg_to_cv2(msg, "rgb8"))
+        except Exception as error:  # CvBridgeError, a short buffer, ...: a bad frame
+            raise ImageDecodeError(
+                f"cv_bridge cannot convert a {size[1]}x{size[0]} {msg.encoding!r} frame to "
+                f"rgb8: {describe(error)}"
+            ) from error
+        if rgb.dtype != np.uint8 or rgb.shape != (*size, 3):
+            raise ImageDecodeError(
+                f"cv_bridge gave a {rgb.dtype} array of shape {rgb.shape} for a {size[1]}x"
+                f"{size[0]} {msg.encoding!r} frame; expected {size[0]}x{size[1]}x3 uint8"
+            )
+        return rgb
 
-        raw_to_array(msg.data, str(msg.encoding), int(msg.height), int(msg.width), int(msg.step))
-        return bridge.imgmsg_to_cv2(msg, "rgb8")
+    def decode(msg: Any) -> np.ndarray:
+        if messages.is_compressed(msg) or str(msg.encoding).lower() in RAW_ENCODINGS:
+            return messages.image_msg_to_rgb(msg)
+        return convert(msg)
 
-    import numpy as np
+    def probe(encoding: str, values: np.ndarray, step: int) -> np.ndarray:
+        return convert(
+            classes.Image(
+                header=messages.header_msg(0, "probe", classes),
+                height=4,
+                width=6,
+                encoding=encoding,
+                is_bigendian=0,
+                step=step,
+                data=classes.uint8_array(values.tobytes()),
+            )
+        )
 
-    probe_rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
-    header = messages.header_msg(0, "probe", classes)
     try:
-        probes = [
-            messages.rgb_to_image_msg(probe_rgb, header, classes, enc)
-            for enc in ("rgb8", "bgr8", "mono8")
-        ]
-        same = all(np.array_equal(decode(p), messages.image_msg_to_rgb(p)) for p in probes)
+        bayer = probe("bayer_rggb8", np.full(24, 100, np.uint8), 6)
+        mono16 = probe("mono16", np.full(24, 25600, "<u2"), 12)
+        usable = bool((bayer == 100).all() and (mono16 == mono16[0, 0, 0]).all())
     except Exception as error:
         logger.info(
-            f"cv_bridge failed its self-test ({type(error).__name__}: {error}); using "
-            "the project's image conversions"
+            f"cv_bridge failed its self-test ({describe(error)}); decoding the encodings of the "
+            "project's image conversions only"
         )
         return None
-    if not same:
-        logger.info("cv_bridge decodes differently from the project's conversions; using those")
+    if not usable:
+        logger.info("cv_bridge converts a uniform probe frame to a non-uniform one; not used")
         return None
-    logger.info("decoding images with cv_bridge")
+    logger.info(
+        "cv_bridge decodes the encodings the project's conversions lack (Bayer, YUV, 16-bit)"
+    )
     return decode
 
 
@@ -152,25 +211,24 @@ class DetectorNode(Node):
     """The ``dds_detector`` node: subscription -> :class:`core.DetectorCore` -> publishers."""
 
     def __init__(self, *, pipeline_factory: Any = None, **node_kwargs: Any) -> None:
-        super().__init__(core.NODE_NAME, **node_kwargs)
+        super().__init__(NODE_NAME, **node_kwargs)
         self.core: core.DetectorCore | None = None
-        for spec in core.parameter_specs():
-            self.declare_parameter(spec.name, spec.default, _descriptor(spec))
-        params = core.DetectorParams(
-            **{name: self.get_parameter(name).value for name in core.parameter_names()}
+        for spec in parameter_specs():
+            descriptor = _descriptor(spec)
+            try:
+                self.declare_parameter(spec.name, _declared_default(spec), descriptor)
+            except TypeError:  # Foxy: no declaring by type; an unset parameter takes any value
+                self.declare_parameter(spec.name, None, descriptor)
+        params = DetectorParams(
+            **{spec.name: self._parameter_value(spec) for spec in parameter_specs()}
         )  # ParameterError here: one clear message from main()
         log = _RosLogger(self.get_logger())
+        # callbacks of rclpy must not raise (an exception ends spin): bugs are logged instead
+        self._errors = ErrorLog(log.warning, log.error)
         # missing or corrupt weights, an unavailable device: raises here, before any topic
         pipeline = (pipeline_factory or core.build_pipeline)(params)
         classes = messages.ros_classes()
 
-        self._detections_pub = self.create_publisher(
-            classes.Detection2DArray,
-            "detections",
-            QoSProfile(
-                history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE
-            ),
-        )
         self._label_pub = None
         if classes.LabelInfo is not None:  # vision_msgs 4.x (not Foxy's 2.x)
             self._label_pub = self.create_publisher(
@@ -183,18 +241,15 @@ class DetectorNode(Node):
                     durability=DurabilityPolicy.TRANSIENT_LOCAL,
                 ),
             )
-        self._debug_pub = self.create_publisher(
-            classes.Image,
-            "~/debug_image",
-            QoSProfile(
-                history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE
-            ),
-        )
-        ports = core.Ports(
-            publish_detections=self._detections_pub.publish,
-            publish_debug_image=self._debug_pub.publish,
-            debug_image_wanted=lambda: self._debug_pub.get_subscription_count() > 0,
+        # each camera's detections and debug image: 'detections' and '~/debug_image' for the
+        # one camera of image_topic, beside each image topic for image_topics
+        camera_ports = {
+            camera.key: self._camera_ports(classes, camera) for camera in params.cameras
+        }
+        ports = dataclasses.replace(
+            next(iter(camera_ports.values())),
             set_image_subscription=self._set_image_subscription,
+            cameras=camera_ports if params.image_topics else {},
         )
         if self._label_pub is not None:
             ports.publish_label_info = self._label_pub.publish
@@ -209,38 +264,83 @@ class DetectorNode(Node):
             node_name=self.get_name(),
         )
         self._image_type = classes.CompressedImage if params.use_compressed else classes.Image
-        self._subscription: Any = None
+        self._subscriptions: dict[str, Any] = {}  # camera key -> its image subscription
         self._updater = self._make_updater(str(self.core.device))
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.core.start()  # subscribes to the images through the port when enable is true
         # camera_info: best effort keep-last 1 matches both reliable and best-effort drivers
-        self._camera_info_sub = self.create_subscription(
-            classes.CameraInfo,
-            params.resolved_camera_info_topic,
-            self.core.submit_camera_info,
-            _image_qos("best_effort"),
-        )
+        self._camera_info_subs = [
+            self.create_subscription(
+                classes.CameraInfo,
+                camera.camera_info_topic,
+                self._camera_callback(self.core.submit_camera_info, camera.key),
+                _image_qos("best_effort"),
+            )
+            for camera in params.cameras
+        ]
         self._enable_srv = self._make_enable_service()
+        cameras = ", ".join(
+            f"'{c.subscribed_topic}' and '{c.camera_info_topic}' -> '{c.detections_topic}'"
+            for c in params.cameras
+        )
         log.info(
-            f"{'subscribed' if params.enable else 'disabled, not subscribed'} to "
-            f"'{params.subscribed_topic}' ({self._image_type.__name__}, {params.reliability}) "
-            f"and '{params.resolved_camera_info_topic}' in namespace '{self.get_namespace()}'; "
-            f"device {self.core.device}; publishing 'detections'; service '~/enable'"
+            f"{'subscribed' if params.enable else 'disabled, not subscribed'} to {cameras} "
+            f"({self._image_type.__name__}, {params.reliability}) in namespace "
+            f"'{self.get_namespace()}'; device {self.core.device}; service '~/enable'"
         )
 
+    def _parameter_value(self, spec: Any) -> Any:
+        """The parameter's value; its default when declared by type and never set."""
+        try:
+            value = self.get_parameter(spec.name).value
+        except ParameterUninitializedException:  # image_topics, nobody set it
+            return spec.default
+        return spec.default if value is None else value
+
+    def _camera_ports(self, classes: Any, camera: Any) -> Ports:
+        """A camera's detections (reliable, depth 10) and debug image (reliable, depth 1)."""
+        detections = self.create_publisher(
+            classes.Detection2DArray,
+            camera.detections_topic,
+            QoSProfile(
+                history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE
+            ),
+        )
+        debug = self.create_publisher(
+            classes.Image,
+            camera.debug_image_topic,
+            QoSProfile(
+                history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE
+            ),
+        )
+        return Ports(
+            publish_detections=detections.publish,
+            publish_debug_image=debug.publish,
+            debug_image_wanted=lambda: debug.get_subscription_count() > 0,
+        )
+
+    def _camera_callback(self, callback: Any, key: str) -> Any:
+        """``callback(msg)`` for the one camera of image_topic (as always), else
+        ``callback(msg, source=key)`` so that each frame stays with its camera."""
+        if not self.core.params.image_topics:
+            return callback
+        return functools.partial(callback, source=key)
+
     def _set_image_subscription(self, subscribed: bool) -> None:
-        """Create or destroy the image subscription (``enable``); idempotent."""
+        """Create or destroy the cameras' image subscriptions (``enable``); idempotent."""
         params = self.core.params if self.core is not None else None
-        if subscribed and self._subscription is None and params is not None:
-            self._subscription = self.create_subscription(
-                self._image_type,
-                params.subscribed_topic,
-                self.core.submit,
-                _image_qos(params.reliability),
-            )
-        elif not subscribed and self._subscription is not None:
-            self.destroy_subscription(self._subscription)
-            self._subscription = None
+        if subscribed and params is not None:
+            for camera in params.cameras:
+                if camera.key not in self._subscriptions:
+                    self._subscriptions[camera.key] = self.create_subscription(
+                        self._image_type,
+                        camera.subscribed_topic,
+                        self._camera_callback(self.core.submit, camera.key),
+                        _image_qos(params.reliability),
+                    )
+        elif not subscribed:
+            while self._subscriptions:
+                self.destroy_subscription(self._subscriptions.popitem()[1])
 
     def _make_enable_service(self) -> Any:
         from std_srvs.srv import SetBool
@@ -256,7 +356,8 @@ class DetectorNode(Node):
         if not result.successful:
             response.message = str(result.reason)
         elif enabled:
-            response.message = f"enabled: subscribed to {self.core.params.subscribed_topic}"
+            topics = ", ".join(self.core.params.subscribed_topics)
+            response.message = f"enabled: subscribed to {topics}"
         else:
             response.message = "disabled: not subscribed to images, no inference"
         return response
@@ -270,12 +371,28 @@ class DetectorNode(Node):
             updater = diagnostic_updater.Updater(self)
             self.create_timer(1.0, updater.update)
         updater.setHardwareID(hardware_id)
-        updater.add(core.DIAGNOSTIC_TASK, self._fill_diagnostics)
+        updater.add(diagnostics.DIAGNOSTIC_TASK, self._fill_diagnostics)
+        if self.core.params.image_topics:  # several cameras: one status each
+            for index, camera in enumerate(self.core.params.cameras):
+                name = f"{diagnostics.CAMERA_TASK} {camera.image_topic}"
+                updater.add(name, functools.partial(self._fill_camera_diagnostics, index))
         return updater
 
     def _fill_diagnostics(self, stat: Any) -> Any:
-        report = self.core.diagnostics()
-        stat.summary(core.diagnostic_level(self.core.classes, report.level), report.message)
+        return self._fill(stat, self.core.diagnostics)
+
+    def _fill_camera_diagnostics(self, index: int, stat: Any) -> Any:
+        return self._fill(stat, lambda: self.core.camera_diagnostics()[index])
+
+    def _fill(self, stat: Any, make_report: Any) -> Any:
+        try:
+            report = make_report()
+        except Exception as error:  # a bug: logged with its traceback, reported as ERROR
+            self._errors.report(error, "diagnostics failed", "diagnostics")
+            level = diagnostics.diagnostic_level(self.core.classes, diagnostics.ERROR)
+            stat.summary(level, f"diagnostics failed: {describe(error)}")
+            return stat
+        stat.summary(diagnostics.diagnostic_level(self.core.classes, report.level), report.message)
         for key, value in report.values:
             stat.add(key, value)
         return stat
@@ -283,14 +400,19 @@ class DetectorNode(Node):
     def _on_set_parameters(self, parameters: list[Any]) -> Any:
         from rcl_interfaces.msg import SetParametersResult
 
-        names = set(core.parameter_names())
+        names = set(parameter_names())
         changes = {p.name: p.value for p in parameters if p.name in names}
         if self.core is None or not changes:
             return SetParametersResult(successful=True)
         try:
             self.core.update_params(**changes)
-        except core.ParameterError as error:
+        except ParameterError as error:
             return SetParametersResult(successful=False, reason=str(error))
+        except Exception as error:  # a bug: refuse the change, keep the node and the traceback
+            self._errors.report(error, f"parameters {changes} not applied", "parameters")
+            return SetParametersResult(
+                successful=False, reason=f"internal error: {describe(error)}"
+            )
         self.get_logger().info(f"parameters updated: {changes}")
         return SetParametersResult(successful=True)
 
@@ -327,12 +449,12 @@ def main(args: list[str] | None = None) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass  # Ctrl-C or a shutdown from outside (launch): not an error
-    except (ValueError, OSError) as error:  # bad configuration: one clear line, non-zero exit
-        print(f"{core.NODE_NAME}: error: {error}", file=sys.stderr)
+    except START_ERRORS as error:  # bad configuration: one clear line, non-zero exit
+        print(f"{NODE_NAME}: error: {error}", file=sys.stderr)
         status = 1
     except Exception as error:
         if type(error).__module__.startswith("rclpy"):  # e.g. a parameter out of its range
-            print(f"{core.NODE_NAME}: error: {type(error).__name__}: {error}", file=sys.stderr)
+            print(f"{NODE_NAME}: error: {type(error).__name__}: {error}", file=sys.stderr)
             status = 1
         else:
             raise

@@ -13,7 +13,7 @@ inference pipeline and writes into OUT:
 
 examples:
   dds-perception kitti2bag ../shared/data/kitti_sample sample_bag
-  dds-perception replay sample_bag --weights models/dds_rpn_car.safetensors --out replay_out
+  dds-perception replay sample_bag --weights models/dds_detector_kitti.safetensors --out replay_out
   dds-perception replay camera_bag --image-topic /camera/image_raw/compressed --out live_eval
   dds-perception replay sample_bag --weights model.onnx --backend onnxruntime --out replay_onnx
 """

@@ -29,7 +29,7 @@ import numpy as np
 from dds_perception.data.kitti import read_label_file
 from dds_perception.detection.tracking import ByteTracker, format_ids
 from dds_perception.evaluation.tracking import FrameTracks, id_metrics
-from dds_perception.ros import core
+from dds_perception.ros.params import DetectorParams
 from dds_perception.utils.errors import UsageError
 
 
@@ -113,7 +113,7 @@ def _truth_detector(miss_rate: float, seed: int = 0) -> Any:
 
 
 def evaluate_clip(
-    clip: Path, detect: Any, params: core.DetectorParams
+    clip: Path, detect: Any, params: DetectorParams
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run ``detect(image_path, labels) -> (boxes, scores)`` and the node's tracker over the
     clip; return the id metrics and per-frame records."""
@@ -142,7 +142,7 @@ def evaluate_clip(
 def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.miss_rate < 1.0:
         raise UsageError(f"--miss-rate {args.miss_rate}: must lie in [0, 1)")
-    params = core.DetectorParams(
+    params = DetectorParams(
         track_high_threshold=args.track_high_threshold, track_buffer=args.track_buffer
     )
     read_clip(args.clip)  # a wrong folder fails before the model loads

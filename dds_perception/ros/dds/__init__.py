@@ -7,8 +7,9 @@ directly with the ``cyclonedds`` Python package (the DDS behind ``rmw_cyclonedds
 node core runs where rclpy does not (development machines, CI, a TX2 on JetPack 4) and talks to
 ROS 2 nodes on the same domain.
 
-- :mod:`.types`: IDL structs with ROS 2 type names for every message the node, the player and
-  the recorder exchange, with the fast ``uint8[]`` path of design.md section 12.
+- :mod:`.types`: IDL structs with ROS 2 type names, built from the message definitions, for every
+  message the node, the player and the recorder exchange, with the fast ``uint8[]`` path of
+  design.md section 12.
 - :mod:`.convert`: IDL samples <-> the rosbags messages that the node core and the bag tools use.
 - :mod:`.runtime`: participant, ROS 2 topic naming, QoS profiles, publishers and readers.
 - :mod:`.node`, :mod:`.play`, :mod:`.record`: the ``node``, ``play`` and ``record`` commands.

@@ -4,6 +4,7 @@ examples:
   dds-perception node -p image_topic:=/kitti/camera/image_raw -p device:=cpu
   dds-perception node --params-file config/detector.yaml --domain-id 7
   ROS_DOMAIN_ID=7 dds-perception node -p use_compressed:=true -p reliability:=reliable
+  dds-perception node -p "image_topics:=[/cam_front/image_raw, /cam_rear/image_raw]"
   ros2 topic echo /detections        # on a ROS 2 machine on the same domain (any RMW)
 
 The node is the same plain-Python core as the rclpy node `detector_node` (parameters from
@@ -13,7 +14,8 @@ ground-plane distances), on this runtime: it subscribes `image` (or `image/compr
 --diagnostics-period s) and `~/debug_image` (only while it has a subscriber), with the DDS topic
 and type names of ROS 2 (`rt/detections`, `vision_msgs::msg::dds_::Detection2DArray_`), and
 serves `~/enable` (std_srvs/SetBool in rmw_cyclonedds_cpp's request/reply layout). SIGINT and
-SIGTERM stop it cleanly, exit code 0.
+SIGTERM stop it cleanly, exit code 0. With image_topics it runs several cameras as one batch and
+publishes each camera's detections beside its image topic (/cam_front/detections).
 
 Enable/disable on this runtime: the `~/enable` service sets the `enable` parameter as on the
 rclpy node (no ROS parameter services exist here, so the other run-time parameters are fixed
@@ -26,6 +28,8 @@ cached memory. From a ROS 2 machine on the same domain with rmw_cyclonedds_cpp:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -36,6 +40,9 @@ from collections.abc import Callable
 from typing import Any
 
 from dds_perception.ros import core, messages
+from dds_perception.ros.error_log import ErrorLog
+from dds_perception.ros.params import NODE_NAME, DetectorParams, load_params, parse_overrides
+from dds_perception.ros.ports import Ports
 from dds_perception.utils.errors import UsageError
 
 NAMESPACE_HELP = "ROS namespace of the node and its relative topics (default /)"
@@ -74,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _logger() -> logging.Logger:
-    log = logging.getLogger(core.NODE_NAME)
+    log = logging.getLogger(NODE_NAME)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
@@ -95,7 +102,7 @@ class DdsDetectorNode:
     def __init__(
         self,
         pipeline: Any,
-        params: core.DetectorParams,
+        params: DetectorParams,
         *,
         domain: int | None = None,
         namespace: str = "/",
@@ -109,27 +116,36 @@ class DdsDetectorNode:
         self.runtime = rt.DdsRuntime(
             domain=domain,
             namespace=namespace,
-            node_name=core.NODE_NAME,
+            node_name=NODE_NAME,
             typestore=self.classes.typestore,
             on_error=self.log.warning,
+            on_bug=self.log.error,
         )
+        self._errors = ErrorLog(self.log.warning, self.log.error)
         types = messages.MSGTYPES
-        self.detections_pub = self.runtime.publisher(
-            "detections", types["Detection2DArray"], rt.reliable_qos(10)
-        )
+        # each camera's detections and debug image: 'detections' and '~/debug_image' for the
+        # one camera of image_topic, beside each image topic for image_topics
+        self.detections_pubs: dict[str, Any] = {}
+        self.debug_pubs: dict[str, Any] = {}
+        for camera in params.cameras:
+            self.detections_pubs[camera.key] = self.runtime.publisher(
+                camera.detections_topic, types["Detection2DArray"], rt.reliable_qos(10)
+            )
+            self.debug_pubs[camera.key] = self.runtime.publisher(
+                camera.debug_image_topic, types["Image"], rt.reliable_qos(1)
+            )
+        first = params.cameras[0].key
+        self.detections_pub, self.debug_pub = self.detections_pubs[first], self.debug_pubs[first]
         self.label_pub = self.runtime.publisher("label_info", types["LabelInfo"], rt.latched_qos())
-        self.debug_pub = self.runtime.publisher(
-            "~/debug_image", types["Image"], rt.reliable_qos(1)
-        )
         self.diagnostics_pub = self.runtime.publisher(
             "/diagnostics", types["DiagnosticArray"], rt.reliable_qos(10)
         )
-        ports = core.Ports(
-            publish_detections=self.detections_pub.publish,
+        camera_ports = {key: self._camera_ports(key) for key in self.detections_pubs}
+        ports = dataclasses.replace(
+            camera_ports[first],
             publish_label_info=self.label_pub.publish,
-            publish_debug_image=self.debug_pub.publish,
-            debug_image_wanted=lambda: self.debug_pub.subscription_count() > 0,
             set_image_subscription=self._set_image_subscription,
+            cameras=camera_ports if params.image_topics else {},
         )
         self.core = core.DetectorCore(
             pipeline,
@@ -138,37 +154,50 @@ class DdsDetectorNode:
             ports=ports,
             clock=time.time,
             logger=self.log,
-            node_name=core.NODE_NAME,
+            node_name=NODE_NAME,
         )
         image_type = types["CompressedImage"] if params.use_compressed else types["Image"]
-        self.image_topic = self.runtime.name(params.subscribed_topic)
+        self.image_topics = [self.runtime.name(c.subscribed_topic) for c in params.cameras]
+        self.image_topic = self.image_topics[0]
         self.image_type = image_type
-        self._image_sub: Any = None
+        self._image_subs: dict[str, Any] = {}  # camera key -> its image reader
         self._image_lock = threading.Lock()
-        self.camera_info_topic = self.runtime.name(params.resolved_camera_info_topic)
-        self.runtime.subscribe(  # best effort: matches reliable and best-effort drivers
-            params.resolved_camera_info_topic,
-            types["CameraInfo"],
-            self.core.submit_camera_info,
-            rt.sensor_qos("best_effort"),
-        )
+        self.camera_info_topics = [self.runtime.name(c.camera_info_topic) for c in params.cameras]
+        self.camera_info_topic = self.camera_info_topics[0]
+        for camera in params.cameras:
+            self.runtime.subscribe(  # best effort: matches reliable and best-effort drivers
+                camera.camera_info_topic,
+                types["CameraInfo"],
+                functools.partial(self.core.submit_camera_info, source=camera.key),
+                rt.sensor_qos("best_effort"),
+            )
         self.runtime.service("~/enable", "std_srvs/srv/SetBool", self._on_enable)
 
+    def _camera_ports(self, key: str) -> Ports:
+        detections, debug = self.detections_pubs[key], self.debug_pubs[key]
+        return Ports(
+            publish_detections=detections.publish,
+            publish_debug_image=debug.publish,
+            debug_image_wanted=lambda: debug.subscription_count() > 0,
+        )
+
     def _set_image_subscription(self, subscribed: bool) -> None:
-        """Create or delete the image reader (the ``enable`` parameter); idempotent."""
+        """Create or delete the cameras' image readers (the ``enable`` parameter); idempotent."""
         from dds_perception.ros.dds import runtime as rt
 
         with self._image_lock:
-            if subscribed and self._image_sub is None:
-                self._image_sub = self.runtime.subscribe(
-                    self.params.subscribed_topic,
-                    self.image_type,
-                    self.core.submit,
-                    rt.sensor_qos(self.params.reliability),
-                )
-            elif not subscribed and self._image_sub is not None:
-                self.runtime.unsubscribe(self._image_sub)
-                self._image_sub = None
+            if subscribed:
+                for camera in self.params.cameras:
+                    if camera.key not in self._image_subs:
+                        self._image_subs[camera.key] = self.runtime.subscribe(
+                            camera.subscribed_topic,
+                            self.image_type,
+                            functools.partial(self.core.submit, source=camera.key),
+                            rt.sensor_qos(self.params.reliability),
+                        )
+            else:
+                while self._image_subs:
+                    self.runtime.unsubscribe(self._image_subs.popitem()[1])
 
     def _on_enable(self, request: Any) -> dict[str, Any]:
         """``~/enable`` (std_srvs/SetBool): the ``enable`` parameter, applied by the core."""
@@ -181,12 +210,17 @@ class DdsDetectorNode:
         self.core.start()  # subscribes to the images through the port when enable is true
         self.runtime.start()
         state = "subscribed to" if self.params.enable else "disabled, not subscribed to"
+        published = [
+            *(pub.topic_name for pub in self.detections_pubs.values()),
+            self.label_pub.topic_name,
+            self.diagnostics_pub.topic_name,
+            *(pub.topic_name for pub in self.debug_pubs.values()),
+        ]
         self.log.info(
-            f"ready: domain {self.runtime.domain_id}, {state} {self.image_topic} "
-            f"({self.image_type}, {self.params.reliability}) and {self.camera_info_topic}, "
-            f"device {self.core.device}; publishing {self.detections_pub.topic_name}, "
-            f"{self.label_pub.topic_name}, {self.diagnostics_pub.topic_name}, "
-            f"{self.debug_pub.topic_name}; service ~/enable"
+            f"ready: domain {self.runtime.domain_id}, {state} {', '.join(self.image_topics)} "
+            f"({self.image_type}, {self.params.reliability}) and "
+            f"{', '.join(self.camera_info_topics)}, device {self.core.device}; publishing "
+            f"{', '.join(published)}; service ~/enable"
         )
 
     def publish_diagnostics(self) -> None:
@@ -198,7 +232,7 @@ class DdsDetectorNode:
             try:
                 self.publish_diagnostics()
             except Exception as error:  # diagnostics must never take the node down
-                self.log.warning(f"diagnostics not published: {error}")
+                self._errors.report(error, "diagnostics not published", "diagnostics")
 
     def close(self, timeout: float = 0.4) -> None:
         """Stop taking frames, let the frame in work finish (up to ``timeout``), leave DDS."""
@@ -255,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     log = _logger()
     try:
         require()
-        params = core.load_params(args.params_file, core.parse_overrides(args.param))
+        params = load_params(args.params_file, parse_overrides(args.param))
     except DdsError as error:
         print(f"dds-perception node: error: {error}", file=sys.stderr)
         return 1

@@ -40,6 +40,7 @@ from cyclonedds.util import duration
 from dds_perception.ros import messages
 from dds_perception.ros.dds import DdsError, convert
 from dds_perception.ros.dds import types as idl
+from dds_perception.ros.error_log import ErrorLog
 
 DOMAIN_ENV = "ROS_DOMAIN_ID"
 MAX_DOMAIN_ID = 232  # rmw's limit for the default port mapping
@@ -173,8 +174,11 @@ class DdsRuntime:
     """One participant, its publishers, and one dispatcher thread for its subscriptions.
 
     Callbacks run on the dispatcher thread, one sample at a time, and must return quickly (the
-    node's ``submit`` does). An exception in a callback is reported through ``on_error`` and
-    never stops the dispatcher. Use as a context manager or call :meth:`close`.
+    node's ``submit`` does). An exception in a callback never stops the dispatcher: it is
+    reported through ``on_error`` (:class:`~dds_perception.ros.error_log.ErrorLog`: a package
+    error such as a sample that does not convert in one line, any other exception with its
+    traceback the first time its type occurs on a topic; throttled per topic). Use as a context
+    manager or call :meth:`close`.
     """
 
     def __init__(
@@ -185,13 +189,16 @@ class DdsRuntime:
         node_name: str = "",
         typestore: Any = None,
         on_error: Callable[[str], None] | None = None,
+        on_bug: Callable[[str], None] | None = None,
     ) -> None:
         self.domain_id = domain_id(domain)
         self.namespace = namespace
         self.node_name = node_name
         self.typestore = typestore if typestore is not None else messages.typestore()
         self.participant = DomainParticipant(self.domain_id)
-        self._on_error = on_error or (lambda text: None)
+        # ``on_bug`` (default ``on_error``) gets the reports of exceptions that are not the
+        # package's own, tracebacks included
+        self._errors = ErrorLog(on_error or (lambda text: None), on_bug)
         self._topics: dict[str, Any] = {}
         self._subscriptions: list[_Subscription] = []
         self._waitset = WaitSet(self.participant)
@@ -348,7 +355,7 @@ class DdsRuntime:
                 try:
                     samples = sub.reader.take(N=64)
                 except Exception as error:  # a sample Cyclone could not hand over: skip, go on
-                    self._on_error(f"{sub.topic}: take failed: {error}")
+                    self._errors.report(error, f"{sub.topic}: take failed", f"take {sub.topic}")
                     continue
                 for sample in samples:
                     if isinstance(sample, InvalidSample):  # instance state change, no data
@@ -361,8 +368,8 @@ class DdsRuntime:
                         )
                         sub.callback(value)
                         delivered += 1
-                    except Exception as error:
-                        self._on_error(f"{sub.topic}: {type(error).__name__}: {error}")
+                    except Exception as error:  # bad sample or a callback's bug: go on
+                        self._errors.report(error, sub.topic, sub.topic)
         return delivered
 
     def _dispatch(self) -> None:
@@ -370,7 +377,7 @@ class DdsRuntime:
             try:
                 self.spin_once(0.1)
             except Exception as error:  # keep dispatching: a runtime must not die on one error
-                self._on_error(f"dispatcher: {type(error).__name__}: {error}")
+                self._errors.report(error, "dispatcher", "dispatcher")
                 self._stop.wait(0.1)
 
     def stop_dispatch(self, timeout: float = 1.0) -> None:
