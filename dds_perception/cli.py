@@ -12,18 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from dds_perception.utils.errors import DdsPerceptionError
-
-# What the command line reports in one line: the package's own errors and files that are not
-# there or cannot be opened (the message names the file). Everything else is a bug: traceback.
-INPUT_ERRORS = (
-    DdsPerceptionError,
-    FileNotFoundError,
-    FileExistsError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-)
+from dds_perception.utils.errors import INPUT_ERRORS
 
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {

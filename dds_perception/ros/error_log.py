@@ -21,15 +21,6 @@ from typing import Any
 from dds_perception.ros.diagnostics import Throttle
 from dds_perception.utils.errors import DdsPerceptionError
 
-# Errors that mean "bad input or configuration" when a node starts: one line and exit status 1
-# (the command line's rule, dds_perception/cli.py INPUT_ERRORS); anything else keeps its traceback.
-START_ERRORS = (
-    DdsPerceptionError,
-    FileNotFoundError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-)
 MAX_KNOWN_BUGS = 256  # distinct (place, exception type) pairs remembered; then tracebacks stop
 
 

@@ -30,7 +30,7 @@ import sys
 from typing import Any
 
 from dds_perception.ros import core, diagnostics, messages
-from dds_perception.ros.error_log import START_ERRORS, ErrorLog, describe
+from dds_perception.ros.error_log import ErrorLog, describe
 from dds_perception.ros.params import (
     NODE_NAME,
     DetectorParams,
@@ -39,6 +39,7 @@ from dds_perception.ros.params import (
     parameter_specs,
 )
 from dds_perception.ros.ports import Ports
+from dds_perception.utils.errors import INPUT_ERRORS
 
 try:  # rclpy exists only on a ROS 2 machine; --help and the CLI table work without it
     import rclpy
@@ -449,7 +450,7 @@ def main(args: list[str] | None = None) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass  # Ctrl-C or a shutdown from outside (launch): not an error
-    except START_ERRORS as error:  # bad configuration: one clear line, non-zero exit
+    except INPUT_ERRORS as error:  # bad configuration: one clear line, non-zero exit
         print(f"{NODE_NAME}: error: {error}", file=sys.stderr)
         status = 1
     except Exception as error:

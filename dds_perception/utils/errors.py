@@ -16,3 +16,16 @@ class DdsPerceptionError(Exception):
 
 class UsageError(DdsPerceptionError, ValueError):
     """A command-line option or argument that cannot work (value out of range, conflict)."""
+
+
+# What a command reports in one line and exit status 1 (the command line, a node at start): the
+# package's own errors and files that are not there or cannot be opened, whose messages name the
+# file. Anything else is a bug and keeps its traceback.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    DdsPerceptionError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
