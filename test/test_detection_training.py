@@ -301,3 +301,14 @@ def test_backbone_learning_rate_multiplier_and_gradient_clipping(scenes):
             progress=False, clip_grad_norm=clip,
         )  # fmt: skip
     assert norms[0] > 0.5 >= norms[1] - 1e-4
+
+
+def test_ema_runs_evaluate_the_trained_weights_too(scenes, tmp_path):
+    """With --ema, each evaluation also scores the weights without the average (the EMA's
+    effect is measured in every run, not assumed)."""
+    out = tmp_path / "ema"
+    main(parse_args([*TINY, "--data-root", str(scenes), "--epochs", "1", "--ema", "0.9",
+                     "--max-steps-per-epoch", "2", "--out", str(out)]))  # fmt: skip
+    (record,) = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "eval"]
+    assert set(record["without_ema"]) == {"ap_easy", "ap", "ap_hard"}
+    assert all(0.0 <= v <= 100.0 for v in record["without_ema"].values())

@@ -700,11 +700,26 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         with atomic_open(out / "eval.md", "w", encoding="utf-8") as handle:
             handle.write(result.pop("markdown") + "\n")
         record = {"type": "eval", "epoch": epoch, "step": current_step, **result}
+        raw = ""
+        if ema is not None:  # the trained weights too: what the average adds, measured
+            plain = evaluate(
+                detector,
+                val_set,
+                device=ctx.device,
+                score_threshold=args.eval_score_threshold,
+                channels_last=channels_last,
+                progress=args.progress,
+            )
+            record["without_ema"] = {k: plain[k] for k in ("ap_easy", "ap", "ap_hard")}
+            raw = (
+                f"; without EMA {plain['ap_easy']:.2f} / {plain['ap']:.2f} / "
+                f"{plain['ap_hard']:.2f}"
+            )
         metrics.write(record)
         print(
             f"epoch {epoch} step {current_step}: Car AP_40 easy {result['ap_easy']:.2f} "
             f"moderate {result['ap']:.2f} hard {result['ap_hard']:.2f} "
-            f"({result['frames']} val frames)"
+            f"({result['frames']} val frames){raw}"
         )
         return record
 
