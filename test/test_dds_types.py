@@ -118,7 +118,7 @@ def test_dds_node_messages_wire_equal() -> None:
 
 
 def test_dds_bytes_fast_path_is_installed() -> None:
-    """Fails when the private cyclonedds serialiser swap of design.md section 12 stops working:
+    """Fails when the private cyclonedds serialiser swap (docs/node.md) stops working:
     payloads must come back as ``bytes`` (not a list of ints) and the swap must stay in place
     for both CDR versions."""
     from cyclonedds.idl._machinery import BytesMachine

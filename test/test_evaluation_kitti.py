@@ -486,7 +486,7 @@ def test_evaluation_real_labels_ground_truth_as_detections(kitti_sample):
     result = evaluate(gt, dt, classes)
     for cls in classes:
         for level, d in enumerate(DIFFICULTIES):
-            # valid boxes counted straight from the rules of design.md section 9
+            # valid boxes counted straight from the rules in docs/evaluation.md
             n = sum(
                 1
                 for objs in gt.values()

@@ -71,3 +71,19 @@ def test_only_the_node_adapter_imports_rclpy():
         if any(m == "rclpy" or m.startswith("rclpy.") for m in _imports(path))
     ]
     assert importers == ["dds_perception/ros/node.py"]
+
+
+def test_code_and_docs_name_no_document_outside_the_repository():
+    """A reader has only the repository: no pointers to the original design notes."""
+    repo = PACKAGE.parent
+    outside = ("design" + ".md", "shared" + "/docs/")
+    found = []
+    for folder in ("dds_perception", "docs", "config", "test", "scripts", "launch", "models"):
+        for path in (repo / folder).rglob("*"):
+            if path.suffix in (".py", ".md", ".yaml", ".sh") and path.is_file():
+                text = path.read_text(encoding="utf-8")
+                found += [f"{path.relative_to(repo)}: {name}" for name in outside if name in text]
+    for path in repo.glob("*.md"):
+        text = path.read_text(encoding="utf-8")
+        found += [f"{path.name}: {name}" for name in outside if name in text]
+    assert not found, found

@@ -490,7 +490,7 @@ class DetectorCore:
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> DiagnosticReport:
-        """Level, message and key/values for diagnostics (design.md section 7), every camera's
+        """Level, message and key/values for diagnostics (docs/node.md, "Topics"), every camera's
         frames together (:meth:`camera_diagnostics`: each camera's).
 
         Disabled (``enable`` false): OK, saying so. Otherwise ERROR when a frame of the recent

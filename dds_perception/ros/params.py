@@ -51,7 +51,7 @@ def _param(default: Any, description: str, *, low=None, high=None, runtime=False
 
 @dataclass(frozen=True)
 class DetectorParams:
-    """Every parameter of the ``dds_detector`` node (design.md section 7), validated on creation.
+    """Every parameter of the ``dds_detector`` node (docs/node.md), validated on creation.
 
     The field metadata (description, range, run-time changeable) is the single source for the
     ROS parameter descriptors, the README table and the validation messages.

@@ -8,8 +8,8 @@ node core runs where rclpy does not (development machines, CI, a TX2 on JetPack 
 ROS 2 nodes on the same domain.
 
 - :mod:`.types`: IDL structs with ROS 2 type names, built from the message definitions, for every
-  message the node, the player and the recorder exchange, with the fast ``uint8[]`` path of
-  design.md section 12.
+  message the node, the player and the recorder exchange, with a fast path for ``uint8[]``
+  payloads (see :mod:`.types`).
 - :mod:`.convert`: IDL samples <-> the rosbags messages that the node core and the bag tools use.
 - :mod:`.runtime`: participant, ROS 2 topic naming, QoS profiles, publishers and readers.
 - :mod:`.node`, :mod:`.play`, :mod:`.record`: the ``node``, ``play`` and ``record`` commands.

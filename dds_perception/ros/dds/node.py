@@ -94,7 +94,7 @@ def _logger() -> logging.Logger:
 class DdsDetectorNode:
     """The ``dds_detector`` node on :class:`~dds_perception.ros.dds.runtime.DdsRuntime`.
 
-    Topics and QoS as the rclpy node (design.md section 7): the image subscription with
+    Topics and QoS as the rclpy node (docs/node.md, "Topics"): the image subscription with
     sensor-data QoS, ``detections`` reliable depth 10, ``label_info`` reliable transient local
     depth 1, ``~/debug_image`` reliable depth 1, ``/diagnostics`` reliable depth 10.
     """

@@ -11,11 +11,11 @@ definitions; their bytes equal ROS 2's on the wire (checked against rosbags for 
 ``test/test_dds_types.py``). Service requests and replies (``std_srvs/srv/SetBool``) are built
 the same way from their ``.srv`` text, led by rmw_cyclonedds_cpp's request header.
 
-``uint8[]`` payloads (``Image.data``, ``CompressedImage.data``) use the fast path of design.md
-section 12: the struct keeps ``sequence[uint8]`` (so the XTypes type object, which Cyclone needs
-to create a topic, is built) and :func:`install_bytes_fast_path` swaps that member's serialiser
-for the library's ``BytesMachine``: samples then carry ``bytes`` (~5 ms instead of ~67 ms and a
-Python list for a 1242x375 rgb8 frame), the wire bytes unchanged. ``BytesMachine`` and
+``uint8[]`` payloads (``Image.data``, ``CompressedImage.data``) use a fast path: the struct keeps
+``sequence[uint8]`` (so the XTypes type object, which Cyclone needs to create a topic, is built)
+and :func:`install_bytes_fast_path` swaps that member's serialiser for the library's
+``BytesMachine``: samples then carry ``bytes`` (~5 ms instead of ~67 ms and a Python list for a
+1242x375 rgb8 frame), the wire bytes unchanged. ``BytesMachine`` and
 ``__idl__.v1_machine`` are private to cyclonedds, which is why setup.py pins its version and a test
 fails when the swap stops working.
 """
