@@ -1,7 +1,8 @@
 """The ``dds-perception`` command: one entry point, one module per sub-command.
 
 Each sub-command lives in the layer that owns it and exposes ``add_arguments(parser)``,
-``run(args) -> int`` and a module docstring whose text after the first line becomes the
+``run(args) -> int``, optionally ``parse_arguments(parser, argv) -> args`` (else the parser's
+own ``parse_args``), and a module docstring whose text after the first line becomes the
 command's ``--help`` epilog (examples). Modules are imported lazily so ``--help`` stays fast.
 """
 
@@ -83,8 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().parse_args(argv)  # prints help / usage errors and exits
         return 2
     parser, module = _command_parser(argv[0])
-    args = parser.parse_args(argv[1:])
+    # a command may parse its own way (training commands apply a --config recipe first)
+    parse = getattr(module, "parse_arguments", None)
     try:
+        args = parse(parser, argv[1:]) if parse else parser.parse_args(argv[1:])
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

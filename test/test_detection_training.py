@@ -231,14 +231,13 @@ def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys)
     import argparse
 
     from dds_perception.engine import crossval
-    from dds_perception.engine.common import resolve_args
 
     parser = argparse.ArgumentParser()
     crossval.add_arguments(parser)
     argv = [*TINY, "--data-root", str(scenes), "--split", "train", "--folds", "3",
             "--epochs", "1", "--max-steps-per-epoch", "1",
             "--out", str(tmp_path / "cv")]  # fmt: skip
-    args = resolve_args(parser.parse_args(argv), parser)
+    args = crossval.parse_arguments(parser, argv)
     summary = crossval.crossval(args)
     assert summary["folds"] == 3 and len(summary["per_fold"]) == 3
     train = KittiDetectionDataset(scenes, "train")

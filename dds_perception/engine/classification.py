@@ -57,6 +57,7 @@ from dds_perception.data.classification import (
 from dds_perception.engine.common import (
     DistributedContext,
     MetricsWriter,
+    RecipeOptions,
     TrainingError,
     add_resume_argument,
     add_speed_arguments,
@@ -69,10 +70,9 @@ from dds_perception.engine.common import (
     iter_with_progress,
     make_grad_scaler,
     make_run_dir,
-    mark_config_defaults,
+    parse_recipe_args,
     prepare_run_dir,
     read_metrics,
-    resolve_args,
     resume_run,
     run_distributed,
     save_checkpoint,
@@ -106,9 +106,9 @@ def _test_size(text: str) -> float:
     return value
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Dataset options shared by training, evaluation and the backbone comparison."""
-    group = parser.add_argument_group("data")
+def add_data_arguments(options: RecipeOptions) -> None:
+    """Dataset options shared by training and the backbone comparison."""
+    group = options.group("data")
     group.add_argument("--dataset", choices=DATASETS, default="caltech101", help="layout")
     group.add_argument(
         "--data-root",
@@ -153,22 +153,23 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool = True) -> None:
     """Every option of the training recipe (the YAML recipe keys are these names)."""
-    parser.add_argument(
+    options = RecipeOptions(parser)
+    options.add_argument(
         "--config",
         type=Path,
         default=None,
         help="YAML recipe (config/train/*.yaml) setting defaults; given options still win",
     )
     if with_model:
-        parser.add_argument(
+        options.add_argument(
             "--model",
             default="dds_mobilenet_v2",
             help="registry name: dds_mobilenet_v2, mobilenet_v1, mobilenet_v2, shufflenet_v1",
         )
-    parser.add_argument("--width-mult", type=float, default=1.0, help="width multiplier")
-    parser.add_argument("--out", type=Path, default=None, help="run folder for all outputs")
-    add_data_arguments(parser)
-    group = parser.add_argument_group("recipe (defaults: the paper's)")
+    options.add_argument("--width-mult", type=float, default=1.0, help="width multiplier")
+    options.add_argument("--out", type=Path, default=None, help="run folder for all outputs")
+    add_data_arguments(options)
+    group = options.group("recipe (defaults: the paper's)")
     group.add_argument("--epochs", type=int, default=300, help="training epochs")
     group.add_argument("--batch-size", type=int, default=512, help="global batch size")
     group.add_argument("--eval-batch-size", type=int, default=None, help="default: batch size")
@@ -191,7 +192,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool 
     group.add_argument("--weight-decay", type=float, default=4e-5, help="L2 on all weights")
     group.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy option")
     group.add_argument("--seed", type=int, default=0, help="seed of initialisation/augmentation")
-    group = parser.add_argument_group("evaluation, logging, checkpoints")
+    group = options.group("evaluation, logging, checkpoints")
     group.add_argument(
         "--eval-every-steps",
         type=int,
@@ -207,38 +208,26 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool 
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars"
     )
     add_speed_arguments(
-        parser,
+        options,
         channels_last_help="channels_last memory format on CUDA (ignored on CPU)",
         max_steps_help="cap the optimizer steps of an epoch (0: no cap; for smoke tests and "
         "timing)",
     )
-    show_defaults(parser)
-
-
-def show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append ``(default: X)`` to option help texts that do not show their default yet."""
-    for action in parser._actions:
-        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
-            continue  # flags (--x/--no-x) show their default by themselves
-        text = action.help or ""
-        if "%(default)" not in text:
-            action.help = f"{text} (default: %(default)s)".strip()
+    options.show_defaults()
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """The training parser; recipe files replace its defaults (see :func:`resolve_args`)."""
+    """The training parser (see :func:`parse_args` for recipe files)."""
     parser = argparse.ArgumentParser(
         description="Train a backbone classifier (the paper's recipe)", add_help=add_help
     )
     add_training_arguments(parser)
-    mark_config_defaults(parser)
     return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv`` and apply ``--config``: the plain arguments :func:`main` takes."""
-    parser = get_args_parser()
-    return resolve_args(parser.parse_args(argv), parser)
+    """Parse ``argv`` with the ``--config`` recipe as defaults: what :func:`main` takes."""
+    return parse_recipe_args(get_args_parser(), argv)
 
 
 # ------------------------------------------------------------------------------ building
@@ -686,13 +675,6 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
             f"top5 {summary['top5']:.2f}% -> {out / WEIGHTS}"
         )
     return summary
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Entry for ``dds-perception train-classifier`` (arguments from :func:`add_arguments`)."""
-    resolved = resolve_args(args, get_args_parser())
-    main(resolved)
-    return 0
 
 
 # ------------------------------------------------------------------------------ evaluation

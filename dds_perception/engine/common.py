@@ -2,9 +2,9 @@
 
 - Distributed setup from ``torchrun``'s environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``);
   one plain process when those are absent.
-- YAML recipe files that set an argument parser's defaults: command-line options still win, an
-  unknown key is an error naming the key and the file (:func:`config_defaults` /
-  :func:`resolve_args`).
+- YAML recipe files applied as an argument parser's defaults (``parser.set_defaults``):
+  command-line options still win; an unknown key or a bad value is a :class:`ConfigError` naming
+  the file and the key (:class:`RecipeOptions`, :func:`parse_recipe_args`).
 - Automatic mixed precision on CUDA (``autocast`` + ``GradScaler``).
 - RNG state capture and restore, so a resumed run draws the same random numbers.
 - Atomic checkpoints through :mod:`dds_perception.utils.checkpoint`.
@@ -20,7 +20,8 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,66 +136,60 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistributedContext) -> torch.nn.Module
     )
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
+# ------------------------------------------------------------------------------ recipe files
+
+# The options a recipe may set, per parser: the Action objects ``add_argument`` returned.
+_RECIPE_OPTIONS: weakref.WeakKeyDictionary[argparse.ArgumentParser, dict[str, argparse.Action]]
+_RECIPE_OPTIONS = weakref.WeakKeyDictionary()
 
 
-# ------------------------------------------------------------------------------ config files
+class _RecordingGroup:
+    """An argument group that records the options added to it as recipe keys."""
+
+    def __init__(self, group: Any, table: dict[str, argparse.Action]) -> None:
+        self._group = group
+        self._table = table
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = self._group.add_argument(*args, **kwargs)
+        self._table[action.dest] = action
+        return action
 
 
-class ConfigDefault:
-    """A parser default that a recipe file may replace (an explicit option never is)."""
+class RecipeOptions:
+    """Adds a training command's options to ``parser`` and remembers them as recipe keys.
 
-    __slots__ = ("value",)
+    A YAML recipe (``--config``) may set any option added through this object, by its name
+    (``-`` or ``_``); :func:`parse_recipe_args` applies the recipe with ``parser.set_defaults``
+    before parsing, so options given on the command line still win. Several helpers may add to
+    one parser (each through its own ``RecipeOptions(parser)``).
+    """
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.actions = _RECIPE_OPTIONS.setdefault(parser, {})
 
-    def __str__(self) -> str:  # shown by %(default)s in --help
-        return str(self.value)
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = self.parser.add_argument(*args, **kwargs)
+        self.actions[action.dest] = action
+        return action
 
-    def __repr__(self) -> str:
-        return f"ConfigDefault({self.value!r})"
+    def group(self, title: str, description: str | None = None) -> _RecordingGroup:
+        """A new argument group (for ``--help``) whose options are recipe keys too."""
+        return _RecordingGroup(self.parser.add_argument_group(title, description), self.actions)
 
-
-def mark_config_defaults(parser: argparse.ArgumentParser) -> None:
-    """Wrap every option default so :func:`resolve_args` can tell defaults from given options."""
-    for action in parser._actions:
-        if action.dest in ("help", "config") or action.default is argparse.SUPPRESS:
-            continue
-        if not isinstance(action.default, ConfigDefault):
-            action.default = ConfigDefault(action.default)
-
-
-def load_yaml_config(path: str | os.PathLike[str], known: Mapping[str, Any]) -> dict[str, Any]:
-    """Read a recipe file; keys are option names (``-`` or ``_``); unknown keys are errors."""
-    import yaml
-
-    file = Path(path)
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise ConfigError(f"config file not found: {file}") from error
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"{file}: unreadable config ({error})") from error
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: a config must be a mapping of option: value")
-    config: dict[str, Any] = {}
-    for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known or dest == "config":
-            raise ConfigError(
-                f"{file}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
-            )
-        config[dest] = value
-    return config
+    def show_defaults(self) -> None:
+        """Append ``(default: X)`` to help texts that do not show their default yet."""
+        for action in self.actions.values():
+            if action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+                continue  # flags (--x/--no-x) show their default by themselves
+            text = action.help or ""
+            if "%(default)" not in text:
+                action.help = f"{text} (default: %(default)s)".strip()
 
 
 def _convert(action: argparse.Action, value: Any, file: Path) -> Any:
-    """Give a recipe value the type the option would have parsed it to."""
+    """Give a recipe value the type the option would have parsed it to; raise on a bad one."""
     if value is None:
         return None
     convert = action.type
@@ -204,8 +199,15 @@ def _convert(action: argparse.Action, value: Any, file: Path) -> Any:
                 raise UsageError(f"expected true or false, got {value!r}")
             return value
         if action.nargs in ("*", "+") or isinstance(action.nargs, int):
-            items = value if isinstance(value, list | tuple) else [value]
-            return [convert(v) if convert else v for v in items]
+            items = list(value) if isinstance(value, list | tuple) else [value]
+            items = [convert(v) if convert else v for v in items]
+            if isinstance(action.nargs, int) and len(items) != action.nargs:
+                raise UsageError(f"expected {action.nargs} values, got {len(items)}")
+            if action.nargs == "+" and not items:
+                raise UsageError("expected at least one value")
+            return items
+        if isinstance(value, list | tuple | dict):
+            raise UsageError(f"expected one value, got {value!r}")
         if convert is int and isinstance(value, float) and not value.is_integer():
             raise UsageError(f"expected an integer, got {value!r}")
         if convert is not None and not isinstance(value, bool):
@@ -217,48 +219,76 @@ def _convert(action: argparse.Action, value: Any, file: Path) -> Any:
     return value
 
 
-def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Return plain arguments: given options, else the recipe file's value, else the default."""
-    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-    config_path = getattr(args, "config", None)
-    config = load_yaml_config(config_path, actions) if config_path else {}
-    resolved = argparse.Namespace()
-    for dest, value in vars(args).items():
-        if isinstance(value, ConfigDefault):
-            if dest in config:
-                value = _convert(actions[dest], config[dest], Path(config_path))
-            else:
-                value = value.value
-                action = actions.get(dest)
-                if isinstance(value, str) and action is not None and action.type is not None:
-                    value = action.type(value)
-        setattr(resolved, dest, value)
-    return resolved
+def load_recipe(
+    path: str | os.PathLike[str], options: Mapping[str, argparse.Action]
+) -> dict[str, Any]:
+    """Read a recipe file into ``{option dest: value}``, each value checked and converted.
+
+    Keys are option names (``-`` or ``_``); an unknown key or a bad value is a
+    :class:`ConfigError` naming the file and the key.
+    """
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file not found: {file}") from error
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{file}: unreadable config ({error})") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: a config must be a mapping of option: value")
+    known = {dest: action for dest, action in options.items() if dest not in ("config", "help")}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known:
+            raise ConfigError(
+                f"{file}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
+            )
+        values[dest] = _convert(known[dest], value, file)
+    return values
 
 
-def add_resume_argument(group: argparse._ArgumentGroup) -> None:
-    """``--resume [CHECKPOINT]``: continue a run (bare: OUT/checkpoint.pt)."""
+def parse_recipe_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """Parse ``argv`` with the recipe named by ``--config`` as the parser's defaults.
+
+    The recipe goes through ``parser.set_defaults`` before ``argv`` is parsed, so an option
+    given on the command line wins, even when it equals the default.
+    """
+    argv = list(argv) if argv is not None else None
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config", type=Path, default=None)
+    known, _ = early.parse_known_args(argv)
+    if known.config is not None:
+        parser.set_defaults(**load_recipe(known.config, _RECIPE_OPTIONS.get(parser, {})))
+    return parser.parse_args(argv)
+
+
+def add_resume_argument(group: _RecordingGroup, checkpoint: str = "checkpoint.pt") -> None:
+    """``--resume [CHECKPOINT]``: continue a run (bare: OUT/<checkpoint>)."""
     group.add_argument(
         "--resume",
         nargs="?",
         const="auto",
         default=None,
-        help="continue from OUT/checkpoint.pt (or the given checkpoint)",
+        help=f"continue from OUT/{checkpoint} (or the given checkpoint)",
     )
 
 
 def add_speed_arguments(
-    parser: argparse.ArgumentParser, *, channels_last_help: str, max_steps_help: str
-) -> None:
+    options: RecipeOptions,
+    *,
+    channels_last_help: str,
+    max_steps_help: str,
+    amp_help: str = "float16 mixed precision on CUDA (ignored on CPU)",
+) -> _RecordingGroup:
     """The "speed" group both trainers share: --device, --amp, --channels-last, step cap."""
-    group = parser.add_argument_group("speed")
+    group = options.group("speed")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    group.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="float16 mixed precision on CUDA (ignored on CPU)",
-    )
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help=amp_help)
     group.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -266,28 +296,28 @@ def add_speed_arguments(
         help=channels_last_help,
     )
     group.add_argument("--max-steps-per-epoch", type=int, default=0, help=max_steps_help)
+    return group
 
 
 def training_command(
     add_training_arguments: Callable[[argparse.ArgumentParser], None],
-    get_args_parser: Callable[[], argparse.ArgumentParser],
     main: Callable[[argparse.Namespace], Any],
-) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
-    """``add_arguments`` and ``run`` of a CLI training command (see ``dds_perception.cli``).
+) -> tuple[
+    Callable[[argparse.ArgumentParser], None],
+    Callable[[argparse.ArgumentParser, Sequence[str]], argparse.Namespace],
+    Callable[[argparse.Namespace], int],
+]:
+    """``add_arguments``, ``parse_arguments`` and ``run`` of a CLI training command.
 
-    The command's parser takes recipe files (``--config``); ``run`` resolves them against a
-    fresh :func:`get_args_parser` and trains with :func:`main`.
+    ``parse_arguments`` (see ``dds_perception.cli``) applies the recipe file of ``--config``
+    through :func:`parse_recipe_args`; ``run`` trains with :func:`main`.
     """
 
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add_training_arguments(parser)
-        mark_config_defaults(parser)
-
     def run(args: argparse.Namespace) -> int:
-        main(resolve_args(args, get_args_parser()))
+        main(args)
         return 0
 
-    return add_arguments, run
+    return add_training_arguments, parse_recipe_args, run
 
 
 def _plain(value: Any) -> Any:

@@ -33,10 +33,10 @@ from dds_perception.engine.classification import (
 )
 from dds_perception.engine.common import (
     DistributedContext,
+    RecipeOptions,
     cleanup_distributed,
     init_distributed,
-    mark_config_defaults,
-    resolve_args,
+    parse_recipe_args,
 )
 from dds_perception.utils.checkpoint import read_meta
 from dds_perception.utils.errors import UsageError
@@ -48,7 +48,7 @@ MAX_DEFAULT_COLUMNS = 10
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser, with_model=False)
-    group = parser.add_argument_group("comparison")
+    group = RecipeOptions(parser).group("comparison")
     group.add_argument(
         "--models", nargs="+", default=list(PAPER_MODELS), help="registry names to compare"
     )
@@ -64,13 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write the table from existing run folders without training",
     )
-    mark_config_defaults(parser)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser)
-    return parser
+parse_arguments = parse_recipe_args
 
 
 def train_all(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Path]:
@@ -158,7 +154,6 @@ def table_markdown(table: dict[str, Any], title: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    args = resolve_args(args, _parser())
     if args.out is None:
         raise UsageError("--out is required (the comparison folder)")
     ctx = init_distributed(args.device)

@@ -31,7 +31,7 @@ from dds_perception.data.detection_dataset import KittiDetectionDataset
 from dds_perception.data.kitti import KittiLayout, kfold_splits, write_split
 from dds_perception.data.transforms import DetectionEvalTransform
 from dds_perception.detection.weights import load_detector
-from dds_perception.engine.common import mark_config_defaults, resolve_args
+from dds_perception.engine.common import RecipeOptions, parse_recipe_args
 from dds_perception.engine.detection import (
     CHECKPOINT,
     WEIGHTS,
@@ -52,13 +52,15 @@ DIFFICULTIES = ("easy", "moderate", "hard")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """train-detector's options plus the folds."""
     add_training_arguments(parser)
-    group = parser.add_argument_group("cross-validation")
+    group = RecipeOptions(parser).group("cross-validation")
     group.add_argument("--folds", type=int, default=5, help="number of folds (k)")
     group.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment")
     group.add_argument(
         "--only-fold", type=int, default=None, help="train this fold only (0-based), no report"
     )
-    mark_config_defaults(parser)
+
+
+parse_arguments = parse_recipe_args
 
 
 def _fold_args(args: argparse.Namespace, out: Path, k: int) -> argparse.Namespace:
@@ -168,8 +170,6 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Resolve the recipe and cross-validate."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    crossval(resolve_args(args, parser))
+    """Cross-validate with the resolved arguments (recipe applied by :func:`parse_arguments`)."""
+    crossval(args)
     return 0

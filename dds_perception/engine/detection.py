@@ -49,6 +49,7 @@ from dds_perception.detection.weights import (
 from dds_perception.engine.common import (
     DistributedContext,
     MetricsWriter,
+    RecipeOptions,
     add_resume_argument,
     add_speed_arguments,
     autocast,
@@ -59,9 +60,8 @@ from dds_perception.engine.common import (
     iter_with_progress,
     make_grad_scaler,
     make_run_dir,
-    mark_config_defaults,
+    parse_recipe_args,
     prepare_run_dir,
-    resolve_args,
     resume_run,
     run_distributed,
     save_checkpoint,
@@ -94,19 +94,16 @@ RESUME_KEYS = [
 PRIMARY = ("Car", "moderate", "AP_40")  # the AP that selects and describes a model
 
 
-def _pair(text: str) -> float:
-    return float(text)
-
-
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of the recipe (YAML recipe keys are these names)."""
-    parser.add_argument(
+    options = RecipeOptions(parser)
+    options.add_argument(
         "--config",
         type=Path,
         default=None,
         help="YAML recipe (config/train/*.yaml) setting defaults; given options still win",
     )
-    group = parser.add_argument_group("data")
+    group = options.group("data")
     group.add_argument("--data-root", type=Path, default=None, help="KITTI root (or training/)")
     group.add_argument(
         "--split",
@@ -147,7 +144,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="cars shorter than this (source px) become ignore regions in training",
     )
-    group = parser.add_argument_group("model")
+    group = options.group("model")
     group.add_argument("--model", default="dds_mobilenet_v2", help="backbone registry name")
     group.add_argument("--width-mult", type=float, default=1.0, help="backbone width multiplier")
     group.add_argument(
@@ -199,8 +196,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override any DetectorConfig field, e.g. --set fg_iou=0.7 score_threshold=0.4",
     )
-    parser.add_argument("--out", type=Path, default=None, help="run folder for all outputs")
-    group = parser.add_argument_group("recipe")
+    options.add_argument("--out", type=Path, default=None, help="run folder for all outputs")
+    group = options.group("recipe")
     group.add_argument("--epochs", type=int, default=24)
     group.add_argument("--batch-size", type=int, default=8, help="global batch size")
     group.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
@@ -257,7 +254,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "instead of the raw weights (0: off)",
     )
     group.add_argument("--seed", type=int, default=0)
-    group = parser.add_argument_group("evaluation, logging, checkpoints")
+    group = options.group("evaluation, logging, checkpoints")
     group.add_argument("--eval-every-epochs", type=int, default=1, help="0: only at the end")
     group.add_argument(
         "--eval-score-threshold",
@@ -269,7 +266,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add_resume_argument(group)
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     add_speed_arguments(
-        parser,
+        options,
         channels_last_help="channels_last memory format (CPU too: measured 2-4x faster for the "
         "dilated depthwise convolutions of dds_mobilenet_v2)",
         max_steps_help="cap steps per epoch (0: none)",
@@ -277,17 +274,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """The training parser; recipe files replace its defaults (see ``resolve_args``)."""
+    """The training parser (see :func:`parse_args` for recipe files)."""
     parser = argparse.ArgumentParser(description="Train the car detector", add_help=add_help)
     add_training_arguments(parser)
-    mark_config_defaults(parser)
     return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv`` and apply ``--config``: the plain arguments :func:`main` takes."""
-    parser = get_args_parser()
-    return resolve_args(parser.parse_args(argv), parser)
+    """Parse ``argv`` with the ``--config`` recipe as defaults: what :func:`main` takes."""
+    return parse_recipe_args(get_args_parser(), argv)
 
 
 def detector_config_from_args(args: argparse.Namespace) -> DetectorConfig:

@@ -18,7 +18,7 @@ examples:
 
 from __future__ import annotations
 
-from dds_perception.engine.classification import add_training_arguments, get_args_parser, main
+from dds_perception.engine.classification import add_training_arguments, main
 from dds_perception.engine.common import training_command
 
-add_arguments, run = training_command(add_training_arguments, get_args_parser, main)
+add_arguments, parse_arguments, run = training_command(add_training_arguments, main)

@@ -21,6 +21,6 @@ examples:
 from __future__ import annotations
 
 from dds_perception.engine.common import training_command
-from dds_perception.engine.detection import add_training_arguments, get_args_parser, main
+from dds_perception.engine.detection import add_training_arguments, main
 
-add_arguments, run = training_command(add_training_arguments, get_args_parser, main)
+add_arguments, parse_arguments, run = training_command(add_training_arguments, main)
