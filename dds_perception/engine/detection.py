@@ -1,8 +1,10 @@
 """Detector training on KITTI-format data (real or generated scenes), with KITTI AP validation.
 
 Shaped like torchvision's ``references/detection``: :func:`get_args_parser`, :func:`main`,
-:func:`train_one_epoch`, :func:`evaluate`. Shared plumbing (torchrun, YAML recipes, AMP, RNG
-states, atomic checkpoints, JSON-lines metrics) comes from :mod:`dds_perception.engine.common`.
+:func:`evaluate`; one training step is :meth:`DetectorLoop.train_step`, and the epochs around
+it are the shared :func:`dds_perception.engine.loop.fit`. Shared plumbing (torchrun, YAML
+recipes, AMP, RNG states, atomic checkpoints, JSON-lines metrics) comes from
+:mod:`dds_perception.engine.common`.
 
 Data: ``KittiDetectionDataset`` (Car positives; Van and DontCare as ignore regions) with
 ``DetectionTrainTransform`` (scale jitter + crop to the network size, flip, colour jitter) for
@@ -13,10 +15,11 @@ the KITTI evaluator (``evaluation.kitti.evaluate``: devkit matching, easy/modera
 and AP_40). Validation runs on the main process over the whole validation split.
 
 A run folder holds ``args.yaml`` (resolved arguments), ``metrics.jsonl`` (one JSON object per
-line: ``train`` every ``--log-every-steps``, ``epoch``, ``eval``), ``checkpoint.pt`` (atomic, after
-every epoch; ``--resume`` continues exactly: model, optimizer, scheduler, scaler, epoch, step,
-every process's RNG and loader-generator states), ``eval.md`` (latest AP table), and at the end
-``model.safetensors`` (self-describing detector weights) and ``summary.json``.
+line: ``train`` every ``--log-every-steps`` with the mean losses since the last one, ``epoch``,
+``eval``), ``checkpoint.pt`` (atomic, after every epoch; ``--resume`` continues exactly: model,
+optimizer, scheduler, scaler, epoch, step, every process's RNG and loader-generator states),
+``eval.md`` (latest AP table), and at the end ``model.safetensors`` (self-describing detector
+weights) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -53,9 +56,7 @@ from dds_perception.engine.common import (
     add_resume_argument,
     add_speed_arguments,
     autocast,
-    barrier,
     check_finite,
-    close_bar,
     gather_random_streams,
     iter_with_progress,
     make_grad_scaler,
@@ -69,6 +70,7 @@ from dds_perception.engine.common import (
     wrap_ddp,
     write_args_yaml,
 )
+from dds_perception.engine.loop import FitOptions, FitState, StepResult, TrainingLoop, fit
 from dds_perception.evaluation.kitti import evaluate as kitti_evaluate
 from dds_perception.models.pretrained import freeze_batchnorm
 from dds_perception.utils.checkpoint import load_training_state
@@ -385,75 +387,6 @@ def _targets_to(targets: list[dict[str, Any]], device: torch.device) -> list[dic
     return [{k: torch.as_tensor(t[k]).to(device) for k in keys} for t in targets]
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: DataLoader,
-    ctx: DistributedContext,
-    *,
-    epoch: int,
-    step: int,
-    scaler: torch.amp.GradScaler,
-    amp: bool,
-    channels_last: bool = False,
-    max_steps: int = 0,
-    ema: AveragedModel | None = None,
-    metrics: MetricsWriter | None = None,
-    log_every: int = 10,
-    progress: bool = True,
-    clip_grad_norm: float = 0.0,
-) -> tuple[int, dict[str, float]]:
-    """One pass over ``loader``; returns the new global step and the epoch's mean losses."""
-    model.train()
-    detector: RPNDetector = getattr(model, "module", model)
-    totals: dict[str, float] = {}
-    count, images_seen, start = 0, 0, time.perf_counter()
-    bar = iter_with_progress(loader, enabled=progress and ctx.is_main, desc=f"epoch {epoch}")
-    for images, targets in bar:
-        images = detector.normalize(images.to(ctx.device, non_blocking=True))
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(ctx.device, amp):
-            losses = model(images, _targets_to(targets, ctx.device))
-        loss = sum(losses.values())
-        check_finite(loss, epoch=epoch, step=step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if clip_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(detector)
-        step += 1
-        count += 1
-        images_seen += images.shape[0]
-        for name, value in (("loss", loss), *losses.items()):
-            totals[name] = totals.get(name, 0.0) + float(value.detach())
-        if metrics is not None and log_every and step % log_every == 0:
-            metrics.write(
-                {
-                    "type": "train",
-                    "epoch": epoch,
-                    "step": step,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    **{k: float(v.detach()) for k, v in (("loss", loss), *losses.items())},
-                }
-            )
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-        if max_steps and count >= max_steps:
-            break
-    close_bar(bar)
-    seconds = time.perf_counter() - start
-    stats = {k: v / max(count, 1) for k, v in totals.items()}
-    stats["images_per_s"] = images_seen * ctx.world_size / max(seconds, 1e-9)
-    return step, stats
-
-
 @torch.inference_mode()
 def predict_dataset(
     model: RPNDetector,
@@ -522,6 +455,141 @@ def evaluate(
         "detections": sum(len(v) for v in detections.values()),
         "seconds": time.perf_counter() - start,
     }
+
+
+class DetectorLoop(TrainingLoop):
+    """The detector's part of :func:`~dds_perception.engine.loop.fit`: one AdamW step on the
+    summed RPN losses per batch (learning rate and EMA updated per step), KITTI AP validation on
+    the main process, a checkpoint with every process's random streams (and the EMA)."""
+
+    def __init__(
+        self,
+        *,
+        args: argparse.Namespace,
+        ctx: DistributedContext,
+        model: torch.nn.Module,
+        detector: RPNDetector,
+        ema: AveragedModel | None,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        loader: DataLoader,
+        sampler: DistributedSampler,
+        generator: torch.Generator,
+        train_set: Dataset,
+        val_set: KittiDetectionDataset | None,
+        metrics: MetricsWriter,
+        identity: dict[str, Any],
+        out: Path,
+        amp: bool,
+        channels_last: bool,
+    ) -> None:
+        self.args, self.ctx, self.model, self.detector, self.ema = args, ctx, model, detector, ema
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.loader, self.sampler, self.generator = loader, sampler, generator
+        self.train_set, self.val_set, self.metrics = train_set, val_set, metrics
+        self.identity, self.out, self.amp, self.channels_last = identity, out, amp, channels_last
+        self.evaluated = detector if ema is None else ema.module
+
+    def begin_epoch(self, epoch: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        if isinstance(self.train_set, MixtureDataset):
+            self.train_set.set_epoch(epoch)
+        self.model.train()
+        return self.loader
+
+    def train_step(self, batch: Any, *, epoch: int, step: int) -> StepResult:
+        images, targets = batch
+        device = self.ctx.device
+        images = self.detector.normalize(images.to(device, non_blocking=True))
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, self.amp):
+            losses = self.model(images, _targets_to(targets, device))
+        loss = sum(losses.values())
+        check_finite(loss, epoch=epoch, step=step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.args.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.detector)
+        values = {name: float(value.detach()) for name, value in (("loss", loss), *losses.items())}
+        return StepResult(images=images.shape[0], values=values)
+
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def evaluate(self, epoch: int, step: int) -> dict[str, Any] | None:
+        if self.val_set is None or not self.ctx.is_main:
+            return None
+        result = evaluate(
+            self.evaluated,
+            self.val_set,
+            device=self.ctx.device,
+            score_threshold=self.args.eval_score_threshold,
+            channels_last=self.channels_last,
+            progress=self.args.progress,
+        )
+        with atomic_open(self.out / "eval.md", "w", encoding="utf-8") as handle:
+            handle.write(result.pop("markdown") + "\n")
+        record = {"type": "eval", "epoch": epoch, "step": step, **result}
+        raw = ""
+        if self.ema is not None:  # the trained weights too: what the average adds, measured
+            plain = evaluate(
+                self.detector,
+                self.val_set,
+                device=self.ctx.device,
+                score_threshold=self.args.eval_score_threshold,
+                channels_last=self.channels_last,
+                progress=self.args.progress,
+            )
+            record["without_ema"] = {k: plain[k] for k in ("ap_easy", "ap", "ap_hard")}
+            raw = (
+                f"; without EMA {plain['ap_easy']:.2f} / {plain['ap']:.2f} / "
+                f"{plain['ap_hard']:.2f}"
+            )
+        self.metrics.write(record)
+        print(
+            f"epoch {epoch} step {step}: Car AP_40 easy {result['ap_easy']:.2f} "
+            f"moderate {result['ap']:.2f} hard {result['ap_hard']:.2f} "
+            f"({result['frames']} val frames){raw}"
+        )
+        return record
+
+    def save(self, *, epoch: int, step: int, last_eval: dict[str, Any] | None) -> None:
+        # every process's random streams, so each continues its own after --resume
+        streams = gather_random_streams(self.generator, self.ctx)
+        if not self.ctx.is_main:
+            return
+        state = training_checkpoint(
+            model=self.detector,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            random_streams=streams,
+            epoch=epoch,
+            step=step,
+            last_eval=last_eval,
+            identity=self.identity,
+            resume_keys=RESUME_KEYS,
+            args=self.args,
+        )
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        save_checkpoint(self.out / CHECKPOINT, state)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if record["type"] == "epoch" and self.ctx.is_main and not self.args.progress:
+            print(
+                f"epoch {record['epoch']}: loss {record['loss']:.4f}, "
+                f"{record['images_per_s']:.1f} img/s"
+            )
 
 
 # ------------------------------------------------------------------------------ main
@@ -607,7 +675,6 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
     out, resume_path = prepare_run_dir(
         args.out, args.resume, checkpoint=CHECKPOINT, weights=WEIGHTS
     )
-    checkpoint_path = out / CHECKPOINT
     if args.batch_size % ctx.world_size:
         raise UsageError(f"--batch-size {args.batch_size} not divisible by {ctx.world_size}")
     config = detector_config_from_args(args)
@@ -661,7 +728,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
     identity["data_root"] = str(args.data_root)
     identity["sources"] = [spec.to_dict() for spec in args.sources]
 
-    start_epoch, step, last_eval = 0, 0, None
+    start = FitState()
     if resume_path is not None:
         start_epoch, step, last_eval = resume_run(
             resume_path,
@@ -676,106 +743,40 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
             ctx=ctx,
             strict_streams=True,
         )
+        start = FitState(epoch=start_epoch, step=step, last_eval=last_eval)
         if ema is not None:
             ema.load_state_dict(load_training_state(resume_path)["ema"])
     write_args_yaml(out, args, ctx)
-    evaluated = detector if ema is None else ema.module
 
-    def run_eval(epoch: int, current_step: int) -> dict[str, Any] | None:
-        if val_set is None or not ctx.is_main:
-            return last_eval
-        result = evaluate(
-            evaluated,
-            val_set,
-            device=ctx.device,
-            score_threshold=args.eval_score_threshold,
-            channels_last=channels_last,
-            progress=args.progress,
-        )
-        with atomic_open(out / "eval.md", "w", encoding="utf-8") as handle:
-            handle.write(result.pop("markdown") + "\n")
-        record = {"type": "eval", "epoch": epoch, "step": current_step, **result}
-        raw = ""
-        if ema is not None:  # the trained weights too: what the average adds, measured
-            plain = evaluate(
-                detector,
-                val_set,
-                device=ctx.device,
-                score_threshold=args.eval_score_threshold,
-                channels_last=channels_last,
-                progress=args.progress,
-            )
-            record["without_ema"] = {k: plain[k] for k in ("ap_easy", "ap", "ap_hard")}
-            raw = (
-                f"; without EMA {plain['ap_easy']:.2f} / {plain['ap']:.2f} / "
-                f"{plain['ap_hard']:.2f}"
-            )
-        metrics.write(record)
-        print(
-            f"epoch {epoch} step {current_step}: Car AP_40 easy {result['ap_easy']:.2f} "
-            f"moderate {result['ap']:.2f} hard {result['ap_hard']:.2f} "
-            f"({result['frames']} val frames){raw}"
-        )
-        return record
-
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        if isinstance(train_set, MixtureDataset):
-            train_set.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        step, stats = train_one_epoch(
-            model,
-            optimizer,
-            scheduler,
-            loader,
-            ctx,
-            epoch=epoch,
-            step=step,
-            scaler=scaler,
-            amp=amp,
-            channels_last=channels_last,
-            max_steps=args.max_steps_per_epoch,
-            ema=ema,
-            metrics=metrics,
-            log_every=args.log_every_steps,
-            progress=args.progress,
-            clip_grad_norm=args.clip_grad_norm,
-        )
-        metrics.write(
-            {
-                "type": "epoch",
-                "epoch": epoch,
-                "step": step,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - epoch_start,
-                **stats,
-            }
-        )
-        if ctx.is_main and not args.progress:
-            print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s")
-        last_epoch = epoch + 1 == args.epochs
-        if (args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0) or last_epoch:
-            last_eval = run_eval(epoch, step)
-        # every process's random streams, so each continues its own after --resume
-        streams = gather_random_streams(generator, ctx)
-        if ctx.is_main:
-            state = training_checkpoint(
-                model=detector,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                random_streams=streams,
-                epoch=epoch + 1,
-                step=step,
-                last_eval=last_eval,
-                identity=identity,
-                resume_keys=RESUME_KEYS,
-                args=args,
-            )
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            save_checkpoint(checkpoint_path, state)
-        barrier(ctx)
+    loop = DetectorLoop(
+        args=args,
+        ctx=ctx,
+        model=model,
+        detector=detector,
+        ema=ema,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        loader=loader,
+        sampler=sampler,
+        generator=generator,
+        train_set=train_set,
+        val_set=val_set,
+        metrics=metrics,
+        identity=identity,
+        out=out,
+        amp=amp,
+        channels_last=channels_last,
+    )
+    options = FitOptions(
+        epochs=args.epochs,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        eval_every_epochs=args.eval_every_epochs,
+        log_every_steps=args.log_every_steps,
+        progress=args.progress,
+    )
+    finished = fit(loop, options, ctx, start)
+    step, last_eval = finished.step, finished.last_eval
 
     summary: dict[str, Any] = {
         "model": config.backbone,
@@ -800,7 +801,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
             }
         )
     if ctx.is_main:
-        save_detector(out / WEIGHTS, evaluated, recipe=_recipe(args), metrics=summary)
+        save_detector(out / WEIGHTS, loop.evaluated, recipe=_recipe(args), metrics=summary)
         write_json(out / "summary.json", summary)
         ap = f", val Car moderate AP_40 {summary['val_ap_moderate_40']:.2f}" if last_eval else ""
         print(f"done: {step} steps{ap} -> {out / WEIGHTS}")
