@@ -437,6 +437,17 @@ def train_transform(
     )
 
 
+def eval_crop_transform(
+    size: int = 224, *, resize: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The geometry of :func:`eval_transform` on a uint8 CHW tensor: shorter side to ``resize``,
+    centre crop ``size`` (the decoded cache stores test images after it)."""
+    from torchvision.transforms import v2
+
+    resize = resize or round(size * 256 / 224)
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
+
+
 def eval_transform(
     size: int = 224,
     *,
@@ -447,12 +458,10 @@ def eval_transform(
     """Resize the shorter side to ``resize`` (256/224 of ``size`` by default), centre-crop."""
     from torchvision.transforms import v2
 
-    resize = resize or round(size * 256 / 224)
     return v2.Compose(
         [
             v2.PILToTensor(),
-            v2.Resize(resize, antialias=True),
-            v2.CenterCrop(size),
+            eval_crop_transform(size, resize=resize),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(mean), std=list(std)),
         ]
