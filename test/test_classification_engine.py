@@ -70,7 +70,8 @@ def test_classification_short_run_learns(trained_run) -> None:
     evals = [r for r in records if r["type"] == "eval"]
     assert [r["step"] for r in evals][:3] == [6, 12, 18] and 20 in [r["step"] for r in evals]
     assert {r["type"] for r in records} == {"train", "eval", "epoch"}
-    for name in ("args.yaml", "split.json", "checkpoint.pt", "summary.json", "model.safetensors"):
+    names = ("args.yaml", "split.json", "checkpoint.json", "summary.json", "model.safetensors")
+    for name in names:
         assert (out / name).is_file(), name
 
 
@@ -165,18 +166,18 @@ def test_classification_resume_is_exact(
     common = (*common, "--workers", workers)  # 1: augmentation runs in a seeded worker
     whole = engine.main(engine.parse_args(_argv(colour_folders, tmp_path / "whole", *common)))
 
-    real_train = engine.train_one_epoch
+    real_begin = engine.ClassifierLoop.begin_epoch
 
-    def killed_in_second_epoch(*args, **kwargs):
-        if kwargs["epoch"] == 1:
+    def killed_in_second_epoch(self, epoch):
+        if epoch == 1:
             raise KeyboardInterrupt  # the process dies after the epoch-0 checkpoint
-        return real_train(*args, **kwargs)
+        return real_begin(self, epoch)
 
-    monkeypatch.setattr(engine, "train_one_epoch", killed_in_second_epoch)
+    monkeypatch.setattr(engine.ClassifierLoop, "begin_epoch", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         engine.main(engine.parse_args(_argv(colour_folders, tmp_path / "killed", *common)))
     assert not (tmp_path / "killed" / engine.WEIGHTS).exists()
-    monkeypatch.setattr(engine, "train_one_epoch", real_train)
+    monkeypatch.setattr(engine.ClassifierLoop, "begin_epoch", real_begin)
 
     # starting again over a run folder without --resume is refused
     with pytest.raises(TrainingError, match="already holds a run"):

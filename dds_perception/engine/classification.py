@@ -1,7 +1,8 @@
 """Backbone classification training on Caltech-101/256 (the paper's Tables 4 and 5).
 
 Shaped like torchvision's ``references/classification``: :func:`get_args_parser`, :func:`main`,
-:func:`train_one_epoch`, :func:`evaluate`.
+:func:`evaluate`; one training step is :meth:`ClassifierLoop.train_step`, and the epochs around
+it are the shared :func:`dds_perception.engine.loop.fit`.
 
 The default recipe is the paper's: batch 512, 300 epochs, initial learning rate 0.045 halved at
 epochs 50, 100, 130, 160, 190, 220, 250 and 280 (``MultiStepLR``, gamma 0.5), cross-entropy,
@@ -11,6 +12,13 @@ decay 4e-5, so that is the default here. Training images: RandomResizedCrop 224 
 test images: shorter side resized to 256, centre crop 224. 2,000 random images are held out for
 testing (seeded; the split is saved as ``split.json`` beside the outputs and reused).
 
+Two pipelines feed the same loop: ``loader`` decodes and augments every image on the CPU in
+DataLoader workers; ``device`` decodes the dataset once into a cached uint8 tensor and augments
+whole batches on the training device (:mod:`dds_perception.data.device_pipeline`). Several
+models can train side by side on one stream of batches (:func:`train_models`), each with its
+own optimizer, random stream and run folder, and each ends with exactly the weights it would
+have trained alone.
+
 ``--batch-size`` is the global batch: under ``torchrun`` each of the N processes takes
 ``batch_size / N`` images per step. The last incomplete batch of an epoch is dropped (BatchNorm
 cannot train on a batch of one). Test accuracy is measured every ``--eval-every-steps`` optimizer
@@ -18,20 +26,29 @@ steps (and at the end of every ``--eval-every-epochs``-th epoch), so one run giv
 paper's accuracy-at-N-steps table.
 
 A run folder holds ``args.yaml`` (the resolved arguments), ``split.json``, ``metrics.jsonl``,
-``checkpoint.pt`` (written atomically after every epoch; ``--resume`` continues from it exactly:
-model, optimizer, scheduler, grad scaler, epoch, step and every process's RNG states, including the
-generator that seeds its DataLoader workers), and at the end ``model.safetensors``
-(self-describing weights) and ``summary.json``. A run killed mid-epoch restarts that epoch from
-the last checkpoint.
+``checkpoint.json`` with its part files (written after every ``--checkpoint-every-epochs``-th
+epoch, in parts of at most ``--checkpoint-part-mb``, see
+:mod:`dds_perception.engine.checkpoint_parts`; ``--resume`` continues from it exactly: model,
+optimizer, scheduler, grad scaler, epoch, step and every process's random streams, the model's
+own and the data's, including the generator that seeds DataLoader workers), and at the end
+``model.safetensors`` (self-describing weights) and ``summary.json``. A run killed mid-epoch
+restarts that epoch from the last checkpoint; ``--max-minutes`` ends a run at a checkpoint
+before a time limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +71,13 @@ from dds_perception.data.classification import (
     read_split,
     train_transform,
 )
+from dds_perception.data.device_pipeline import (
+    CacheSpec,
+    DeviceTestBatches,
+    DeviceTrainBatches,
+    load_cached_images,
+)
+from dds_perception.engine.checkpoint_parts import load_parts, save_parts, saved_epochs
 from dds_perception.engine.common import (
     DistributedContext,
     MetricsWriter,
@@ -62,24 +86,23 @@ from dds_perception.engine.common import (
     add_resume_argument,
     add_speed_arguments,
     all_reduce_sum,
+    args_to_dict,
     autocast,
     barrier,
-    check_finite,
-    close_bar,
-    gather_random_streams,
+    check_resume_matches,
+    gather_objects,
     iter_with_progress,
     make_grad_scaler,
     make_run_dir,
     parse_recipe_args,
     prepare_run_dir,
     read_metrics,
-    resume_run,
+    restore_training_state,
     run_distributed,
-    save_checkpoint,
-    training_checkpoint,
     wrap_ddp,
     write_args_yaml,
 )
+from dds_perception.engine.loop import FitOptions, FitState, StepResult, TrainingLoop, fit
 from dds_perception.utils.checkpoint import (
     CheckpointError,
     load_state_into,
@@ -88,15 +111,30 @@ from dds_perception.utils.checkpoint import (
 )
 from dds_perception.utils.errors import UsageError
 from dds_perception.utils.io import atomic_path, write_json
-from dds_perception.utils.runtime import resolve_device, seed_everything
+from dds_perception.utils.io import cache_dir as cache_dir_default
+from dds_perception.utils.runtime import resolve_device
 
 PAPER_MILESTONES = (50, 100, 130, 160, 190, 220, 250, 280)
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.json"  # the manifest of the checkpoint's part files
 WEIGHTS = "model.safetensors"
 SPLIT = "split.json"
 METRICS = "metrics.jsonl"
-# Arguments that must not change when a run is resumed (they define the network and the data).
-RESUME_KEYS = ["model", "width_mult", "dataset", "class_names", "input_size", "split_seed"]
+PIPELINES = ("loader", "device")
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# Arguments that must not change when a run is resumed (they define the network, the data and
+# the stream of batches).
+RESUME_KEYS = [
+    "model",
+    "width_mult",
+    "dataset",
+    "class_names",
+    "input_size",
+    "split_seed",
+    "split_digest",
+    "pipeline",
+    "seed",
+    "batch_size",
+]
 
 
 def _test_size(text: str) -> float:
@@ -148,7 +186,33 @@ def add_data_arguments(options: RecipeOptions) -> None:
         default=None,
         help="shorter side before the test centre crop (default input-size * 256/224)",
     )
-    group.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    group.add_argument(
+        "--pipeline",
+        choices=PIPELINES,
+        default="loader",
+        help="loader: decode and augment every image on the CPU (DataLoader workers); "
+        "device: decode once into a cached uint8 tensor, augment batches on the device",
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="DataLoader worker processes (device pipeline: threads decoding the cache)",
+    )
+    group.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="folder of the decoded caches (device pipeline; default "
+        "~/.cache/dds_perception/decoded or $DDS_PERCEPTION_CACHE/decoded)",
+    )
+    group.add_argument(
+        "--cache-short-side",
+        type=int,
+        default=None,
+        help="training images with a longer shorter side are cached resized to it (device "
+        "pipeline; default: the test resize, 256 at 224 px; 0: never)",
+    )
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool = True) -> None:
@@ -203,15 +267,48 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, with_model: bool 
         "--eval-every-epochs", type=int, default=1, help="test accuracy every N epochs (0: never)"
     )
     group.add_argument("--log-every-steps", type=int, default=10, help="training metrics period")
-    add_resume_argument(group)
+    add_resume_argument(group, CHECKPOINT)
+    group.add_argument(
+        "--checkpoint-every-epochs",
+        type=int,
+        default=1,
+        help="write the checkpoint every N epochs (and after the last one)",
+    )
+    group.add_argument(
+        "--checkpoint-part-mb",
+        type=float,
+        default=15.0,
+        help="largest checkpoint part file in MiB (a device machine returns files <= 16 MB)",
+    )
+    group.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop at a checkpoint before this many minutes have passed (0: no limit); "
+        "--resume continues",
+    )
     group.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars"
     )
-    add_speed_arguments(
+    group = add_speed_arguments(
         options,
-        channels_last_help="channels_last memory format on CUDA (ignored on CPU)",
+        channels_last_help="channels_last memory format on CUDA (ignored on CPU; default on, "
+        "unmeasured)",
         max_steps_help="cap the optimizer steps of an epoch (0: no cap; for smoke tests and "
         "timing)",
+        amp_help="mixed precision (--amp-dtype) on CUDA (ignored on CPU)",
+    )
+    group.add_argument(
+        "--amp-dtype",
+        choices=tuple(AMP_DTYPES),
+        default="bfloat16",
+        help="autocast type on CUDA; float16 adds a GradScaler (default bfloat16, unmeasured)",
+    )
+    group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile each model (CUDA; off by default: unmeasured, minutes to compile)",
     )
     options.show_defaults()
 
@@ -306,9 +403,63 @@ def _to_device(
 
 
 @torch.no_grad()
+def evaluate_models(
+    models: Mapping[str, torch.nn.Module],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, int]],
+    ctx: DistributedContext,
+    *,
+    amp: bool = False,
+    amp_dtype: torch.dtype = torch.float16,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Top-1 / top-5 accuracy (percent) and mean loss of each model on the same test batches
+    (one pass over them), summed over processes."""
+    was_training = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        model.eval()
+    totals = {name: [0.0, 0.0, 0.0] for name in models}  # top-1 hits, top-5 hits, loss sum
+    count = bad = 0.0
+    for images, labels, n_bad in iter_with_progress(
+        batches, enabled=progress and ctx.is_main, desc="test"
+    ):
+        bad += n_bad
+        if labels.numel() == 0:
+            continue
+        images, labels = _to_device(images, labels, ctx.device, channels_last)
+        count += labels.numel()
+        for name, model in models.items():
+            with autocast(ctx.device, amp, amp_dtype):
+                logits = model(images)
+            logits = logits.float()
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+            total = totals[name]
+            total[0] += float(hits[:, 0].sum())
+            total[1] += float(hits.any(dim=1).sum())
+            total[2] += float(F.cross_entropy(logits, labels, reduction="sum"))
+    names = list(models)
+    summed = all_reduce_sum([v for name in names for v in totals[name]] + [count, bad], ctx)
+    count, bad = summed[-2], summed[-1]
+    for name, model in models.items():
+        model.train(was_training[name])
+    if count == 0:
+        raise TrainingError("no readable test image: cannot measure accuracy")
+    results = {}
+    for index, name in enumerate(names):
+        correct1, correct5, loss_sum = summed[3 * index : 3 * index + 3]
+        results[name] = {
+            "top1": 100.0 * correct1 / count,
+            "top5": 100.0 * correct5 / count,
+            "loss": loss_sum / count,
+            "images": int(count),
+            "bad_images": int(bad),
+        }
+    return results
+
+
 def evaluate(
     model: torch.nn.Module,
-    loader: DataLoader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor, int]],
     ctx: DistributedContext,
     *,
     amp: bool = False,
@@ -316,142 +467,238 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean loss over ``loader``, summed over processes."""
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = loss_sum = count = bad = 0.0
-    batches = iter_with_progress(loader, enabled=progress and ctx.is_main, desc="test")
-    for images, labels, n_bad in batches:
-        bad += n_bad
-        if labels.numel() == 0:
-            continue
-        images, labels = _to_device(images, labels, ctx.device, channels_last)
-        with autocast(ctx.device, amp):
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hits = top.eq(labels[:, None])
-        correct1 += float(hits[:, 0].sum())
-        correct5 += float(hits.any(dim=1).sum())
-        count += labels.numel()
-    correct1, correct5, loss_sum, count, bad = all_reduce_sum(
-        [correct1, correct5, loss_sum, count, bad], ctx
+    results = evaluate_models(
+        {"model": model}, loader, ctx, amp=amp, channels_last=channels_last, progress=progress
     )
-    model.train(was_training)
-    if count == 0:
-        raise TrainingError("no readable test image: cannot measure accuracy")
-    return {
-        "top1": 100.0 * correct1 / count,
-        "top5": 100.0 * correct5 / count,
-        "loss": loss_sum / count,
-        "images": int(count),
-        "bad_images": int(bad),
-    }
+    return results["model"]
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    ctx: DistributedContext,
-    *,
-    epoch: int,
-    step: int,
-    scaler: torch.amp.GradScaler,
-    amp: bool = False,
-    channels_last: bool = False,
-    label_smoothing: float = 0.0,
-    max_steps: int = 0,
-    on_step: Callable[[int], None] | None = None,
-    metrics: MetricsWriter | None = None,
-    log_every: int = 10,
-    progress: bool = False,
-) -> tuple[int, dict[str, float]]:
-    """One pass over ``loader``; returns the new global step and the epoch's statistics.
+def _rng_devices(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
-    ``on_step(step)`` runs after every optimizer step (the periodic test evaluation).
-    """
-    model.train()
-    loss_sum = correct = seen = bad = 0.0
-    window_loss = window_n = 0.0
-    train_time = 0.0
-    tick = time.perf_counter()
-    total = min(len(loader), max_steps) if max_steps else len(loader)
-    bar = iter_with_progress(
-        loader, enabled=progress and ctx.is_main, desc=f"epoch {epoch}", total=total
-    )
-    for index, (images, labels, n_bad) in enumerate(bar):
-        if max_steps and index >= max_steps:
-            break
-        bad += n_bad
-        images, labels = _to_device(images, labels, ctx.device, channels_last)
-        with autocast(ctx.device, amp):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        check_finite(loss, epoch=epoch, step=step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        batch = labels.numel()
-        value = float(loss.detach())
-        loss_sum += value * batch
-        correct += float(logits.detach().argmax(dim=1).eq(labels).sum())
-        seen += batch
-        window_loss += value
-        window_n += 1
-        now = time.perf_counter()
-        train_time += now - tick
-        if metrics is not None and log_every and step % log_every == 0:
-            metrics.write(
-                {
-                    "type": "train",
-                    "epoch": epoch,
-                    "step": step,
-                    "loss": window_loss / window_n,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": seen * ctx.world_size / max(train_time, 1e-9),
-                }
+
+def new_stream(seed: int, device: torch.device) -> dict[str, torch.Tensor | None]:
+    """A random stream of its own (CPU and ``device`` generator states) seeded by ``seed``."""
+    devices = _rng_devices(device)
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed(seed)  # the current device only
+        return {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(devices[0]) if devices else None,
+        }
+
+
+@contextlib.contextmanager
+def own_stream(stream: dict[str, torch.Tensor | None], device: torch.device) -> Iterator[None]:
+    """Run the block on ``stream`` (a model's initialisation and dropout, the augmentation of
+    the main process) and keep its new state; the process's own streams are left as they were.
+    So models trained side by side draw exactly what each would draw alone."""
+    devices = _rng_devices(device)
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(stream["cpu"])
+        if devices and stream.get("cuda") is not None:
+            torch.cuda.set_rng_state(stream["cuda"], devices[0])
+        yield
+        stream["cpu"] = torch.get_rng_state()
+        if devices:
+            stream["cuda"] = torch.cuda.get_rng_state(devices[0])
+
+
+class _InStream:
+    """Batches of ``batches`` drawn on the random stream ``stream`` (a loader whose transforms
+    run in this process draw from the process's generator)."""
+
+    def __init__(self, batches: Any, stream: dict[str, Any]) -> None:
+        self.batches, self.stream = batches, stream
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = iter(self.batches)
+        while True:
+            with own_stream(self.stream, torch.device("cpu")):
+                batch = next(iterator, None)
+            if batch is None:
+                return
+            yield batch
+
+
+@dataclass
+class Member:
+    """One model of a run: its network, optimizer, random stream, run folder and records."""
+
+    name: str
+    args: argparse.Namespace
+    out: Path
+    model: torch.nn.Module  # the network itself (its weights are saved)
+    forward: torch.nn.Module  # what trains on the batches: the network in DDP / compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    metrics: MetricsWriter
+    identity: dict[str, Any]
+    stream: dict[str, torch.Tensor | None]  # its initialisation and dropout
+    last_eval: dict[str, Any] | None = None
+
+
+class ClassifierLoop(TrainingLoop):
+    """Classification in :func:`~dds_perception.engine.loop.fit`: one SGD step of every member
+    on each batch (each model on its own random stream), the step-wise learning-rate schedule
+    per epoch, test accuracy of every member on one pass over the test batches, and a
+    checkpoint per member in its own run folder."""
+
+    def __init__(
+        self,
+        *,
+        members: list[Member],
+        ctx: DistributedContext,
+        args: argparse.Namespace,
+        train_batches: Any,
+        test_batches: Any,
+        set_epoch: Callable[[int], None],
+        data_stream: dict[str, Any],
+        generator: torch.Generator | None,
+        amp: bool,
+        amp_dtype: torch.dtype,
+        channels_last: bool,
+    ) -> None:
+        self.members, self.ctx, self.args = members, ctx, args
+        self.train_batches, self.test_batches, self.set_epoch = (
+            train_batches,
+            test_batches,
+            set_epoch,
+        )
+        self.data_stream, self.generator = data_stream, generator
+        self.amp, self.amp_dtype, self.channels_last = amp, amp_dtype, channels_last
+
+    def _label(self, member: Member) -> str:
+        return "" if len(self.members) == 1 else f"{member.name}: "
+
+    def begin_epoch(self, epoch: int) -> Iterable[Any]:
+        self.set_epoch(epoch)
+        for member in self.members:
+            member.forward.train()
+        return _InStream(self.train_batches, self.data_stream)
+
+    def train_step(self, batch: Any, *, epoch: int, step: int) -> StepResult:
+        images, labels, n_bad = batch
+        images, labels = _to_device(images, labels, self.ctx.device, self.channels_last)
+        values: dict[str, torch.Tensor] = {}
+        counts: dict[str, Any] = {"bad_images": float(n_bad)}
+        for member in self.members:
+            with own_stream(member.stream, self.ctx.device):
+                with autocast(self.ctx.device, self.amp, self.amp_dtype):
+                    logits = member.forward(images)
+                    loss = F.cross_entropy(
+                        logits, labels, label_smoothing=member.args.label_smoothing
+                    )
+                member.optimizer.zero_grad(set_to_none=True)
+                member.scaler.scale(loss).backward()
+                member.scaler.step(member.optimizer)
+                member.scaler.update()
+            values[f"{member.name}/loss"] = loss.detach()
+            counts[f"{member.name}/correct"] = logits.detach().argmax(dim=1).eq(labels).sum()
+        return StepResult(images=labels.numel(), values=values, counts=counts)
+
+    def learning_rate(self) -> float:
+        return self.members[0].optimizer.param_groups[0]["lr"]
+
+    def end_epoch(self, epoch: int) -> None:
+        for member in self.members:
+            member.scheduler.step()
+
+    def epoch_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        for member in self.members:
+            correct = stats.pop(f"{member.name}/correct", 0.0)
+            stats[f"{member.name}/train_top1"] = 100.0 * correct / max(stats["images"], 1)
+        return stats
+
+    def evaluate(self, epoch: int, step: int) -> dict[str, Any]:
+        results = evaluate_models(
+            {member.name: member.model for member in self.members},
+            self.test_batches,
+            self.ctx,
+            amp=self.amp,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.channels_last,
+            progress=self.args.progress,
+        )
+        for member in self.members:
+            result = results[member.name]
+            member.last_eval = {"type": "eval", "epoch": epoch, "step": step, **result}
+            member.metrics.write(member.last_eval)
+            if self.ctx.is_main and not self.args.progress:
+                print(
+                    f"step {step}: {self._label(member)}top1 {result['top1']:.2f}%  "
+                    f"top5 {result['top5']:.2f}%"
+                )
+        return {"type": "eval", "epoch": epoch, "step": step}
+
+    def save(self, *, epoch: int, step: int, last_eval: dict[str, Any] | None) -> None:
+        # every process's streams, so each continues its own after --resume
+        streams = gather_objects(
+            {
+                "data": self.data_stream,
+                "loader": None if self.generator is None else self.generator.get_state(),
+                "models": {member.name: member.stream for member in self.members},
+            },
+            self.ctx,
+        )
+        if not self.ctx.is_main:
+            return
+        for member in self.members:
+            state = {
+                "model": member.model.state_dict(),
+                "optimizer": member.optimizer.state_dict(),
+                "scheduler": member.scheduler.state_dict(),
+                "scaler": member.scaler.state_dict(),
+                "random_streams": [
+                    {"data": s["data"], "loader": s["loader"], "model": s["models"][member.name]}
+                    for s in streams
+                ],
+                "epoch": epoch,
+                "step": step,
+                "last_eval": member.last_eval,
+                "identity": {key: member.identity.get(key) for key in RESUME_KEYS},
+                "args": args_to_dict(member.args),
+            }
+            save_parts(
+                member.out / CHECKPOINT,
+                state,
+                epoch=epoch,
+                step=step,
+                part_bytes=int(self.args.checkpoint_part_mb * 2**20),
             )
-            window_loss = window_n = 0.0
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
-        if on_step is not None:
-            on_step(step)
-        tick = time.perf_counter()  # evaluation time is not training time
-    close_bar(bar)
-    loss_sum, correct, seen, bad = all_reduce_sum([loss_sum, correct, seen, bad], ctx)
-    stats = {
-        "loss": loss_sum / max(seen, 1),
-        "train_top1": 100.0 * correct / max(seen, 1),
-        "images": int(seen),
-        "bad_images": int(bad),
-        "images_per_s": seen / max(train_time, 1e-9),
-    }
-    return step, stats
+
+    def log(self, record: dict[str, Any]) -> None:
+        common = {key: value for key, value in record.items() if "/" not in key}
+        for member in self.members:
+            prefix = f"{member.name}/"
+            own = {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
+            member.metrics.write({**common, **own})
+            if record["type"] == "epoch" and self.ctx.is_main and not self.args.progress:
+                print(
+                    f"epoch {record['epoch']}: {self._label(member)}loss {own['loss']:.4f}, "
+                    f"{record['images_per_s']:.1f} img/s"
+                )
 
 
 # ------------------------------------------------------------------------------ main
 
 
-def _make_loaders(
+def make_loaders(
     args: argparse.Namespace,
     train: ImageClassificationDataset,
     test: ImageClassificationDataset,
     ctx: DistributedContext,
+    per_rank: int,
 ) -> tuple[DataLoader, DataLoader, DistributedSampler, torch.Generator]:
-    if args.batch_size % ctx.world_size:
-        raise UsageError(
-            f"--batch-size {args.batch_size} is not divisible by {ctx.world_size} processes"
-        )
-    per_rank = args.batch_size // ctx.world_size
-    if len(train) // ctx.world_size < per_rank:
-        raise UsageError(
-            f"--batch-size {args.batch_size} exceeds the {len(train)} training images "
-            "(the last incomplete batch is dropped, so no step would run)"
-        )
+    """The CPU path: DataLoaders that decode and augment every image on every epoch."""
     # Seeded per epoch from (seed, epoch): the order does not depend on what ran before.
     sampler = DistributedSampler(
         train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed
@@ -482,6 +729,50 @@ def _make_loaders(
         generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
     )
     return train_loader, test_loader, sampler, generator
+
+
+def device_batches(
+    args: argparse.Namespace,
+    train: ImageClassificationDataset,
+    test: ImageClassificationDataset,
+    ctx: DistributedContext,
+    per_rank: int,
+    channels_last: bool,
+) -> tuple[DeviceTrainBatches, DeviceTestBatches]:
+    """The device path: the decoded cache on the device, augmented there in batches."""
+    cache_dir = args.cache_dir or cache_dir_default() / "decoded"
+    eval_resize = args.eval_resize or round(args.input_size * 256 / 224)
+    short_side = eval_resize if args.cache_short_side is None else args.cache_short_side
+    specs = (
+        (train, CacheSpec("train", short_side=short_side)),
+        (test, CacheSpec("test", resize=eval_resize, size=args.input_size)),
+    )
+    threads = max(1, args.workers)
+    cached = []
+    if ctx.is_main:  # one process decodes, the others read its files
+        cached = [load_cached_images(d, s, cache_dir, threads=threads) for d, s in specs]
+    barrier(ctx)
+    if not ctx.is_main:
+        cached = [load_cached_images(d, s, cache_dir, threads=threads) for d, s in specs]
+    train_images, test_images = (images.to(ctx.device) for images in cached)
+    train_batches = DeviceTrainBatches(
+        train_images,
+        batch_size=per_rank,
+        size=args.input_size,
+        seed=args.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        channels_last=channels_last,
+    )
+    eval_batch = (args.eval_batch_size or args.batch_size) // ctx.world_size
+    test_batches = DeviceTestBatches(
+        test_images,
+        batch_size=max(1, eval_batch),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        channels_last=channels_last,
+    )
+    return train_batches, test_batches
 
 
 def _weights_meta(
@@ -517,6 +808,7 @@ def _weights_meta(
             "seed": args.seed,
             "split_seed": args.split_seed,
             "test_size": args.test_size,
+            "pipeline": args.pipeline,
             "train_transform": f"RandomResizedCrop({args.input_size}) + HorizontalFlip",
             "test_transform": "Resize + CenterCrop",
         },
@@ -529,152 +821,269 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return run_distributed(train, args)
 
 
-def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
-    """Train in the process group of ``ctx`` (runs may share one: see compare-backbones)."""
-    out, resume_path = prepare_run_dir(
-        args.out, args.resume, checkpoint=CHECKPOINT, weights=WEIGHTS
+def train(
+    args: argparse.Namespace, ctx: DistributedContext, *, deadline: float | None = None
+) -> dict[str, Any]:
+    """Train ``args.model`` in ``args.out`` in the process group of ``ctx``; its summary."""
+    split_path = Path(args.split_file) if args.split_file else None
+    summaries = train_models(
+        args, ctx, {args.model: args.out}, split_path=split_path, deadline=deadline
     )
-    checkpoint_path = out / CHECKPOINT
-    make_run_dir(out, ctx)
-    seed_everything(args.seed)
+    return summaries[args.model]
 
-    split_path = Path(args.split_file) if args.split_file else out / SPLIT
-    full, train_set, test_set = build_datasets(args, split_path, write_split=ctx.is_main)
-    class_names = list(full.class_names)
-    identity = {**vars(args), "class_names": class_names}
 
-    amp = bool(args.amp) and ctx.device.type == "cuda"
-    channels_last = bool(args.channels_last) and ctx.device.type == "cuda"
-    model = build_model(args, len(class_names)).to(ctx.device)
+def _split_digest(train: ImageClassificationDataset, test: ImageClassificationDataset) -> str:
+    """A short digest of the train/test image lists (a resumed run must use the same)."""
+    lists = [[r.path for r in train.records], [r.path for r in test.records]]
+    return hashlib.sha256(json.dumps(lists).encode()).hexdigest()[:16]
+
+
+def precision(args: argparse.Namespace, ctx: DistributedContext) -> tuple[bool, torch.dtype, bool]:
+    """(autocast on, its dtype, channels_last): the speed options, which apply on CUDA only."""
+    cuda = ctx.device.type == "cuda"
+    return bool(args.amp) and cuda, AMP_DTYPES[args.amp_dtype], bool(args.channels_last) and cuda
+
+
+def build_member(
+    name: str,
+    out: Path,
+    args: argparse.Namespace,
+    ctx: DistributedContext,
+    num_classes: int,
+    data_identity: Mapping[str, Any],
+) -> Member:
+    """Model ``name`` of a run, initialised on its own random stream seeded by ``args.seed``
+    (so its weights are those of the model trained alone), on ``ctx.device``, with its SGD
+    optimizer, schedule, grad scaler and metrics file in ``out``."""
+    amp, amp_dtype, channels_last = precision(args, ctx)
+    member_args = copy.copy(args)
+    member_args.model, member_args.out = name, out
+    stream = new_stream(args.seed, ctx.device)
+    with own_stream(stream, ctx.device):
+        model = build_model(member_args, num_classes)
+    model = model.to(ctx.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model_without_ddp = model
-    model = wrap_ddp(model, ctx)
-    optimizer, scheduler = build_optimizer(model_without_ddp, args)
-    scaler = make_grad_scaler(ctx.device, amp)
-    train_loader, test_loader, sampler, generator = _make_loaders(args, train_set, test_set, ctx)
-    metrics = MetricsWriter(out / METRICS, enabled=ctx.is_main)
+    forward = wrap_ddp(model, ctx)
+    if args.compile:
+        forward = torch.compile(forward)
+    optimizer, scheduler = build_optimizer(model, member_args)
+    return Member(
+        name=name,
+        args=member_args,
+        out=out,
+        model=model,
+        forward=forward,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=make_grad_scaler(ctx.device, amp, amp_dtype),
+        metrics=MetricsWriter(out / METRICS, enabled=ctx.is_main),
+        identity={**vars(member_args), **data_identity},
+        stream=stream,
+    )
 
-    start_epoch, step, last_eval = 0, 0, None
-    if resume_path is not None:
-        start_epoch, step, last_eval = resume_run(
-            resume_path,
-            identity=identity,
-            resume_keys=RESUME_KEYS,
-            model=model_without_ddp,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            generator=generator,
-            metrics=metrics,
-            ctx=ctx,
-            strict_streams=False,
-        )
-    write_args_yaml(out, args, ctx)
 
-    eval_kwargs = {"amp": amp, "channels_last": channels_last, "progress": args.progress}
-
-    def run_eval(epoch: int, current_step: int) -> dict[str, Any]:
-        result = evaluate(model, test_loader, ctx, **eval_kwargs)
-        record = {"type": "eval", "epoch": epoch, "step": current_step, **result}
-        metrics.write(record)
-        if ctx.is_main and not args.progress:
-            print(f"step {current_step}: top1 {result['top1']:.2f}%  top5 {result['top5']:.2f}%")
-        return record
-
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-
-        def on_step(current_step: int, epoch: int = epoch) -> None:
-            nonlocal last_eval
-            if args.eval_every_steps and current_step % args.eval_every_steps == 0:
-                last_eval = run_eval(epoch, current_step)
-
-        step, stats = train_one_epoch(
-            model,
-            optimizer,
-            train_loader,
-            ctx,
-            epoch=epoch,
-            step=step,
-            scaler=scaler,
-            amp=amp,
-            channels_last=channels_last,
-            label_smoothing=args.label_smoothing,
-            max_steps=args.max_steps_per_epoch,
-            on_step=on_step,
-            metrics=metrics,
-            log_every=args.log_every_steps,
-            progress=args.progress,
-        )
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        metrics.write(
-            {
-                "type": "epoch",
-                "epoch": epoch,
-                "step": step,
-                "lr": lr,
-                "seconds": time.perf_counter() - epoch_start,
-                **stats,
-            }
-        )
-        last_epoch = epoch + 1 == args.epochs
-        periodic = args.eval_every_epochs and (epoch + 1) % args.eval_every_epochs == 0
-        if (periodic or last_epoch) and (last_eval is None or last_eval["step"] != step):
-            last_eval = run_eval(epoch, step)
-        # every process's random streams, so each continues its own after --resume
-        streams = gather_random_streams(generator, ctx)
-        if ctx.is_main:
-            if not args.progress:
-                print(
-                    f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.1f} img/s"
-                )
-            save_checkpoint(
-                checkpoint_path,
-                training_checkpoint(
-                    model=model_without_ddp,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    random_streams=streams,
-                    epoch=epoch + 1,
-                    step=step,
-                    last_eval=last_eval,
-                    identity=identity,
-                    resume_keys=RESUME_KEYS,
-                    args=args,
-                ),
+def _resume_members(
+    members: list[Member],
+    paths: dict[str, Path],
+    ctx: DistributedContext,
+    data_stream: dict[str, Any],
+    generator: torch.Generator | None,
+) -> FitState:
+    """Load every member's checkpoint at the last epoch they all have; return where they are."""
+    epochs = {m.name: saved_epochs(paths[m.name]) for m in members}
+    common = min(found[0] for found in epochs.values())
+    states = {}
+    for member in members:
+        if common not in epochs[member.name]:
+            raise TrainingError(
+                f"cannot resume {member.out} with the others: it holds checkpoints after "
+                f"epochs {epochs[member.name]}, the others are after epoch {common}"
             )
-        barrier(ctx)
-
-    if last_eval is None or last_eval["step"] != step:
-        last_eval = run_eval(max(args.epochs - 1, 0), step)
-    summary = {
-        "model": args.model,
-        "dataset": args.dataset,
-        "num_classes": len(class_names),
-        "train_images": len(train_set),
-        "test_images": len(test_set),
-        "skipped_images": len(full.skipped),
-        "epochs": args.epochs,
-        "steps": step,
-        "parameters": sum(p.numel() for p in model_without_ddp.parameters()),
-        "top1": last_eval["top1"],
-        "top5": last_eval["top5"],
-        "test_loss": last_eval["loss"],
-        "weights": str(out / WEIGHTS),
-    }
-    if ctx.is_main:
-        meta = _weights_meta(args, model_without_ddp, class_names, summary)
-        save_weights(out / WEIGHTS, model_without_ddp.state_dict(), meta)
-        write_json(out / "summary.json", summary)
-        print(
-            f"done: {args.model} on {args.dataset}, {step} steps, top1 {summary['top1']:.2f}%, "
-            f"top5 {summary['top5']:.2f}% -> {out / WEIGHTS}"
+        path = paths[member.name]
+        state = load_parts(path, epoch=common)
+        check_resume_matches(state["identity"], member.identity, RESUME_KEYS, path)
+        restore_training_state(
+            state,
+            model=member.model,
+            optimizer=member.optimizer,
+            scheduler=member.scheduler,
+            scaler=member.scaler,
         )
-    return summary
+        member.last_eval = state.get("last_eval")
+        states[member.name] = state
+    steps = {name: state["step"] for name, state in states.items()}
+    if len(set(steps.values())) != 1:
+        raise TrainingError(f"cannot resume side by side: the members are at steps {steps}")
+    first = states[members[0].name]
+    streams = first["random_streams"]
+    if len(streams) != ctx.world_size:
+        warnings.warn(
+            f"{paths[members[0].name]} was written by {len(streams)} process(es), this run has "
+            f"{ctx.world_size}: training goes on, but its random streams differ from an "
+            "uninterrupted run's",
+            stacklevel=3,
+        )
+    else:
+        mine = streams[ctx.rank]
+        data_stream.update(mine["data"])
+        if generator is not None and mine["loader"] is not None:
+            generator.set_state(mine["loader"])
+        for member in members:
+            saved = states[member.name]["random_streams"][ctx.rank]["model"]
+            member.stream["cpu"] = saved["cpu"]
+            if saved.get("cuda") is not None and ctx.device.type == "cuda":
+                member.stream["cuda"] = saved["cuda"]
+    step = first["step"]
+    for member in members:
+        member.metrics.truncate_after(step)
+    if ctx.is_main:
+        names = (
+            ", ".join(m.name for m in members) if len(members) > 1 else str(paths[members[0].name])
+        )
+        print(f"resumed {names}: epoch {common}, step {step}")
+    last = members[0].last_eval
+    return FitState(epoch=common, step=step, last_eval=None if last is None else dict(last))
+
+
+def train_models(
+    args: argparse.Namespace,
+    ctx: DistributedContext,
+    runs: Mapping[str, str | os.PathLike[str]],
+    *,
+    split_path: Path | None = None,
+    deadline: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Train the models ``runs`` names (registry name -> run folder) on one stream of batches,
+    side by side in this process group, each with its own optimizer, random stream, checkpoint
+    and records in its own folder; return each one's summary.
+
+    Every model gets exactly the batches and the weights it would get trained alone with the
+    same ``args`` (tested): the batches depend only on the seed and the epoch, each model's
+    initialisation and dropout draw from its own stream seeded with ``args.seed``. ``deadline``
+    (``time.monotonic()``; else ``--max-minutes`` from now) stops training at a checkpoint.
+    """
+    if args.max_minutes and deadline is None:
+        deadline = time.monotonic() + 60.0 * args.max_minutes
+    prepared = {
+        name: prepare_run_dir(out, args.resume, checkpoint=CHECKPOINT, weights=WEIGHTS)
+        for name, out in runs.items()
+    }
+    resuming = {name for name, (_, path) in prepared.items() if path is not None}
+    if resuming and len(resuming) != len(prepared):
+        raise TrainingError(f"cannot resume some models and start others: {sorted(resuming)}")
+    first_out = next(iter(prepared.values()))[0]
+    for out, _ in prepared.values():
+        make_run_dir(out, ctx)
+    split_file = split_path or first_out / SPLIT
+    full, train_set, test_set = build_datasets(args, split_file, write_split=ctx.is_main)
+    class_names = list(full.class_names)
+    data_identity = {
+        "class_names": class_names,
+        "split_digest": _split_digest(train_set, test_set),
+    }
+
+    if args.batch_size % ctx.world_size:
+        raise UsageError(
+            f"--batch-size {args.batch_size} is not divisible by {ctx.world_size} processes"
+        )
+    per_rank = args.batch_size // ctx.world_size
+    if math.ceil(len(train_set) / ctx.world_size) < per_rank:
+        raise UsageError(
+            f"--batch-size {args.batch_size} exceeds the {len(train_set)} training images "
+            "(the last incomplete batch is dropped, so no step would run)"
+        )
+    amp, amp_dtype, channels_last = precision(args, ctx)
+    members = [
+        build_member(name, out, args, ctx, len(class_names), data_identity)
+        for name, (out, _) in prepared.items()
+    ]
+
+    # the augmentation of a loader without workers draws from this process's stream
+    data_stream = new_stream(args.seed * 1000 + ctx.rank + 1, torch.device("cpu"))
+    generator: torch.Generator | None = None
+    if args.pipeline == "device":
+        train_batches, test_batches = device_batches(
+            args, train_set, test_set, ctx, per_rank, channels_last
+        )
+        set_epoch = train_batches.set_epoch
+    else:
+        train_batches, test_batches, sampler, generator = make_loaders(
+            args, train_set, test_set, ctx, per_rank
+        )
+        set_epoch = sampler.set_epoch
+
+    start = FitState()
+    if resuming:
+        paths = {name: path for name, (_, path) in prepared.items()}
+        start = _resume_members(members, paths, ctx, data_stream, generator)
+    for member in members:
+        write_args_yaml(member.out, member.args, ctx)
+
+    loop = ClassifierLoop(
+        members=members,
+        ctx=ctx,
+        args=args,
+        train_batches=train_batches,
+        test_batches=test_batches,
+        set_epoch=set_epoch,
+        data_stream=data_stream,
+        generator=generator,
+        amp=amp,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+    )
+    options = FitOptions(
+        epochs=args.epochs,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        eval_every_steps=args.eval_every_steps,
+        eval_every_epochs=args.eval_every_epochs,
+        final_eval=True,
+        log_every_steps=args.log_every_steps,
+        checkpoint_every_epochs=args.checkpoint_every_epochs,
+        progress=args.progress,
+        deadline=deadline,
+    )
+    finished = fit(loop, options, ctx, start)
+    summaries = {}
+    for member in members:
+        summary: dict[str, Any] = {
+            "model": member.name,
+            "dataset": args.dataset,
+            "num_classes": len(class_names),
+            "train_images": len(train_set),
+            "test_images": len(test_set),
+            "skipped_images": len(full.skipped),
+            "epochs": args.epochs,
+            "epochs_done": finished.epoch,
+            "steps": finished.step,
+            "parameters": sum(p.numel() for p in member.model.parameters()),
+            "stopped": finished.stopped,
+        }
+        if member.last_eval is not None:
+            summary.update(
+                top1=member.last_eval["top1"],
+                top5=member.last_eval["top5"],
+                test_loss=member.last_eval["loss"],
+            )
+        summaries[member.name] = summary
+        if not ctx.is_main:
+            continue
+        if finished.stopped:
+            print(
+                f"stopped before the time limit: {member.name} after epoch {finished.epoch} "
+                f"(step {finished.step}); continue with --resume ({member.out / CHECKPOINT})"
+            )
+            continue
+        summary["weights"] = str(member.out / WEIGHTS)
+        meta = _weights_meta(member.args, member.model, class_names, summary)
+        save_weights(member.out / WEIGHTS, member.model.state_dict(), meta)
+        write_json(member.out / "summary.json", summary)
+        print(
+            f"done: {member.name} on {args.dataset}, {finished.step} steps, "
+            f"top1 {summary['top1']:.2f}%, top5 {summary['top5']:.2f}% -> {member.out / WEIGHTS}"
+        )
+    return summaries
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -338,16 +338,22 @@ def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ precision
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """float16 autocast on CUDA when ``enabled``; a no-op context otherwise."""
+def autocast(
+    device: torch.device, enabled: bool, dtype: torch.dtype = torch.float16
+) -> contextlib.AbstractContextManager:
+    """``dtype`` (float16 or bfloat16) autocast on CUDA when ``enabled``; else a no-op."""
     if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return torch.autocast(device_type="cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
-def make_grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
-    """A GradScaler that is active only with AMP on CUDA (disabled scalers pass through)."""
-    return torch.amp.GradScaler("cuda", enabled=enabled and device.type == "cuda")
+def make_grad_scaler(
+    device: torch.device, enabled: bool, dtype: torch.dtype = torch.float16
+) -> torch.amp.GradScaler:
+    """A GradScaler that is active only with float16 AMP on CUDA (bfloat16 needs none;
+    disabled scalers pass through)."""
+    active = enabled and device.type == "cuda" and dtype == torch.float16
+    return torch.amp.GradScaler("cuda", enabled=active)
 
 
 def check_finite(loss: torch.Tensor, *, epoch: int, step: int) -> None:

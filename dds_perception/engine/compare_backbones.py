@@ -7,22 +7,34 @@ plus the final top-1/top-5 and the parameter count, as OUT/comparison.md, .json 
 A finished model is not trained again and a killed one resumes, so rerunning the command after
 an interruption continues where it stopped; --report-only rebuilds the table from the run folders.
 
+--side-by-side trains the models together in one process on one stream of batches (one data
+pipeline, one optimizer per model; with --pipeline device the data is decoded once and augmented
+on the GPU): each model still ends with exactly the weights it would get alone, in its own run
+folder. The model list is kept in OUT/models.json; resuming with another list is an error.
+--max-minutes stops training at a checkpoint in time; rerun the command to continue.
+
 examples:
   dds-perception compare-backbones --dataset caltech101 --data-root ~/data/caltech101 \
       --out runs/compare_c101 --config config/train/paper_caltech101.yaml
   dds-perception compare-backbones --dataset caltech256 \
       --data-root ../shared/data/caltech256_subset \
       --out /tmp/cmp --config config/train/smoke_cpu.yaml --table-steps 4 8
+  dds-perception compare-backbones --side-by-side --pipeline device --max-minutes 9 \
+      --dataset caltech101 --data-root ~/data/caltech101 --out runs/compare_c101 \
+      --config config/train/paper_caltech101.yaml
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 from dds_perception.engine.classification import (
+    CHECKPOINT,
     METRICS,
     SPLIT,
     WEIGHTS,
@@ -30,10 +42,12 @@ from dds_perception.engine.classification import (
     eval_records,
     plot_accuracy,
     train,
+    train_models,
 )
 from dds_perception.engine.common import (
     DistributedContext,
     RecipeOptions,
+    TrainingError,
     cleanup_distributed,
     init_distributed,
     parse_recipe_args,
@@ -64,29 +78,85 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write the table from existing run folders without training",
     )
+    group.add_argument(
+        "--side-by-side",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train the models together on one stream of batches (one data pipeline)",
+    )
 
 
 parse_arguments = parse_recipe_args
 
 
-def train_all(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Path]:
+def train_all(
+    args: argparse.Namespace, ctx: DistributedContext, *, deadline: float | None = None
+) -> dict[str, Path]:
     """Train (or resume, or reuse) every model of ``args.models``; return their run folders."""
+    if len(set(args.models)) != len(args.models):
+        raise UsageError(f"--models names a model twice: {' '.join(args.models)}")
     out = Path(args.out)
-    runs = {}
-    for name in args.models:
-        run_dir = out / name
-        runs[name] = run_dir
-        if args.report_only or (run_dir / WEIGHTS).is_file():
+    runs = {name: out / name for name in args.models}
+    if args.report_only:
+        return runs
+    if args.side_by_side:
+        _train_side_by_side(args, ctx, runs, deadline)
+        return runs
+    for name, run_dir in runs.items():
+        if (run_dir / WEIGHTS).is_file():
             continue
         model_args = copy.copy(args)
         model_args.model = name
         model_args.out = run_dir
         model_args.split_file = args.split_file or out / SPLIT
-        model_args.resume = "auto" if (run_dir / "checkpoint.pt").is_file() else None
+        model_args.resume = "auto" if (run_dir / CHECKPOINT).is_file() else None
         if ctx.is_main:
             print(f"=== {name} -> {run_dir}")
-        train(model_args, ctx)
+        summary = train(model_args, ctx, deadline=deadline)
+        if summary.get("stopped"):
+            break  # out of time: the next models would stop at once
     return runs
+
+
+def _check_model_list(out: Path, models: list[str], ctx: DistributedContext) -> None:
+    """Record the side-by-side model list in OUT/models.json; refuse another one later."""
+    record = out / "models.json"
+    if record.is_file():
+        saved = json.loads(record.read_text(encoding="utf-8")).get("models")
+        if saved != list(models):
+            raise TrainingError(
+                f"{out} trains the models {saved} side by side; this run names {list(models)} "
+                "(use the same --models, or another --out)"
+            )
+    elif ctx.is_main:
+        write_json(record, {"models": list(models), "side_by_side": True})
+
+
+def _train_side_by_side(
+    args: argparse.Namespace,
+    ctx: DistributedContext,
+    runs: dict[str, Path],
+    deadline: float | None,
+) -> None:
+    out = Path(args.out)
+    _check_model_list(out, list(runs), ctx)
+    todo = {name: run_dir for name, run_dir in runs.items() if not (run_dir / WEIGHTS).is_file()}
+    if not todo:
+        return
+    resumable = sorted(name for name, run_dir in todo.items() if (run_dir / CHECKPOINT).is_file())
+    if resumable and len(resumable) != len(todo):
+        fresh = sorted(set(todo) - set(resumable))
+        raise TrainingError(
+            f"cannot train side by side: {', '.join(resumable)} have checkpoints in {out}, "
+            f"{', '.join(fresh)} have none (train them with the others from the start, or "
+            "without --side-by-side)"
+        )
+    group_args = copy.copy(args)
+    group_args.split_file = args.split_file or out / SPLIT
+    group_args.resume = "auto" if resumable else None
+    if ctx.is_main:
+        print(f"=== side by side: {', '.join(todo)} -> {out}")
+    train_models(group_args, ctx, todo, split_path=Path(group_args.split_file), deadline=deadline)
 
 
 def _default_steps(records: dict[str, list[dict[str, Any]]]) -> list[int]:
@@ -156,16 +226,21 @@ def table_markdown(table: dict[str, Any], title: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.out is None:
         raise UsageError("--out is required (the comparison folder)")
+    deadline = time.monotonic() + 60.0 * args.max_minutes if args.max_minutes else None
     ctx = init_distributed(args.device)
     try:
-        runs = train_all(args, ctx)
+        runs = train_all(args, ctx, deadline=deadline)
     finally:
         cleanup_distributed()
     if not ctx.is_main:
         return 0
     missing = [name for name, d in runs.items() if not (d / METRICS).is_file()]
-    if missing:
+    if missing and not args.max_minutes:
         raise UsageError(f"no run folder with {METRICS} for: {', '.join(missing)}")
+    runs = {name: d for name, d in runs.items() if name not in missing}
+    if not runs or not all(eval_records(d) for d in runs.values()):
+        print("no test accuracy in every run yet: no table (rerun the command to continue)")
+        return 0
     out = Path(args.out)
     table = build_table(runs, args.table_steps)
     table.update(dataset=args.dataset, data_root=str(args.data_root), out=str(out))
