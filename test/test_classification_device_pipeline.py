@@ -175,6 +175,12 @@ def test_cache_is_built_once_checked_and_rebuilt(folder_with_a_bad_image, tmp_pa
         rebuilt = load_cached_images(data, spec, cache_dir, log=messages.append)
     assert "no longer matches" in messages[-1] and "c2/3.jpg" in messages[-1]
     assert not torch.equal(rebuilt.pixels, first.pixels)
+    # a cache file cut short (a full disk, a killed copy) is rebuilt too
+    (cache_file,) = cache_dir.glob("*.safetensors")
+    cache_file.write_bytes(cache_file.read_bytes()[:-100])
+    with pytest.warns(UserWarning, match="9_truncated"):
+        again = load_cached_images(data, spec, cache_dir, log=messages.append)
+    assert "unreadable" in messages[-1] and torch.equal(again.pixels, rebuilt.pixels)
 
 
 def test_cached_test_images_are_the_cpu_paths_test_pixels(folder_with_a_bad_image, tmp_path):

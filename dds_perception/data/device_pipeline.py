@@ -263,15 +263,16 @@ def load_cached_images(
     path = cache_path(Path(cache_dir), dataset, spec)
     fingerprint = _fingerprint(dataset)
     if path.is_file():
+        tensors: dict[str, torch.Tensor] = {}
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = json.loads((handle.metadata() or {}).get(META_KEY, "{}"))
-        except (SafetensorError, OSError, json.JSONDecodeError) as error:
-            reason: str | None = f"unreadable ({error})"
-        else:
             reason = _stale_reason(meta, spec, dataset.root, fingerprint)
+            if reason is None:
+                tensors = load_file(str(path))
+        except (SafetensorError, OSError, json.JSONDecodeError) as error:
+            reason = f"unreadable ({error})"
         if reason is None:
-            tensors = load_file(str(path))
             for item in meta["bad"]:
                 warnings.warn(f"skipping unreadable image {dataset.root / item}", stacklevel=2)
             return CachedImages(
