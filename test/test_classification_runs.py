@@ -271,3 +271,18 @@ def test_caltech256_subset_device_pipeline_smoke(caltech256_root, tmp_path) -> N
     assert 0.0 <= summary["top1"] <= 100.0
     records = read_metrics(tmp_path / "run" / engine.METRICS)
     assert all(np.isfinite(r["loss"]) for r in records if r["type"] in ("train", "epoch"))
+
+
+def test_throughput_tool_measures_every_mode(colours, tmp_path) -> None:
+    """The first step of scripts/gpu_caltech.sh, on CPU: every mode runs and is recorded."""
+    from dds_perception.engine import throughput
+
+    out = tmp_path / "throughput.json"
+    argv = [*_argv(colours, tmp_path / "unused", tmp_path / "cache"), "--json", str(out)]
+    argv += ["--models", "mobilenet_v2", "shufflenet_v1", "--steps", "2", "--warmup", "1"]
+    assert throughput.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["training"]) == {"mobilenet_v2", "shufflenet_v1", "side_by_side"}
+    assert result["training"]["side_by_side"]["models"] == ["mobilenet_v2", "shufflenet_v1"]
+    for measured in (result["augment"], result["loader"], *result["training"].values()):
+        assert measured["images"] == 2 * 12 and measured["images_per_s"] > 0
