@@ -386,7 +386,8 @@ def normalize(
     shape = (1, -1, 1, 1)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(shape)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(shape)
-    out = (pixels.to(torch.float32) / 255.0 - mean_t) / std_t
+    # (x / 255 - mean) / std as x * (1 / (255 std)) - mean / std: two passes, one new tensor
+    out = pixels.to(torch.float32).mul(1.0 / (255.0 * std_t)).add_(-mean_t / std_t)
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     return out
