@@ -460,7 +460,10 @@ def evaluate(
 class DetectorLoop(TrainingLoop):
     """The detector's part of :func:`~dds_perception.engine.loop.fit`: one AdamW step on the
     summed RPN losses per batch (learning rate and EMA updated per step), KITTI AP validation on
-    the main process, a checkpoint with every process's random streams (and the EMA)."""
+    the main process, a checkpoint with every process's random streams (and the EMA).
+
+    :meth:`train_step` needs only the network, optimizer, schedule and scaler; the data,
+    records and run folder are for the epochs :func:`fit` runs."""
 
     def __init__(
         self,
@@ -469,20 +472,20 @@ class DetectorLoop(TrainingLoop):
         ctx: DistributedContext,
         model: torch.nn.Module,
         detector: RPNDetector,
-        ema: AveragedModel | None,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         scaler: torch.amp.GradScaler,
-        loader: DataLoader,
-        sampler: DistributedSampler,
-        generator: torch.Generator,
-        train_set: Dataset,
-        val_set: KittiDetectionDataset | None,
-        metrics: MetricsWriter,
-        identity: dict[str, Any],
-        out: Path,
-        amp: bool,
-        channels_last: bool,
+        ema: AveragedModel | None = None,
+        amp: bool = False,
+        channels_last: bool = False,
+        loader: DataLoader | None = None,
+        sampler: DistributedSampler | None = None,
+        generator: torch.Generator | None = None,
+        train_set: Dataset | None = None,
+        val_set: KittiDetectionDataset | None = None,
+        metrics: MetricsWriter | None = None,
+        identity: dict[str, Any] | None = None,
+        out: Path | None = None,
     ) -> None:
         self.args, self.ctx, self.model, self.detector, self.ema = args, ctx, model, detector, ema
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
