@@ -23,7 +23,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,11 @@ def _rate(
     }
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the measurements ``args.modes`` names; return them with the setting."""
+def measure(
+    args: argparse.Namespace, report: Callable[[dict[str, Any]], None] = lambda _: None
+) -> dict[str, Any]:
+    """Run the measurements ``args.modes`` names; return them with the setting. ``report``
+    gets the results so far after each one (a run cut short keeps what it measured)."""
     ctx = DistributedContext(device=resolve_device(args.device))
     device = ctx.device
     amp, amp_dtype, channels_last = precision(args, ctx)
@@ -136,6 +139,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 load, batches, device, args.warmup, args.steps
             )
             print(f"loader ({args.workers} workers): {result['loader']['images_per_s']:.0f} img/s")
+            report(result)
         if not set(args.modes) & {"augment", "alone", "side_by_side"}:
             return result
         train_batches, _ = device_batches(
@@ -147,6 +151,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 lambda batch: int(batch[0].shape[0]), batches, device, args.warmup, args.steps
             )
             print(f"device augmentation: {result['augment']['images_per_s']:.0f} img/s")
+            report(result)
         groups = []
         if "alone" in args.modes:
             groups += [[name] for name in args.models]
@@ -183,6 +188,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             key = group[0] if len(group) == 1 else "side_by_side"
             result.setdefault("training", {})[key] = {"models": group} | rate
             print(f"train {' + '.join(group)}: {rate['images_per_s']:.0f} img/s")
+            report(result)
             del loop, members
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -198,9 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parse_recipe_args(parser, list(sys.argv[1:] if argv is None else argv))
-    result = measure(args)
-    if args.json is not None:
-        write_json(args.json, result)
+
+    def report(result: dict[str, Any]) -> None:
+        if args.json is not None:
+            write_json(args.json, result)
+
+    result = measure(args, report)
+    report(result)
     print(json.dumps(result, indent=1))
     return 0
 
