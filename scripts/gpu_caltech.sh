@@ -21,7 +21,8 @@
 #              -> RUN_DIR/<model>/ (metrics, checkpoint parts), comparison.md, throughput.json
 #
 # Settings (environment): DATASET (caltech101), BUDGET_MIN (9), OUT (gpu_out; $OUT on the
-# device machine), WORK (/tmp/dds), TP_STEPS (20), TRAIN_ARGS (more compare-backbones options,
+# device machine), WORK (/tmp/dds), TP_STEPS (20), TABLE_STEPS (the comparison table's step
+# columns; Caltech-101: 1000 2000 3000 3750), TRAIN_ARGS (more compare-backbones options,
 # e.g. "--compile --amp-dtype float16"), TINY=1 (a CPU check of the whole path in a few
 # minutes: width 0.25, 32-px crops, batch 16, 2 epochs of 2 steps).
 set -u
@@ -116,6 +117,10 @@ run() {  # on the device machine, after the bundles arrived
         echo "resuming $run_name" | tee -a "$LOG"
     fi
     local config=config/train/paper_$DATASET.yaml
+    # the table's columns: Caltech-101's as in docs/classification.md; else every evaluation
+    local TABLE=${TABLE_STEPS:-}
+    [ -n "$TABLE" ] || [ "$DATASET" != caltech101 ] || TABLE="1000 2000 3000 3750"
+    TABLE=${TABLE:+--table-steps $TABLE}
     local common=(--config "$config" --dataset "$DATASET" --data-root "$WORK/in/$data"
         --cache-dir "$WORK/cache" --workers "$(nproc)" --no-progress)
     local tp_args=(--steps "$TP_STEPS" --warmup 5)
@@ -144,7 +149,7 @@ torchvision.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
         # shellcheck disable=SC2086
         step $((left + 30)) "train ($minutes min)" $PY -m dds_perception.cli \
             compare-backbones --side-by-side "${common[@]}" --out "$WORK/run" \
-            --max-minutes "$minutes" --table-steps 1000 2000 3000 3750 $TRAIN_ARGS
+            --max-minutes "$minutes" $TABLE $TRAIN_ARGS
     else
         echo "=== train: skipped, ${left} s left" | tee -a "$LOG"
     fi
