@@ -468,7 +468,8 @@ _FRESH_PRODUCERS = (nn.Conv2d, *_BN_TYPES)  # modules whose output is a new tens
 def _inplace_safe_prelus(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(parent, child name) of every PReLU whose input is a fresh tensor nothing else reads.
 
-    Decided by structure, not by running the model: a PReLU in an ``nn.Sequential`` right after
+    Decided by structure, not by running the model: a PReLU in a plain ``nn.Sequential`` (one
+    whose forward is ``nn.Sequential.forward``: a subclass may reuse a tensor) right after
     a convolution or BatchNorm (``nn.Identity`` between them is skipped: a folded BN), the
     activation after a pyramid stage's concatenation, and the per-branch activations of
     :class:`SplitPyramidBlock`. A PReLU whose input may be read elsewhere (a module input, a
@@ -477,6 +478,8 @@ def _inplace_safe_prelus(model: nn.Module) -> list[tuple[nn.Module, str]]:
     found: list[tuple[nn.Module, str]] = []
     for parent in model.modules():
         if isinstance(parent, nn.Sequential):
+            if type(parent).forward is not nn.Sequential.forward:
+                continue  # its own forward may read an activation's input again (e.g. a skip)
             children = list(parent.named_children())
             for index, (name, child) in enumerate(children):
                 if not isinstance(child, nn.PReLU):
