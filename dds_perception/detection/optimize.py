@@ -10,6 +10,10 @@ What each one does (measured on/off by ``dds-perception bench``, section "speed-
   kernels natively in NHWC; in NCHW every convolution reorders its input and output.
 * ``merge_pyramid``: the pyramid block's adjacent depthwise branches with the same dilation
   run as one depthwise convolution (:class:`MergedPyramidDepthwiseConv`, identical outputs).
+* ``dense_pyramid``: each pyramid stage (all its dilated depthwise branches) as ONE depthwise
+  convolution with a (2D+1)^2 kernel that has zeros where the dilations leave holes
+  (:class:`DensePyramidDepthwiseConv`, same outputs): one kernel instead of a split, two to
+  four convolutions and a concatenation, for up to 9x the multiply-adds of those stages.
 * ``inference_mode``: no autograd bookkeeping (the pipeline runs under
   ``torch.inference_mode()``).
 * ``compile``: ``torch.compile`` (inductor; on CPU it needs a C compiler), which fuses the
@@ -49,7 +53,11 @@ from torch.overrides import TorchFunctionMode
 from torchvision.ops import Conv2dNormActivation
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from dds_perception.models.pyramid import PyramidDepthwiseConv, PyramidInvertedResidual
+from dds_perception.models.pyramid import (
+    PyramidDepthwiseConv,
+    PyramidInvertedResidual,
+    dense_depthwise,
+)
 from dds_perception.utils.errors import DdsPerceptionError
 
 _BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, FrozenBatchNorm2d)
@@ -329,6 +337,57 @@ def merge_pyramid_branches(model: nn.Module) -> int:
     return merged
 
 
+class DensePyramidDepthwiseConv(nn.Module):
+    """Inference form of a pyramid stage as ONE operator: every dilated depthwise branch in one
+    depthwise convolution whose larger kernel has zeros where the dilations leave holes
+    (:func:`~dds_perception.models.pyramid.dense_depthwise`), then the stage's BN and PReLU.
+
+    No split, no concatenation, one kernel launch instead of four (plus the copies): what a GPU
+    at batch 1 is bound by. The price is arithmetic: a (2D+1)^2 kernel instead of 3x3 for
+    dilations up to D. Same outputs up to float summation order (tested for every registered
+    model with the pyramid); not for ``fusion=True`` (branch k adds branch k-1).
+    """
+
+    def __init__(self, source: PyramidDepthwiseConv | MergedPyramidDepthwiseConv) -> None:
+        super().__init__()
+        if getattr(source, "fusion", False):
+            raise OptimizeError("branches with hierarchical fusion cannot be one convolution")
+        self.conv = dense_depthwise(list(source.branches))
+        self.bn = source.bn
+        self.act = source.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def pyramid_reach(module: nn.Module) -> int:
+    """The largest dilation of a pyramid stage's branches (0 for anything else)."""
+    if isinstance(module, PyramidDepthwiseConv | MergedPyramidDepthwiseConv):
+        return max(int(conv.dilation[0]) for conv in module.branches)
+    return 0
+
+
+def densify_pyramids(model: nn.Module, max_reach: int | None = None) -> int:
+    """Replace pyramid stages by :class:`DensePyramidDepthwiseConv`, in place; return how many.
+
+    ``max_reach``: only stages whose largest dilation is at most this (their dense kernel is at
+    most ``2 * max_reach + 1`` wide); None: every stage. Stages with hierarchical fusion and
+    single-branch stages (already one convolution) are left as they are. Apply after
+    :func:`fold_batchnorm` and :func:`merge_pyramid_branches`, before the producer split.
+    """
+    dense = 0
+    for module in list(model.modules()):
+        if not isinstance(module, PyramidDepthwiseConv | MergedPyramidDepthwiseConv):
+            continue
+        if getattr(module, "fusion", False) or len(module.branches) < 2:
+            continue
+        if max_reach is not None and pyramid_reach(module) > max_reach:
+            continue
+        _replace_module(model, module, DensePyramidDepthwiseConv(module))
+        dense += 1
+    return dense
+
+
 # --------------------------------------------------------------------------- split producers
 def _conv_slice(conv: nn.Conv2d, start: int, stop: int) -> nn.Conv2d:
     """The output channels ``start:stop`` of a (groups=1) convolution, as a convolution."""
@@ -487,7 +546,10 @@ def _inplace_safe_prelus(model: nn.Module) -> list[tuple[nn.Module, str]]:
                 before = [c for _, c in children[:index] if not isinstance(c, nn.Identity)]
                 if before and isinstance(before[-1], _FRESH_PRODUCERS):
                     found.append((parent, name))
-        elif isinstance(parent, PyramidDepthwiseConv | MergedPyramidDepthwiseConv):
+        elif isinstance(
+            parent,
+            PyramidDepthwiseConv | MergedPyramidDepthwiseConv | DensePyramidDepthwiseConv,
+        ):
             if isinstance(parent.act, nn.PReLU):  # reads the concatenation (or its BN)
                 found.append((parent, "act"))
         elif isinstance(parent, SplitPyramidBlock):
@@ -523,6 +585,12 @@ class InferenceOptions:
       kernels), and fp32 NHWC was slower for ours too.
     * ``split_pyramid``: on CPU yes (it exists to avoid NHWC channel-slice copies); on CUDA no
       (one 1x1 convolution instead of one per branch: 1.37x faster in fp32, 1.16x in fp16).
+    * ``dense_pyramid``: on CPU no: the whole network ran 217.9 ms with every stage dense
+      against 190.6 ms with the branches (1 thread, interleaved, 384x1248), and 188.9 / 193.7 ms
+      with only the stages up to dilation 3 / 2 dense (no gain). On CUDA yes, by reasoning and
+      not yet measured: at batch 1 a GPU runs these stages' few-microsecond kernels back to
+      back, and one kernel replaces two to five; ``scripts/gpu_checks.sh`` measures it both
+      ways (``dense_pyramid_max_dilation`` keeps the wide high-resolution stages as branches).
     * ``cudnn_benchmark`` and ``cuda_graphs``: on CUDA yes (graphs: 3.98x on ours in fp32).
     * ``inplace_prelu``: on CPU yes (about 7 % on our detector; CUDA keeps PyTorch's PReLU,
       which a CUDA graph captures).
@@ -533,6 +601,8 @@ class InferenceOptions:
 
     fold_bn: bool = True
     merge_pyramid: bool = True
+    dense_pyramid: bool | None = None  # each pyramid stage as one dense depthwise conv
+    dense_pyramid_max_dilation: int | None = None  # only stages up to this dilation (None: all)
     split_pyramid: bool | None = None
     channels_last: bool | None = None
     compile: bool = False
@@ -558,6 +628,7 @@ class InferenceOptions:
         return replace(
             self,
             channels_last=decide(self.channels_last, nhwc),
+            dense_pyramid=decide(self.dense_pyramid, cuda),
             split_pyramid=decide(self.split_pyramid, not cuda),
             cudnn_benchmark=decide(self.cudnn_benchmark, cuda, cuda_only=True),
             cuda_graphs=decide(self.cuda_graphs, cuda, cuda_only=True),
@@ -603,6 +674,8 @@ def optimize_for_inference(
         fold_batchnorm(model, example)
     if options.merge_pyramid:
         merge_pyramid_branches(model)
+    if options.dense_pyramid:
+        densify_pyramids(model, options.dense_pyramid_max_dilation)
     if options.split_pyramid and options.fold_bn:
         split_pyramid_producers(model)
     if options.inplace_prelu:
