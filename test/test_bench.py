@@ -19,7 +19,6 @@ from dds_perception.benchmarks.flops import count_macs, count_model_macs, count_
 from dds_perception.benchmarks.memory import measure_peak_memory
 from dds_perception.benchmarks.timing import measure, measure_interleaved, summarize
 from dds_perception.detection.optimize import (
-    InferenceOptions,
     SplitPyramidBlock,
     count_batchnorm,
     fold_batchnorm,
@@ -312,8 +311,13 @@ def test_bench_fold_skips_a_conv_whose_output_is_reused() -> None:
         torch.testing.assert_close(model(x), expected)
     with pytest.raises(ValueError, match="eval"):
         fold_batchnorm(Reuse().train(), x)
-    with pytest.raises(ValueError, match="CUDA"):
-        optimize_for_inference(model, "cpu", half=True, options=InferenceOptions())
+    # the user-facing backend refuses fp16 on a CPU unless asked (the bench's precision table)
+    from dds_perception.deploy.backends import BackendError, TorchBackend
+
+    with pytest.raises(BackendError, match="CUDA"):
+        TorchBackend(model, device="cpu", half=True, input_size=(8, 8))
+    half = TorchBackend(model, device="cpu", half=True, input_size=(8, 8), cpu_half=True)
+    assert half(torch.zeros(1, 3, 8, 8, dtype=torch.float16)).dtype == torch.float16
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -336,8 +340,10 @@ def test_bench_timing_and_memory_helpers() -> None:
     timings = measure_interleaved({"a": bump("a"), "b": bump("b")}, warmup=2, repeats=5)
     assert calls == {"a": 7, "b": 7}
     assert set(timings) == {"a", "b"} and timings["a"].repeats == 5
-    single = measure(bump("a"), warmup=1, repeats=3)
-    assert single.warmup == 1 and len(single.samples_ms) == 3
+    before = calls["a"]
+    single = measure(bump("a"), warmup=1, repeats=3)  # torch.utils.benchmark.Timer's blocks
+    assert single.warmup == 1 and single.repeats == len(single.samples_ms) >= 1
+    assert calls["a"] > before + 1 and single.min_ms <= single.median_ms <= single.max_ms
     stats = summarize([3.0, 1.0, 2.0], warmup=0)
     assert (stats.median_ms, stats.min_ms, stats.max_ms) == (2.0, 1.0, 3.0)
     with pytest.raises(ValueError, match="repeats"):
@@ -386,3 +392,38 @@ def test_bench_reuse_freed_memory_switches_glibc_and_back() -> None:
         libc.free(block)
     finally:
         reuse_freed_memory(True)
+
+
+def test_freed_memory_reuse_restores_what_was_there_before() -> None:
+    """A command's opt-in (nested blocks, e.g. the bench's per-call settings inside a node-like
+    outer block) ends with the state from before, not with glibc's defaults."""
+    import ctypes
+    import sys
+
+    from dds_perception.deploy.runtime import freed_memory_reuse, reusing_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def heap_keeps_big_blocks() -> bool:
+        block = libc.malloc(2**31)  # mmap'd unless glibc keeps freed memory (mmap_max 0)
+        mapped = bool(
+            ctypes.c_size_t.from_address(block - ctypes.sizeof(ctypes.c_size_t)).value & 2
+        )
+        libc.free(block)
+        return not mapped
+
+    start = reusing_freed_memory()
+    with freed_memory_reuse(True):
+        assert reusing_freed_memory() and heap_keeps_big_blocks()
+        with freed_memory_reuse(False):  # e.g. the bench's "reuse_memory=off" call
+            assert not reusing_freed_memory() and not heap_keeps_big_blocks()
+        assert reusing_freed_memory() and heap_keeps_big_blocks()  # the outer block's state
+        with freed_memory_reuse(True):  # already on: nothing changes, nothing is undone
+            pass
+        assert heap_keeps_big_blocks()
+    assert reusing_freed_memory() == start

@@ -1,4 +1,5 @@
-"""Inference forms of the network: exact rewrites and the per-device option sets together."""
+"""Inference forms of the network: exact rewrites, the per-device option sets applied together,
+and no side effects on the caller (its model, torch's process-wide flags)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+from dds_perception.deploy.backends import TorchBackend
 from dds_perception.detection import DetectorConfig, build_detector
 from dds_perception.detection.optimize import (
     DensePyramidDepthwiseConv,
     InferenceOptions,
     MergedPyramidDepthwiseConv,
     OptimizeError,
+    cudnn_autotuning,
     densify_pyramids,
     fold_batchnorm,
     merge_pyramid_branches,
@@ -133,3 +136,43 @@ def test_the_cuda_option_set_is_exact_on_the_cpu():
         want, got = model(x), fast(x)
     for key in ("scores", "boxes"):
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-3)
+
+
+def test_torch_backend_leaves_the_callers_model_alone():
+    model = _detector().train()  # a model the caller may still train
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    backend = TorchBackend(model, device="cpu")
+    assert model.training  # not switched to eval
+    assert [type(m) for m in model.modules()] == types  # no BN folded, no PReLU swapped
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())
+    # and the backend's copy is the optimised one
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backend.model.modules())
+    with pytest.raises(ValueError, match="input_size or example"):
+        TorchBackend(nn.Conv2d(3, 4, 3), device="cpu")
+    bare = TorchBackend(nn.Conv2d(3, 4, 3), device="cpu", input_size=(8, 8))  # any network
+    assert bare.config is None and bare(torch.zeros(1, 3, 8, 8)).shape == (1, 4, 6, 6)
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_cudnn_autotuning_is_scoped(before):
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = before
+        with cudnn_autotuning(True):
+            assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is before
+        with cudnn_autotuning(None):
+            assert torch.backends.cudnn.benchmark is before
+        with pytest.raises(RuntimeError), cudnn_autotuning(not before):
+            assert torch.backends.cudnn.benchmark is (not before)
+            raise RuntimeError("a failed capture")
+        assert torch.backends.cudnn.benchmark is before
+        # optimising for any device leaves the flag as it was
+        optimize_for_inference(_detector(), "cpu", example=torch.zeros(1, 3, 128, 416))
+        assert torch.backends.cudnn.benchmark is before
+    finally:
+        torch.backends.cudnn.benchmark = saved

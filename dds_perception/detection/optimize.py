@@ -23,7 +23,9 @@ What each one does (measured on/off by ``dds-perception bench``, section "speed-
   (:class:`~dds_perception.detection.native_prelu.InplacePReLU`, a small C kernel built on first
   use), so the activation does not stream a second copy of the map through the caches.
 * ``cudnn_benchmark`` (CUDA): cuDNN times its convolution algorithms once per input shape and
-  keeps the fastest (``torch.backends.cudnn.benchmark``, a process-wide flag). The pipeline's
+  keeps the fastest. ``torch.backends.cudnn.benchmark`` is a process-wide flag, so it is set
+  only around the warm-up and graph capture here (:func:`cudnn_autotuning`) and around each
+  call of the deploy ``TorchBackend``; cuDNN keeps the algorithms it chose. The pipeline's
   input size never changes, so the one-off cost buys every later frame.
 * ``cuda_graphs`` (CUDA): the whole forward pass is captured once as a CUDA graph and replayed
   (:class:`CUDAGraphModule`). A batch-1 forward of these small networks launches a few hundred
@@ -39,11 +41,12 @@ exactly once. That works for any module structure, including Python control flow
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -659,10 +662,10 @@ def optimize_for_inference(
     ``example`` (a batch the model accepts, on any device) lets BN folding see the data flow;
     the pipeline passes its warm-up frame. Run the result under ``torch.inference_mode()`` and
     feed it inputs on ``device`` (fp16 when ``half``); a channels-last input avoids one copy.
+    fp16 on a CPU runs (the bench measures it) but is slower than fp32 on CPUs without fp16
+    arithmetic; the deploy ``TorchBackend`` refuses it unless asked explicitly.
     """
     device = torch.device(device)
-    if half and device.type != "cuda":
-        raise OptimizeError(f"half precision needs a CUDA device, got {device}")
     options = (options or InferenceOptions()).resolved(device, half, model)
     if not inplace:
         model = copy.deepcopy(model)
@@ -685,64 +688,140 @@ def optimize_for_inference(
         model.half()
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
-    if options.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True  # process-wide; see the module docstring
     if options.compile:
         inductor = {"freezing": True} if options.compile_freezing else None
         if options.compile_mode is not None and inductor:
             raise OptimizeError("compile_mode and compile_freezing cannot be combined")
         model = torch.compile(model, mode=options.compile_mode, dynamic=False, options=inductor)
     if options.cuda_graphs and isinstance(example, torch.Tensor):
+        autotune = bool(options.cudnn_benchmark)
         try:
-            model = CUDAGraphModule(model, to_input_layout(example, options, device, half))
+            model = CUDAGraphModule(
+                model, to_input_layout(example, options, device, half), autotune=autotune
+            )
         except RuntimeError as error:  # an op that cannot be captured: slower, still correct
             warnings.warn(f"CUDA graph capture failed, running eagerly: {error}", stacklevel=2)
     return model
 
 
-class CUDAGraphModule(nn.Module):
-    """Runs ``module`` by replaying one CUDA graph captured for inputs like ``example``.
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool | None) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark = enabled`` for the block only (None: leave it).
 
-    The input is copied into a static buffer and the graph replayed; the outputs are the same
-    static tensors on every call, overwritten by the next call (consume or clone them first,
-    as the pipeline's postprocess does). An input of another shape, dtype or layout runs
+    cuDNN keeps the algorithm it timed for each convolution shape, so an autotuned warm-up or
+    graph capture keeps its choice after the flag is restored; the flag itself is process-wide,
+    which library code must not change for the rest of the process.
+    """
+    if enabled is None:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+class CUDAGraphModule(nn.Module):
+    """Runs ``module`` by replaying CUDA graphs: one captured per input shape (up to
+    ``max_graphs``), the first for ``example`` at once, others on their first call.
+
+    The input is copied into the graph's static buffer and the graph replayed; the outputs are
+    the same static tensors on every call, overwritten by the next call with that shape
+    (consume or clone them first, as the pipeline's postprocess does). An input of another
+    dtype, device or layout, a shape beyond ``max_graphs``, or one whose capture failed runs
     ``module`` eagerly. Captured under ``torch.inference_mode``; warm-up runs on a side stream
-    first (cuDNN's algorithm search and the allocator must not happen during capture).
+    first (cuDNN's algorithm search, with ``autotune``, and the allocator must not happen
+    during capture). Each graph has its own memory pool, so graphs of different batch sizes may
+    replay in any order.
     """
 
-    def __init__(self, module: nn.Module, example: torch.Tensor, warmup: int = 3) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        example: torch.Tensor,
+        warmup: int = 3,
+        *,
+        autotune: bool = True,
+        max_graphs: int = 4,
+    ) -> None:
         super().__init__()
         if example.device.type != "cuda":
             raise OptimizeError(f"CUDA graphs need a CUDA input, got {example.device}")
         self.module = module
-        with torch.inference_mode():
-            self.static_input = example.clone(memory_format=_memory_format(example))
-            stream = torch.cuda.Stream(example.device)
-            stream.wait_stream(torch.cuda.current_stream(example.device))
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    module(self.static_input)
-            torch.cuda.current_stream(example.device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_output = module(self.static_input)
+        self.warmup = int(warmup)
+        self.autotune = bool(autotune)
+        self.max_graphs = int(max_graphs)
+        self.dtype, self.device = example.dtype, example.device
+        self.memory_format = _memory_format(example)
+        self.graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.cuda.CUDAGraph, Any]] = {}
+        self.failed: set[tuple[int, ...]] = set()
+        self._capture(example)  # the first one must work: errors reach the caller
+
+    @property
+    def static_input(self) -> torch.Tensor:
+        """The first graph's input buffer (the shape the module was prepared for)."""
+        return next(iter(self.graphs.values()))[0]
+
+    @property
+    def static_output(self) -> Any:
+        """The first graph's outputs."""
+        return next(iter(self.graphs.values()))[2]
+
+    def _capture(self, example: torch.Tensor) -> None:
+        with torch.inference_mode(), cudnn_autotuning(self.autotune):
+            static_input = example.clone(memory_format=self.memory_format)
+            graph, static_output = capture_cuda_graph(
+                lambda: self.module(static_input), example.device, self.warmup
+            )
+        self.graphs[tuple(example.shape)] = (static_input, graph, static_output)
 
     def _matches(self, x: torch.Tensor) -> bool:
-        s = self.static_input
+        """Whether ``x`` can replay a graph (captured or still to capture for its shape)."""
         return (
-            x.shape == s.shape
-            and x.dtype == s.dtype
-            and x.device == s.device
-            and x.is_contiguous(memory_format=_memory_format(s))
+            x.dtype == self.dtype
+            and x.device == self.device
+            and x.is_contiguous(memory_format=self.memory_format)
         )
 
     def forward(self, x: torch.Tensor) -> Any:
-        if not self._matches(x):
+        shape = tuple(x.shape)
+        if not self._matches(x) or shape in self.failed:
             return self.module(x)
+        if shape not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:
+                return self.module(x)
+            try:
+                self._capture(x)
+            except RuntimeError as error:  # e.g. out of memory: this shape runs eagerly
+                warnings.warn(f"CUDA graph capture for {shape} failed: {error}", stacklevel=2)
+                self.failed.add(shape)
+                return self.module(x)
+        static_input, graph, static_output = self.graphs[shape]
         with torch.inference_mode():
-            self.static_input.copy_(x)
-            self.graph.replay()
-        return self.static_output
+            static_input.copy_(x)
+            graph.replay()
+        return static_output
+
+
+def capture_cuda_graph(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 1
+) -> tuple[Any, Any]:
+    """Capture ``fn()`` (which reads only tensors it holds, on ``device``) as a CUDA graph:
+    ``(graph, outputs)``; ``graph.replay()`` recomputes ``outputs`` in place. Warm-up calls
+    run on a side stream first, as capture requires (allocator, cuDNN's algorithm search)."""
+    with torch.inference_mode(), torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = fn()
+    return graph, outputs
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
