@@ -459,6 +459,8 @@ def _bench_pipeline(config: BenchConfig) -> dict[str, Any]:
         "weights": weights,
         "input_size": list(pipeline.input_size),
         "device": str(pipeline.device),
+        "precision": "fp16" if pipeline.half else "fp32",
+        "pre_and_post_on_device": bool(pipeline.on_device),
         "detections": detections_count,
         "message_building": msg_source,
         "stages": per_stage,
