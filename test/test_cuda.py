@@ -305,3 +305,26 @@ def test_eval_forward_builds_no_tensor_from_host_values():
 @pytest.mark.parametrize("name", list_models())
 def test_backbones_build_no_tensor_from_host_values(name):
     assert not _host_tensors(get_model(name, num_classes=10), torch.randn(1, 3, 64, 64))
+
+
+@needs_cuda
+@pytest.mark.parametrize("half", [False, True])
+def test_cuda_detect_batch_replays_a_graph_per_batch_size(tmp_path, half):
+    """Multi-camera batches on the GPU: a graph per batch size, each frame's detections what
+    it gets alone (within the device's rounding)."""
+    import cv2
+
+    from dds_perception.data.scenes import generate_kitti_scenes
+
+    root = generate_kitti_scenes(tmp_path / "scenes", 2, seed=77, val_fraction=0.0)
+    images = sorted((root / "training" / "image_2").glob("*.png"))
+    scenes = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in images]
+    frames = [scenes[0], scenes[1], scenes[0][40:340, 200:800].copy()]  # two sizes, a crop
+    pipeline = Pipeline.from_weights(default_weights(SYNTHETIC_WEIGHTS), device="cuda", half=half)
+    alone = [pipeline(frame) for frame in frames]
+    together = pipeline.detect_batch(frames)
+    assert isinstance(pipeline.model, CUDAGraphModule)
+    assert {1, 3} <= {shape[0] for shape in pipeline.model.graphs}
+    assert sum(len(d) for d in alone) > 0
+    for want, got in zip(alone, together, strict=True):
+        _same_detections(want, got, pipeline.score_threshold)
