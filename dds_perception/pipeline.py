@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,6 +233,7 @@ class PostprocessGraphs:
 
     def __init__(self, max_graphs: int = 4) -> None:
         self.max_graphs = max_graphs
+        self.failed = False  # a capture failed once: run the ops eagerly from then on
         self._graphs: dict[tuple, tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]] = {}
 
     def __call__(
@@ -242,15 +244,22 @@ class PostprocessGraphs:
         clip_size: tuple[int, int],
     ) -> torch.Tensor:
         key = (tuple(scores.shape), params, tuple(clip_size))
+        if self.failed:
+            return pack_detections(scores, boxes, params, clip_size)
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
             static_scores, static_boxes = scores.clone(), boxes.clone()
-            graph, packed = capture_cuda_graph(
-                lambda: pack_detections(static_scores, static_boxes, params, clip_size),
-                scores.device,
-            )
+            try:
+                graph, packed = capture_cuda_graph(
+                    lambda: pack_detections(static_scores, static_boxes, params, clip_size),
+                    scores.device,
+                )
+            except RuntimeError as error:  # the same ops run eagerly: slower, same answer
+                warnings.warn(f"postprocess CUDA graph capture failed: {error}", stacklevel=2)
+                self.failed = True
+                return pack_detections(scores, boxes, params, clip_size)
             entry = self._graphs[key] = (static_scores, static_boxes, graph, packed)
         static_scores, static_boxes, graph, packed = entry
         static_scores.copy_(scores)

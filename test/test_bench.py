@@ -128,8 +128,24 @@ def test_bench_quick_json_has_every_section(quick_bench: Path) -> None:
         "reuse_memory",
     ):
         assert f"{switch}=off" in variants
+    assert "dense_pyramid=on" in variants  # off by default on the CPU: its row turns it on
     for entry in data["speedups"]["table"]:
         assert entry["ratio"] > 0
+    batches = data["batches"]
+    assert batches["batch_sizes"] == [1, 2] and batches["precisions"] == ["fp32", "fp16"]
+    assert not batches["errors"]
+    cells = {(r["name"], r["precision"], r["batch"]): r for r in batches["rows"]}
+    assert set(cells) == {
+        (name, precision, batch)
+        for name in ("dds_rpn_s32", "ssd300_vgg16")
+        for precision in ("fp32", "fp16")
+        for batch in (1, 2)
+    }
+    for (_, _, batch), row in cells.items():
+        median = row["batch_ms"]["median_ms"]
+        assert row["ms_per_frame"] == pytest.approx(median / batch, rel=1e-3, abs=1e-3)
+        assert row["frames_per_s"] == pytest.approx(1e3 / row["ms_per_frame"], rel=1e-2)
+        assert row["ratio_to_ssd300_vgg16"] > 0
     assert set(data["profile"]) == {"plain", "default"}
     assert abs(sum(data["profile"]["plain"]["share"].values()) - 1.0) < 0.01
     target = data["target"]
@@ -149,6 +165,7 @@ def test_bench_quick_markdown_and_plots(quick_bench: Path) -> None:
         "## Speed-ups on and off",
         "## Where the time goes",
         "## Pipeline end to end",
+        "## Batches",
         "## Backbones",
         "## Memory",
         "## Machine and method",
@@ -191,6 +208,9 @@ def test_bench_compare_puts_runs_side_by_side(quick_bench: Path, tmp_path: Path,
     assert ours[0] == ours[1] > 0
     assert rows["speed ratio (default)"][0] == pytest.approx(ref[0] / ours[0], rel=2e-3)
     assert 0 <= rows["share outside the network"][0] <= 1
+    per_frame = rows["dds_rpn_s32 ms per frame, batch 2, fp16"]
+    assert per_frame[0] == per_frame[1] > 0
+    assert "ms per frame, batch 1, fp32" in text
     assert main(["bench", "--compare", str(tmp_path / "nope"), "--out", str(out)]) == 1
     assert "nope/bench.json: cannot read a bench result" in capsys.readouterr().err
 
@@ -427,3 +447,30 @@ def test_freed_memory_reuse_restores_what_was_there_before() -> None:
             pass
         assert heap_keeps_big_blocks()
     assert reusing_freed_memory() == start
+
+
+def test_bench_compile_section_is_reported() -> None:
+    """The compile section's table (its measurements need inductor: the GPU script runs it)."""
+    from dds_perception.benchmarks.suites import COMPILE_VARIANTS
+
+    timing = {"median_ms": 2.0, "min_ms": 1.5, "max_ms": 3.0}
+    section = {
+        "models": ["dds_rpn_s32", "ssd300_vgg16"],
+        "rows": [
+            {
+                "variant": v,
+                "model": "dds_rpn_s32",
+                "meaning": COMPILE_VARIANTS[v][0],
+                "first_call_s": 12.0,
+                "latency_ms": timing,
+            }
+            for v in ("eager", "compile")
+        ],
+        "errors": [{"variant": "compile", "model": "ssd300_vgg16", "error": "no compiler"}],
+    }
+    from dds_perception.benchmarks.report import _compile
+
+    text = "\n".join(_compile(section))
+    assert "## torch.compile options" in text
+    assert "| compile | dds_rpn_s32 | 2.00 (1.50-3.00) | 12.0 |" in text
+    assert "not measured: compile of ssd300_vgg16: no compiler" in text
