@@ -70,6 +70,7 @@ class BenchConfig:
     quick: bool = False
     batch_sizes: tuple[int, ...] = (1, 4, 8)  # the batches section
     precisions: tuple[str, ...] = ("fp32", "fp16")  # the batches section
+    compile_variants: tuple[str, ...] | None = None  # the compile section (None: all that apply)
     sections: tuple[str, ...] = (
         "backbones",
         "detectors",
@@ -722,6 +723,13 @@ def bench_compile(config: BenchConfig) -> dict[str, Any]:
     wanted = [v for v in COMPILE_VARIANTS if v != "compile_max_autotune"]
     if config.device.type == "cuda":
         wanted.append("compile_max_autotune")
+    if config.compile_variants is not None:
+        unknown = [v for v in config.compile_variants if v not in COMPILE_VARIANTS]
+        if unknown:
+            raise BenchError(
+                f"unknown compile variant(s) {unknown}; known: {list(COMPILE_VARIANTS)}"
+            )
+        wanted = list(config.compile_variants)
     prepared: dict[str, Prepared] = {}
     meta: dict[str, dict[str, Any]] = {}
     errors: list[dict[str, str]] = []
