@@ -299,7 +299,9 @@ class Pipeline:
                 input_size=input_size,
             )
         self.backend = backend
-        config: DetectorConfig = backend.config
+        config: DetectorConfig | None = backend.config
+        if config is None:  # a bare network (the bench's torchvision models) has no anchors
+            raise UsageError(f"the pipeline runs detectors; {type(model).__name__} has no config")
         self.device = backend.device
         self.half = backend.half
         if input_size is not None and input_size != tuple(config.input_size):

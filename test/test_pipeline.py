@@ -358,3 +358,10 @@ def test_pipeline_changes_no_process_wide_setting(weights, monkeypatch):
     pipeline = Pipeline.from_weights(weights, device="cpu")
     pipeline(np.zeros((375, 1242, 3), dtype=np.uint8))
     assert torch.backends.cudnn.benchmark == flag
+
+
+def test_pipeline_needs_a_detector():
+    from dds_perception.utils.errors import UsageError
+
+    with pytest.raises(UsageError, match="runs detectors"):
+        Pipeline(torch.nn.Conv2d(3, 4, 3), device="cpu", input_size=(64, 64), warmup=False)

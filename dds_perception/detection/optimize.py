@@ -20,8 +20,9 @@ What each one does (measured on/off by ``dds-perception bench``, section "speed-
   element-wise work (PReLU, residual additions, concatenation) around the convolutions. It
   costs tens of seconds at start-up, so it is opt-in.
 * ``inplace_prelu`` (CPU): each PReLU whose input nothing else reads overwrites it
-  (:class:`~dds_perception.detection.native_prelu.InplacePReLU`, a small C kernel built on first
-  use), so the activation does not stream a second copy of the map through the caches.
+  (:class:`~dds_perception.detection.native_prelu.InplacePReLU`, a small C kernel built ahead of
+  time and registered as a torch operator), so the activation does not stream a second copy of
+  the map through the caches.
 * ``cudnn_benchmark`` (CUDA): cuDNN times its convolution algorithms once per input shape and
   keeps the fastest. ``torch.backends.cudnn.benchmark`` is a process-wide flag, so it is set
   only around the warm-up and graph capture here (:func:`cudnn_autotuning`) and around each
