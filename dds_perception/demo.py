@@ -131,6 +131,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the live leg (node, player and recorder processes over Cyclone DDS)",
     )
+    parser.add_argument(
+        "--reuse-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let glibc keep freed feature maps for reuse in this process (CPU inference: "
+        "otherwise each large map is mmap'd and page-faulted in again on every frame)",
+    )
 
 
 def annotate(
@@ -155,6 +162,14 @@ def annotate(
 
 
 def run(args: argparse.Namespace) -> int:
+    from dds_perception.deploy.runtime import freed_memory_reuse
+
+    # a process-wide allocator setting: the command's choice, never the pipeline's
+    with freed_memory_reuse(args.reuse_freed_memory):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     out = Path(args.out)

@@ -19,7 +19,6 @@ from dds_perception.benchmarks.flops import count_macs, count_model_macs, count_
 from dds_perception.benchmarks.memory import measure_peak_memory
 from dds_perception.benchmarks.timing import measure, measure_interleaved, summarize
 from dds_perception.detection.optimize import (
-    InferenceOptions,
     SplitPyramidBlock,
     count_batchnorm,
     fold_batchnorm,
@@ -129,8 +128,24 @@ def test_bench_quick_json_has_every_section(quick_bench: Path) -> None:
         "reuse_memory",
     ):
         assert f"{switch}=off" in variants
+    assert "dense_pyramid=on" in variants  # off by default on the CPU: its row turns it on
     for entry in data["speedups"]["table"]:
         assert entry["ratio"] > 0
+    batches = data["batches"]
+    assert batches["batch_sizes"] == [1, 2] and batches["precisions"] == ["fp32", "fp16"]
+    assert not batches["errors"]
+    cells = {(r["name"], r["precision"], r["batch"]): r for r in batches["rows"]}
+    assert set(cells) == {
+        (name, precision, batch)
+        for name in ("dds_rpn_s32", "ssd300_vgg16")
+        for precision in ("fp32", "fp16")
+        for batch in (1, 2)
+    }
+    for (_, _, batch), row in cells.items():
+        median = row["batch_ms"]["median_ms"]
+        assert row["ms_per_frame"] == pytest.approx(median / batch, rel=1e-3, abs=1e-3)
+        assert row["frames_per_s"] == pytest.approx(1e3 / row["ms_per_frame"], rel=1e-2)
+        assert row["ratio_to_ssd300_vgg16"] > 0
     assert set(data["profile"]) == {"plain", "default"}
     assert abs(sum(data["profile"]["plain"]["share"].values()) - 1.0) < 0.01
     target = data["target"]
@@ -150,6 +165,7 @@ def test_bench_quick_markdown_and_plots(quick_bench: Path) -> None:
         "## Speed-ups on and off",
         "## Where the time goes",
         "## Pipeline end to end",
+        "## Batches",
         "## Backbones",
         "## Memory",
         "## Machine and method",
@@ -192,6 +208,9 @@ def test_bench_compare_puts_runs_side_by_side(quick_bench: Path, tmp_path: Path,
     assert ours[0] == ours[1] > 0
     assert rows["speed ratio (default)"][0] == pytest.approx(ref[0] / ours[0], rel=2e-3)
     assert 0 <= rows["share outside the network"][0] <= 1
+    per_frame = rows["dds_rpn_s32 ms per frame, batch 2, fp16"]
+    assert per_frame[0] == per_frame[1] > 0
+    assert "ms per frame, batch 1, fp32" in text
     assert main(["bench", "--compare", str(tmp_path / "nope"), "--out", str(out)]) == 1
     assert "nope/bench.json: cannot read a bench result" in capsys.readouterr().err
 
@@ -312,8 +331,13 @@ def test_bench_fold_skips_a_conv_whose_output_is_reused() -> None:
         torch.testing.assert_close(model(x), expected)
     with pytest.raises(ValueError, match="eval"):
         fold_batchnorm(Reuse().train(), x)
-    with pytest.raises(ValueError, match="CUDA"):
-        optimize_for_inference(model, "cpu", half=True, options=InferenceOptions())
+    # the user-facing backend refuses fp16 on a CPU unless asked (the bench's precision table)
+    from dds_perception.deploy.backends import BackendError, TorchBackend
+
+    with pytest.raises(BackendError, match="CUDA"):
+        TorchBackend(model, device="cpu", half=True, input_size=(8, 8))
+    half = TorchBackend(model, device="cpu", half=True, input_size=(8, 8), cpu_half=True)
+    assert half(torch.zeros(1, 3, 8, 8, dtype=torch.float16)).dtype == torch.float16
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -336,8 +360,10 @@ def test_bench_timing_and_memory_helpers() -> None:
     timings = measure_interleaved({"a": bump("a"), "b": bump("b")}, warmup=2, repeats=5)
     assert calls == {"a": 7, "b": 7}
     assert set(timings) == {"a", "b"} and timings["a"].repeats == 5
-    single = measure(bump("a"), warmup=1, repeats=3)
-    assert single.warmup == 1 and len(single.samples_ms) == 3
+    before = calls["a"]
+    single = measure(bump("a"), warmup=1, repeats=3)  # torch.utils.benchmark.Timer's blocks
+    assert single.warmup == 1 and single.repeats == len(single.samples_ms) >= 1
+    assert calls["a"] > before + 1 and single.min_ms <= single.median_ms <= single.max_ms
     stats = summarize([3.0, 1.0, 2.0], warmup=0)
     assert (stats.median_ms, stats.min_ms, stats.max_ms) == (2.0, 1.0, 3.0)
     with pytest.raises(ValueError, match="repeats"):
@@ -386,3 +412,65 @@ def test_bench_reuse_freed_memory_switches_glibc_and_back() -> None:
         libc.free(block)
     finally:
         reuse_freed_memory(True)
+
+
+def test_freed_memory_reuse_restores_what_was_there_before() -> None:
+    """A command's opt-in (nested blocks, e.g. the bench's per-call settings inside a node-like
+    outer block) ends with the state from before, not with glibc's defaults."""
+    import ctypes
+    import sys
+
+    from dds_perception.deploy.runtime import freed_memory_reuse, reusing_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def heap_keeps_big_blocks() -> bool:
+        block = libc.malloc(2**31)  # mmap'd unless glibc keeps freed memory (mmap_max 0)
+        mapped = bool(
+            ctypes.c_size_t.from_address(block - ctypes.sizeof(ctypes.c_size_t)).value & 2
+        )
+        libc.free(block)
+        return not mapped
+
+    start = reusing_freed_memory()
+    with freed_memory_reuse(True):
+        assert reusing_freed_memory() and heap_keeps_big_blocks()
+        with freed_memory_reuse(False):  # e.g. the bench's "reuse_memory=off" call
+            assert not reusing_freed_memory() and not heap_keeps_big_blocks()
+        assert reusing_freed_memory() and heap_keeps_big_blocks()  # the outer block's state
+        with freed_memory_reuse(True):  # already on: nothing changes, nothing is undone
+            pass
+        assert heap_keeps_big_blocks()
+    assert reusing_freed_memory() == start
+
+
+def test_bench_compile_section_is_reported() -> None:
+    """The compile section's table (its measurements need inductor: the GPU script runs it)."""
+    from dds_perception.benchmarks.suites import COMPILE_VARIANTS
+
+    timing = {"median_ms": 2.0, "min_ms": 1.5, "max_ms": 3.0}
+    section = {
+        "models": ["dds_rpn_s32", "ssd300_vgg16"],
+        "rows": [
+            {
+                "variant": v,
+                "model": "dds_rpn_s32",
+                "meaning": COMPILE_VARIANTS[v][0],
+                "first_call_s": 12.0,
+                "latency_ms": timing,
+            }
+            for v in ("eager", "compile")
+        ],
+        "errors": [{"variant": "compile", "model": "ssd300_vgg16", "error": "no compiler"}],
+    }
+    from dds_perception.benchmarks.report import _compile
+
+    text = "\n".join(_compile(section))
+    assert "## torch.compile options" in text
+    assert "| compile | dds_rpn_s32 | 2.00 (1.50-3.00) | 12.0 |" in text
+    assert "not measured: compile of ssd300_vgg16: no compiler" in text

@@ -237,6 +237,80 @@ def test_detection_postprocess_single_class_equals_class_aware_with_one_class():
     assert two[0][2].tolist() == [0, 1]
 
 
+def _clustered(seed: int, images: int = 3, anchors: int = 2000) -> tuple[torch.Tensor, ...]:
+    """Scores and boxes like a detector's: clusters of overlapping boxes around a few objects,
+    some boxes past the image edge or tiny, scores spread over (0, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.rand(images, 12, 2, generator=generator) * torch.tensor([640.0, 192.0])
+    pick = torch.randint(0, 12, (images, anchors), generator=generator)
+    centre = centres.gather(1, pick.unsqueeze(-1).expand(images, anchors, 2))
+    centre = centre + torch.randn(images, anchors, 2, generator=generator) * 6
+    size = 3 + torch.rand(images, anchors, 2, generator=generator) * 70
+    boxes = torch.cat([centre - size / 2, centre + size / 2], 2)
+    scores = torch.rand(images, anchors, generator=generator) ** 3
+    return scores, boxes
+
+
+@pytest.mark.parametrize(
+    ("threshold", "top_k", "max_detections"),
+    [(0.3, 1000, 100), (0.01, 1000, 100), (0.01, 300, 20), (0.5, 0, 5), (0.999, 1000, 100)],
+)
+def test_detection_fixed_shape_postprocess_equals_postprocess(threshold, top_k, max_detections):
+    """The on-device form keeps exactly what the data-dependent one keeps, in the same order."""
+    from dds_perception.detection.postprocess import postprocess_fixed
+
+    params = PostprocessParams(
+        score_threshold=threshold,
+        nms_iou=0.5,
+        max_detections=max_detections,
+        pre_nms_top_k=top_k,
+        min_box_size=4.0,
+    )
+    for seed in range(3):
+        scores, boxes = _clustered(seed)
+        want = postprocess(scores, boxes, params, clip_size=(192, 640))
+        got = postprocess_fixed(scores, boxes, params, clip_size=(192, 640), rounds=64)
+        assert got.boxes.shape == (3, max_detections, 4) and got.settled.all()
+        for i, (w_boxes, w_scores, _) in enumerate(want):
+            count = int(got.counts[i])
+            assert count == len(w_scores), (seed, i)
+            torch.testing.assert_close(got.scores[i, :count], w_scores)
+            torch.testing.assert_close(got.boxes[i, :count], w_boxes)
+            assert not got.scores[i, count:].any()
+
+
+def test_detection_fixed_shape_nms_says_when_it_has_not_settled():
+    """A chain A > B > C where each overlaps the next only: greedy NMS keeps A and C. One round
+    from "all valid" suppresses C too (B still counts); the second round brings C back."""
+    from dds_perception.detection.postprocess import postprocess_fixed
+
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [3.0, 0, 13, 10], [6.0, 0, 16, 10]]])
+    scores = torch.tensor([[0.9, 0.8, 0.7]])
+    params = PostprocessParams(score_threshold=0.1, nms_iou=0.5, min_box_size=0.0)
+    want = postprocess(scores, boxes, params)[0][1]
+    assert want.tolist() == pytest.approx([0.9, 0.7])
+    one = postprocess_fixed(scores, boxes, params, rounds=1)
+    assert not one.settled.item() and int(one.counts[0]) == 1  # not exact yet, and it says so
+    two = postprocess_fixed(scores, boxes, params, rounds=2)
+    assert two.settled.item() and two.scores[0, :2].tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_detection_match_detections_one_to_one():
+    from dds_perception.detection.postprocess import match_detections
+
+    a = torch.tensor([[0.0, 0, 10, 10], [1.0, 0, 11, 10], [50.0, 50, 60, 60]])
+    b = torch.tensor([[0.5, 0, 10.5, 10], [100.0, 0, 110, 10]])
+    match = match_detections(a, torch.tensor([0.9, 0.8, 0.7]), b, torch.tensor([0.85, 0.5]))
+    # the best box of a takes b's first box; a's second (same car) finds nothing left
+    assert [(i, j) for i, j, _ in match.pairs] == [(0, 0)] and match.pairs[0][2] > 0.9
+    assert match.unmatched_a == [1, 2] and match.unmatched_b == [1]
+    assert match.score_gaps(torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0.85, 0.5])) == (
+        pytest.approx([0.05])
+    )
+    empty = match_detections(a, torch.ones(3), torch.zeros(0, 4), torch.zeros(0))
+    assert empty.pairs == [] and empty.unmatched_a == [0, 1, 2] and empty.unmatched_b == []
+
+
 def test_detection_fuse_batchnorm_keeps_outputs(tiny_config):
     torch.manual_seed(0)
     model = build_detector(tiny_config)

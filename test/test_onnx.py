@@ -353,17 +353,28 @@ def test_onnx_bench_backends(weights):
     torch.nn.init.uniform_(net[1].running_var, 0.5, 2.0)
     x = torch.randn(1, 3, 32, 48)
     prepared = bench.prepare(net, x, device=cpu, half=False, settings=Settings(threads=1))
-    (out,) = prepared.run()
-    np.testing.assert_allclose(out, net(x).detach().numpy(), atol=1e-5, rtol=0)
+    assert isinstance(prepared.backend, OnnxRuntimeBackend)  # the deploy backend is timed
+    (out,) = prepared.run().values()
+    np.testing.assert_allclose(out.numpy(), net(x).detach().numpy(), atol=1e-5, rtol=0)
     # our detector goes through export_detector: its check lands in the notes
     detector = load_detector(weights)
+    before = {k: v.clone() for k, v in detector.state_dict().items()}
     x = network_input(street_scene(3), detector, INPUT_SIZE)
     prepared = bench.prepare(detector, x, device=cpu, half=False, settings=Settings(threads=1))
     assert "onnxruntime vs torch max |diff| scores" in prepared.notes[0]
-    scores, _boxes = prepared.run()
+    scores = prepared.run()["scores"]
     with torch.inference_mode():
         ref = detector(x)["scores"].numpy()
-    np.testing.assert_allclose(scores, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores.numpy(), ref, atol=1e-4, rtol=0)
+    # exporting left the caller's detector alone (its BatchNorms are still there)
+    assert detector.state_dict().keys() == before.keys()
+    torch_bench = get_backend("torch").prepare(
+        detector, x, device=cpu, half=False, settings=Settings(threads=1)
+    )
+    assert isinstance(torch_bench.backend, TorchBackend)
+    torch.testing.assert_close(
+        torch_bench.run()["scores"], torch.from_numpy(ref), atol=1e-4, rtol=0
+    )
     reason = get_backend("tensorrt").unavailable(cpu, False)
     assert reason == (TRT_SKIP or "TensorRT runs on CUDA devices only (use --device cuda)")
 

@@ -293,3 +293,75 @@ def test_detect_batch_splits_for_a_backend_with_a_batch_limit(pipeline, fixed, l
     assert limited.sizes == sizes
     for i, (a, b) in enumerate(zip(got, want[: len(got)], strict=True)):
         _assert_same_detections(a, b, f"frame {i}")
+
+
+# ----------------------------------------------------------------------------- on the device
+def _normalised_grey_level(pipeline: Pipeline) -> float:
+    """The largest change of a normalised input value for one grey level."""
+    return 1.0 / (255.0 * min(pipeline.config.std))
+
+
+def test_on_device_letterbox_equals_cv2(weights):
+    """torch ops from the uint8 frame (what a GPU runs) against cv2's resize + LUT: the same
+    input to one grey level, padding and geometry included, for frames of several sizes."""
+    host = Pipeline.from_weights(weights, device="cpu", warmup=False)
+    device = Pipeline.from_weights(weights, device="cpu", warmup=False, on_device=True)
+    assert device.on_device and not host.on_device
+    frames = _frames_of_several_sizes()
+    want, want_lbs = host.preprocess_batch(frames)
+    got, got_lbs = device.preprocess_batch(frames)
+    assert got_lbs == want_lbs and got.shape == want.shape and got.dtype == want.dtype
+    levels = (got - want).abs() / _normalised_grey_level(host)
+    assert levels.max() <= 1.01  # cv2 rounds its fixed-point weights: at most one grey level
+    assert levels.mean() < 0.1  # measured 0.08 (11 % of the resized pixels differ by one)
+    # a smaller frame after a larger one: its padding is rewritten, nothing of the last stays
+    again, _ = device.preprocess_batch([frames[3], frames[2], frames[1], frames[0]])
+    want_again, _ = host.preprocess_batch([frames[3], frames[2], frames[1], frames[0]])
+    assert (again - want_again).abs().max() <= _normalised_grey_level(host) * 1.01
+
+
+def test_on_device_pipeline_finds_what_the_host_pipeline_finds(tmp_path):
+    """The whole device path (torch letterbox, fixed-shape NMS, one copy to the host) on CPU
+    tensors against the cv2 / host path, with the trained synthetic-scene model."""
+    from dds_perception.data.scenes import generate_kitti_scenes
+    from dds_perception.detection.postprocess import match_detections
+
+    root = generate_kitti_scenes(tmp_path / "scenes", 6, seed=5, val_fraction=0.0)
+    weights = default_weights(SYNTHETIC_WEIGHTS)
+    host = Pipeline.from_weights(weights, device="cpu")
+    device = Pipeline.from_weights(weights, device="cpu", on_device=True)
+    frames = [cv2.imread(str(p))[:, :, ::-1] for p in sorted(root.glob("training/image_2/*"))]
+    wanted = [host(frame) for frame in frames]
+    found = device.detect_batch([np.ascontiguousarray(f) for f in frames])
+    confident = host.score_threshold + 0.05  # boxes near the threshold may exist on one side
+    assert sum(len(want) for want in wanted) >= 6
+    for i, (want, got) in enumerate(zip(wanted, found, strict=True)):
+        match = match_detections(want.boxes, want.scores, got.boxes, got.scores, iou=0.9)
+        for j in match.unmatched_a:
+            assert want.scores[j] < confident, (i, want.scores[j])
+        for j in match.unmatched_b:
+            assert got.scores[j] < confident, (i, got.scores[j])
+        assert max(match.score_gaps(want.scores, got.scores), default=0.0) < 0.02, i
+
+
+def test_pipeline_changes_no_process_wide_setting(weights, monkeypatch):
+    """glibc's allocator and cuDNN's autotuning flag are the command's to set, never the
+    pipeline's (issue 18.3): building and running one touches neither."""
+    from dds_perception.utils import runtime
+
+    class Glibc:  # what utils.runtime calls mallopt / malloc_trim on
+        def mallopt(self, *args):
+            raise AssertionError("the pipeline changed glibc's allocator settings")
+
+    monkeypatch.setattr(runtime, "_glibc", Glibc)
+    flag = torch.backends.cudnn.benchmark
+    pipeline = Pipeline.from_weights(weights, device="cpu")
+    pipeline(np.zeros((375, 1242, 3), dtype=np.uint8))
+    assert torch.backends.cudnn.benchmark == flag
+
+
+def test_pipeline_needs_a_detector():
+    from dds_perception.utils.errors import UsageError
+
+    with pytest.raises(UsageError, match="runs detectors"):
+        Pipeline(torch.nn.Conv2d(3, 4, 3), device="cpu", input_size=(64, 64), warmup=False)

@@ -1,28 +1,50 @@
-"""Backends: how a network is prepared and run. The bench measures every section per backend.
+"""How the bench makes a network ready on a backend: it times the deploy backends themselves.
 
-A backend turns ``(module, example input, device, half, settings)`` into a :class:`Prepared`
-network: a zero-argument callable that runs the network once on the prepared input, plus what
-preparing it cost. ``torch`` applies :func:`dds_perception.detection.optimize.
-optimize_for_inference` under the given :class:`Settings`; ``onnxruntime`` and ``tensorrt``
-(:mod:`.deploy_backends`, issue 10) export the network as ``dds-perception export`` does and run
-it as the pipeline's backends do. Another backend is added with :func:`register_backend` and
-then appears under ``--backend``.
+Every measurement runs a :class:`dds_perception.deploy.backends.Backend`, the objects the
+pipeline runs (there is no second implementation here): ``torch`` is
+:class:`~dds_perception.deploy.backends.TorchBackend` (a copy of the network after
+:func:`~dds_perception.detection.optimize.optimize_for_inference` under the given
+:class:`Settings`); ``onnxruntime`` and ``tensorrt`` export the network as ``dds-perception
+export`` does (our detector through :func:`~dds_perception.deploy.export.export_detector`, whose
+ONNX Runtime check lands in the notes; torchvision's through
+:func:`~dds_perception.deploy.export.export_network`) and run it with
+:class:`~dds_perception.deploy.backends.OnnxRuntimeBackend` or
+:class:`~dds_perception.deploy.backends.TensorRTBackend`. A :class:`BenchBackend` turns
+``(module, example input, device, half, settings)`` into a :class:`Prepared` network: a
+zero-argument callable that runs the deploy backend once on the prepared input, plus what
+preparing it cost. Another is added with :func:`register_backend` and then appears under
+``--backend``. :mod:`.deploy_backends` (the interleaved torch / ONNX Runtime comparison) builds
+on this module; nothing here imports it.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import copy
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from dds_perception.benchmarks.timing import num_threads
+from dds_perception.deploy.backends import (
+    ORT_INSTALL,
+    Backend,
+    OnnxRuntimeBackend,
+    TensorRTBackend,
+    TorchBackend,
+    tensorrt_unavailable_reason,
+)
+from dds_perception.deploy.export import DEFAULT_OPSET, export_detector, export_network
+from dds_perception.deploy.runtime import freed_memory_reuse
+from dds_perception.detection.detector import RPNDetector
 from dds_perception.detection.optimize import (
     CUDAGraphModule,
     InferenceOptions,
@@ -30,7 +52,6 @@ from dds_perception.detection.optimize import (
     to_input_layout,
 )
 from dds_perception.utils.errors import DdsPerceptionError
-from dds_perception.utils.runtime import reuse_freed_memory
 
 
 class BenchError(DdsPerceptionError, ValueError):
@@ -44,9 +65,9 @@ class Settings:
     ``options`` are what the pipeline applies (:class:`InferenceOptions`); the rest are process
     settings a user controls: autograd off (``inference_mode``), oneDNN on (``mkldnn``), the
     intra-op thread count (``threads``; None = the run's count), glibc keeping freed memory
-    for reuse (``reuse_memory``, :func:`~dds_perception.utils.runtime.reuse_freed_memory`, which
-    the pipeline turns on for CPU inference) and the precision (``half``; None = the run's
-    ``--half``).
+    for reuse (``reuse_memory``, :func:`~dds_perception.deploy.runtime.freed_memory_reuse`,
+    which a command opts into for CPU inference) and the precision (``half``; None = the
+    run's ``--half``).
     """
 
     options: InferenceOptions = field(default_factory=InferenceOptions)
@@ -68,6 +89,7 @@ class Settings:
                 fold_bn=False,
                 channels_last=False,
                 merge_pyramid=False,
+                dense_pyramid=False,
                 split_pyramid=False,
                 cudnn_benchmark=False,
                 cuda_graphs=False,
@@ -91,21 +113,48 @@ class Settings:
 
 @dataclass
 class Prepared:
-    """A network ready to run: ``run()`` does one forward pass on the prepared input."""
+    """A network ready to run: ``run()`` does one forward pass of ``backend`` on its input."""
 
     run: Callable[[], Any]
     prepare_s: float
     first_call_s: float
     notes: list[str] = field(default_factory=list)
+    backend: Backend | None = None
 
 
-class Backend(Protocol):
-    """What the bench needs from a backend."""
+@contextlib.contextmanager
+def _run_context(settings: Settings) -> Iterator[None]:
+    # process-wide and set around every call, so interleaved variants each run with their own
+    # (the bench command owns its process; everything is restored when the call returns)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(freed_memory_reuse(settings.reuse_memory))
+        stack.enter_context(num_threads(settings.threads))
+        if not settings.mkldnn:
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        yield
+
+
+class BenchBackend(abc.ABC):
+    """How the bench builds one kind of deploy backend; ``prepare`` times it the same way for
+    all, so that every backend's ``prepare_s`` and ``first_call_s`` mean the same thing."""
 
     name: str
 
+    @abc.abstractmethod
     def unavailable(self, device: torch.device, half: bool) -> str | None:
         """Why this backend cannot run here (None when it can)."""
+
+    @abc.abstractmethod
+    def build(
+        self,
+        module: nn.Module,
+        example: torch.Tensor,
+        *,
+        device: torch.device,
+        half: bool,
+        settings: Settings,
+    ) -> tuple[Backend, Any, list[str]]:
+        """A deploy backend for ``module`` and the input it is called with, plus notes."""
 
     def prepare(
         self,
@@ -117,87 +166,31 @@ class Backend(Protocol):
         settings: Settings,
     ) -> Prepared:
         """Prepare ``module`` for repeated calls on ``example`` (NCHW float32, on CPU)."""
-
-
-@contextlib.contextmanager
-def _run_context(settings: Settings, cudnn_benchmark: bool | None = None) -> Iterator[None]:
-    # process-wide and set on every call, so interleaved variants each run with their own;
-    # ``cudnn_benchmark`` (None on the CPU) decides cuDNN's algorithms at build / capture time
-    reuse_freed_memory(settings.reuse_memory)
-    if cudnn_benchmark is not None:
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(num_threads(settings.threads))
-        if not settings.mkldnn:
-            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
-        stack.enter_context(torch.inference_mode() if settings.inference_mode else _grad())
-        yield
-
-
-@contextlib.contextmanager
-def _grad() -> Iterator[None]:
-    with torch.enable_grad():
-        yield
-
-
-def _timed_first_call(run: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
-class TimedBackend(abc.ABC):
-    """A :class:`Backend` whose ``prepare`` times :meth:`build` and the first call.
-
-    Subclasses say how a network is made ready (:meth:`build`); the timing is written once here
-    so that every backend's ``prepare_s`` and ``first_call_s`` mean the same thing.
-    """
-
-    name: str
-
-    @abc.abstractmethod
-    def unavailable(self, device: torch.device, half: bool) -> str | None:
-        """Why this backend cannot run here (None when it can)."""
-
-    @abc.abstractmethod
-    def build(
-        self,
-        module: nn.Module,
-        example: torch.Tensor,
-        *,
-        device: torch.device,
-        half: bool,
-        settings: Settings,
-    ) -> tuple[Callable[[], Any], list[str]]:
-        """Make ``module`` ready for ``example``; return (one forward pass, notes)."""
-
-    def prepare(
-        self,
-        module: nn.Module,
-        example: torch.Tensor,
-        *,
-        device: torch.device,
-        half: bool,
-        settings: Settings,
-    ) -> Prepared:
         start = time.perf_counter()
-        run, notes = self.build(module, example, device=device, half=half, settings=settings)
+        with _run_context(settings):
+            backend, x, notes = self.build(
+                module, example, device=device, half=half, settings=settings
+            )
         prepare_s = time.perf_counter() - start
+
+        def run() -> Any:
+            with _run_context(settings):
+                return backend(x)
+
         # the first call compiles (torch.compile), creates oneDNN primitives or runtime buffers
-        return Prepared(
-            run=run, prepare_s=prepare_s, first_call_s=_timed_first_call(run), notes=notes
-        )
+        start = time.perf_counter()
+        run()
+        first_call_s = time.perf_counter() - start
+        return Prepared(run, prepare_s, first_call_s, notes, backend)
 
 
-class TorchBackend(TimedBackend):
-    """Eager PyTorch (optionally ``torch.compile``) with the settings' speed-ups."""
+class TorchBench(BenchBackend):
+    """:class:`~dds_perception.deploy.backends.TorchBackend` with the settings' speed-ups."""
 
     name = "torch"
 
     def unavailable(self, device: torch.device, half: bool) -> str | None:
-        if half and device.type != "cuda":
-            return "fp16 needs CUDA"
-        return None
+        return None  # fp16 on a CPU runs too (slowly): the batches section measures it
 
     def build(
         self,
@@ -207,22 +200,24 @@ class TorchBackend(TimedBackend):
         device: torch.device,
         half: bool,
         settings: Settings,
-    ) -> tuple[Callable[[], Any], list[str]]:
+    ) -> tuple[Backend, Any, list[str]]:
         options = settings.options.resolved(device, half, module)  # e.g. NHWC for this network
-        cudnn = options.cudnn_benchmark if device.type == "cuda" else None
-        with _run_context(settings, cudnn), warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = optimize_for_inference(module, device, half, example=example, options=options)
+            backend = TorchBackend(
+                module,
+                device=device,
+                half=half,
+                options=options,
+                example=example,
+                inference_mode=settings.inference_mode,
+                cpu_half=True,
+            )
             x = to_input_layout(example, options, device, half)
         notes = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
-        if isinstance(model, CUDAGraphModule):
+        if isinstance(backend.model, CUDAGraphModule):
             notes.append("replayed as one CUDA graph")
-
-        def run() -> Any:
-            with _run_context(settings, cudnn):
-                return model(x)
-
-        return run, notes
+        return backend, x, notes
 
 
 def _flatten_outputs(outputs: Any) -> list[torch.Tensor]:
@@ -247,15 +242,143 @@ class _TupleOutputs(nn.Module):
         return tuple(_flatten_outputs(self.module(x)))
 
 
-BACKENDS: dict[str, Backend] = {}
+def _export(
+    module: nn.Module, example: torch.Tensor, path: Path, half: bool, settings: Settings
+) -> list[str]:
+    """Export ``module`` for ``example`` to ``path`` as the deploy path does; return notes."""
+    # the torch backend's graph rewrites; layout and compilation are the runtime's business
+    options = replace(settings.options, channels_last=False, compile=False, inplace_prelu=False)
+    if isinstance(module, RPNDetector):
+        report = export_detector(
+            module,
+            path,
+            input_size=tuple(example.shape[-2:]),
+            half=half,
+            opset=DEFAULT_OPSET,
+            options=options,
+            dynamic_batch=example.shape[0] > 1,
+        )
+        v = report.validation
+        return [
+            f"{report.exporter} opset {report.opset}; onnxruntime vs torch max |diff| scores "
+            f"{v['scores_max_abs_diff']:.1e}, boxes {v['boxes_max_abs_diff']:.1e} px"
+        ]
+    network = _TupleOutputs(
+        optimize_for_inference(copy.deepcopy(module), "cpu", example=example, options=options)
+    ).eval()
+    dtype = torch.float16 if half else torch.float32
+    network = network.to(dtype)
+    x = example.to(dtype)
+    with torch.no_grad():
+        count = len(network(x))
+    names = [f"output{i}" for i in range(count)]
+    exporter = export_network(
+        network, x, path, opset=DEFAULT_OPSET, input_names=["input"], output_names=names
+    )
+    return [f"{exporter} opset {DEFAULT_OPSET}"]
 
 
-def register_backend(backend: Backend) -> None:
+@contextlib.contextmanager
+def _exported(
+    module: nn.Module, example: torch.Tensor, half: bool, settings: Settings, *, prefix: str
+) -> Iterator[tuple[Path, list[str]]]:
+    """``module`` exported by :func:`_export` into a temporary folder: (ONNX path, notes)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        path = Path(tmp) / "model.onnx"
+        yield path, _export(module, example, path, half, settings)
+
+
+class OnnxRuntimeBench(BenchBackend):
+    """``torch.onnx`` export + :class:`~dds_perception.deploy.backends.OnnxRuntimeBackend`
+    (CPU or CUDA provider), with the pipeline's runtime settings."""
+
+    name = "onnxruntime"
+
+    def unavailable(self, device: torch.device, half: bool) -> str | None:
+        try:
+            import onnxruntime
+        except ImportError:
+            return "onnxruntime is not installed (pip install 'dds_perception[onnx]')"
+        if half and device.type != "cuda":
+            return "fp16 with onnxruntime is measured on CUDA only"
+        if device.type == "cuda" and (
+            "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+        ):
+            return f"no CUDAExecutionProvider; {ORT_INSTALL}"
+        return None
+
+    def build(
+        self,
+        module: nn.Module,
+        example: torch.Tensor,
+        *,
+        device: torch.device,
+        half: bool,
+        settings: Settings,
+    ) -> tuple[Backend, Any, list[str]]:
+        with _exported(module, example, half, settings, prefix="dds_bench_onnx_") as (
+            path,
+            notes,
+        ):
+            # the session reads the whole file now; the folder may go afterwards
+            backend = OnnxRuntimeBackend(
+                path, device=device, threads=settings.threads, network_only=True
+            )
+        x = example.numpy().astype("float16" if half else "float32")
+        notes.append(f"providers {backend.providers}, threads {settings.threads or 'default'}")
+        return backend, x, notes
+
+
+class TensorRTBench(BenchBackend):
+    """``torch.onnx`` export + :class:`~dds_perception.deploy.backends.TensorRTBackend` (fp16
+    builder flag with ``--half``)."""
+
+    name = "tensorrt"
+
+    def unavailable(self, device: torch.device, half: bool) -> str | None:
+        reason = tensorrt_unavailable_reason()
+        if reason is None and device.type != "cuda":
+            reason = "TensorRT runs on CUDA devices only (use --device cuda)"
+        return reason
+
+    def build(
+        self,
+        module: nn.Module,
+        example: torch.Tensor,
+        *,
+        device: torch.device,
+        half: bool,
+        settings: Settings,
+    ) -> tuple[Backend, Any, list[str]]:
+        # fp16 is the engine's builder flag, so the export stays float32
+        with _exported(module, example, False, settings, prefix="dds_bench_trt_") as (
+            path,
+            notes,
+        ):
+            backend = TensorRTBackend(
+                path,
+                device=device,
+                half=half,
+                network_only=True,
+                engine_path=path.with_suffix(".engine"),
+                max_batch=max(8, example.shape[0]),
+            )
+        x = example.to(backend.device, backend.input_dtype).contiguous()
+        notes.append(
+            f"tensorrt {backend.engine.trt.__version__}, {'fp16' if half else 'fp32'} engine"
+        )
+        return backend, x, notes
+
+
+BACKENDS: dict[str, BenchBackend] = {}
+
+
+def register_backend(backend: BenchBackend) -> None:
     """Make ``backend`` selectable with ``--backend NAME``."""
     BACKENDS[backend.name] = backend
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str) -> BenchBackend:
     """The backend registered as ``name``; unknown names raise :class:`BenchError`."""
     try:
         return BACKENDS[name]
@@ -263,10 +386,6 @@ def get_backend(name: str) -> Backend:
         raise BenchError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}") from error
 
 
-register_backend(TorchBackend())
-
-# the deployment backends (issue 10): the export and runtime settings of the pipeline's backends
-from dds_perception.benchmarks.deploy_backends import OnnxRuntimeBench, TensorRTBench  # noqa: E402
-
+register_backend(TorchBench())
 register_backend(OnnxRuntimeBench())
 register_backend(TensorRTBench())

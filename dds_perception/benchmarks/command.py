@@ -11,6 +11,8 @@ examples:
   dds-perception bench --backend torch,onnxruntime --out bench_out
   dds-perception bench --sections detectors,speedups --repeats 20 --out bench_out
   dds-perception bench --device cuda --half --out bench_gpu # fp16 on a CUDA GPU
+  dds-perception bench --sections batches --batch-sizes 1,4,8 --out bench_batches
+  dds-perception bench --device cuda --half --sections compile --compile-variants eager,compile
   dds-perception bench --compare bench_out bench_gpu --out cpu_vs_gpu   # runs side by side
 """
 
@@ -26,6 +28,16 @@ from dds_perception.benchmarks.suites import SECTIONS, BenchConfig, run_bench
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in _csv(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers") from error
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be >= 1")
+    return values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights", type=Path, help="pipeline weights (default: the shipped ones)"
     )
     parser.add_argument(
+        "--batch-sizes",
+        type=_ints,
+        help="the batches section's batch sizes, comma-separated (default 1,4,8)",
+    )
+    parser.add_argument(
+        "--compile-variants",
+        type=_csv,
+        help="the compile section's variants, comma-separated (eager, compile, "
+        "compile_no_freezing, compile_max_autotune; default: all that apply to the device)",
+    )
+    parser.add_argument(
         "--compare",
         nargs="+",
         type=Path,
@@ -85,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
     device = resolve_device(args.device)
     changes = {"device": device, "half": args.half, "backends": args.backend}
-    for name in ("repeats", "warmup", "threads", "sections", "weights"):
+    for name in ("repeats", "warmup", "threads", "sections", "weights", "batch_sizes"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -93,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise BenchError(f"--repeats must be >= 1, got {args.repeats}")
     if args.no_compile:
         changes["compile"] = False
+    if args.compile_variants is not None:
+        changes["compile_variants"] = args.compile_variants
     frame = args.frame if args.frame is not None else (None if args.quick else _default_frame())
     if frame is not None and not frame.is_file():
         raise BenchError(f"--frame {frame}: no such file")

@@ -168,12 +168,15 @@ def _pipeline(section: dict[str, Any]) -> list[str]:
     body = [[stage, _ms(t)] for stage, t in section["stages"].items()]
     body.append(["**total**", _ms(section["total_ms"])])
     share = section["outside_network_share"]
+    where = "on the device (torch ops)" if section.get("pre_and_post_on_device") else "cv2, host"
     return [
         f"## Pipeline end to end ({section['frame'][1]}x{section['frame'][0]} "
         f"{section['encoding']} buffer -> detections -> Detection2DArray)",
         "",
         f"Weights: {section['weights']}; frame: {section['frame_source']}; network input "
-        f"{section['input_size'][0]}x{section['input_size'][1]}; device {section['device']}; "
+        f"{section['input_size'][0]}x{section['input_size'][1]}; device {section['device']} "
+        f"({section.get('precision', 'fp32')}); letterbox, normalisation and NMS "
+        f"{where}; "
         f"{section['detections']} detections; messages: {section['message_building']}.",
         "",
         *_table(["stage", "ms median (min-max)"], body),
@@ -181,6 +184,78 @@ def _pipeline(section: dict[str, Any]) -> list[str]:
         f"Share of the end-to-end time spent outside the network: **{share:.1%}** "
         f"(target <= {section['target_outside_share']:.0%}). Peak RSS "
         f"{section['memory']['peak_rss_mb']:.0f} MiB.",
+        "",
+    ]
+
+
+def _batches(section: dict[str, Any]) -> list[str]:
+    if not section:
+        return []
+    body = []
+    for r in section["rows"]:
+        ratio = r.get("ratio_to_ssd300_vgg16")
+        body.append(
+            [
+                r["name"],
+                r["precision"],
+                r["batch"],
+                _ms(r["batch_ms"]),
+                _t(r["ms_per_frame"]),
+                f"{r['frames_per_s']:.1f}",
+                "-" if ratio is None else f"**{ratio:.2f}x**",
+            ]
+        )
+    notes = [
+        f"- not measured: {e['model']} {e['precision']}: {e['error']}"
+        for e in section.get("errors", [])
+    ]
+    return [
+        f"## Batches ({OURS} and {REFERENCE}, default speed-ups for both, median)",
+        "",
+        "Each (precision, batch) pair measured interleaved; latency per frame = batch latency / "
+        "batch size; the ratio compares the per-frame latencies (above 1: ours is faster).",
+        "",
+        *_table(
+            [
+                "model",
+                "precision",
+                "batch",
+                "ms per batch (min-max)",
+                "ms per frame",
+                "frames/s",
+                "speed ratio",
+            ],
+            body,
+        ),
+        "",
+        *notes,
+        "",
+    ]
+
+
+def _compile(section: dict[str, Any]) -> list[str]:
+    if not section:
+        return []
+    body = [
+        [
+            r["variant"],
+            r["model"],
+            _ms(r["latency_ms"]),
+            f"{r['first_call_s']:.1f}",
+            r["meaning"],
+        ]
+        for r in section["rows"]
+    ]
+    notes = [
+        f"- not measured: {e['variant']} of {e['model']}: {e['error']}"
+        for e in section.get("errors", [])
+    ]
+    return [
+        "## torch.compile options (batch 1, interleaved)",
+        "",
+        *_table(["variant", "model", "ms median (min-max)", "first call s", "meaning"], body),
+        "",
+        *notes,
         "",
     ]
 
@@ -318,6 +393,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += _detectors(results.get("detectors", {}))
     lines += _speedups(results.get("speedups", {}))
     lines += _profile(results.get("profile", {}))
+    lines += _batches(results.get("batches", {}))
+    lines += _compile(results.get("compile", {}))
     lines += _pipeline(results.get("pipeline", {}))
     lines += _planning(results.get("planning", {}))
     lines += _backbones(results.get("backbones", []))
@@ -457,6 +534,23 @@ def comparison_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"what": f"{REFERENCE} network ms ({settings})", "values": ref})
         ratios = list(ratios)
         rows.append({"what": f"speed ratio ({settings})", "values": ratios, "ratio": True})
+    keys: list[tuple[str, int]] = []
+    for run in runs:
+        for row in run.get("batches", {}).get("rows", []):
+            if (row["precision"], row["batch"]) not in keys:
+                keys.append((row["precision"], row["batch"]))
+    for precision, batch in keys:
+        for model in (OURS, REFERENCE):
+            values = []
+            for run in runs:
+                found = [
+                    r["ms_per_frame"]
+                    for r in run.get("batches", {}).get("rows", [])
+                    if (r["name"], r["precision"], r["batch"]) == (model, precision, batch)
+                ]
+                values.append(found[0] if found else None)
+            what = f"{model} ms per frame, batch {batch}, {precision}"
+            rows.append({"what": what, "values": values})
     pipelines = [r.get("pipeline") or {} for r in runs]
     if any(pipelines):
         rows.append(

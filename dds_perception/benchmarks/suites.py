@@ -36,6 +36,7 @@ from dds_perception.benchmarks.candidates import (
 from dds_perception.benchmarks.flops import count_model_macs, count_parameters
 from dds_perception.benchmarks.memory import measure_peak_memory
 from dds_perception.benchmarks.timing import measure, measure_interleaved
+from dds_perception.deploy.runtime import freed_memory_reuse
 from dds_perception.detection.optimize import InferenceOptions
 
 SCHEMA = "dds_perception.bench/1"
@@ -67,6 +68,9 @@ class BenchConfig:
     torchvision_inputs: dict[str, tuple[int, int]] | None = None
     profile: bool = True
     quick: bool = False
+    batch_sizes: tuple[int, ...] = (1, 4, 8)  # the batches section
+    precisions: tuple[str, ...] = ("fp32", "fp16")  # the batches section
+    compile_variants: tuple[str, ...] | None = None  # the compile section (None: all that apply)
     sections: tuple[str, ...] = (
         "backbones",
         "detectors",
@@ -75,6 +79,7 @@ class BenchConfig:
         "speedups",
         "profile",
         "planning",
+        "batches",
     )
     progress: Callable[[str], None] = field(default=lambda message: None, repr=False)
     # built networks and measurements shared between the sections of one run
@@ -98,6 +103,7 @@ class BenchConfig:
             },
             "compile": False,
             "quick": True,
+            "batch_sizes": (1, 2),
         }
         values.update(changes)
         return cls(**values)
@@ -399,7 +405,16 @@ def _message_builder() -> tuple[Callable[[Any], Any] | None, str]:
 
 
 def bench_pipeline(config: BenchConfig) -> dict[str, Any]:
-    """A raw rgb8 frame buffer through the whole pipeline, per stage, plus message building."""
+    """A raw rgb8 frame buffer through the whole pipeline, per stage, plus message building.
+
+    Run with the process settings of the default speed-ups (glibc keeping freed memory), which
+    a node opts into the same way (the pipeline itself changes no process-wide setting).
+    """
+    with freed_memory_reuse(_settings_default(config).reuse_memory):
+        return _bench_pipeline(config)
+
+
+def _bench_pipeline(config: BenchConfig) -> dict[str, Any]:
     config.progress("pipeline")
     pipeline, weights = _build_pipeline(config)
     rgb, frame_source = _frame_rgb(config)
@@ -449,6 +464,8 @@ def bench_pipeline(config: BenchConfig) -> dict[str, Any]:
         "weights": weights,
         "input_size": list(pipeline.input_size),
         "device": str(pipeline.device),
+        "precision": "fp16" if pipeline.half else "fp32",
+        "pre_and_post_on_device": bool(pipeline.on_device),
         "detections": detections_count,
         "message_building": msg_source,
         "stages": per_stage,
@@ -469,6 +486,11 @@ SWITCHES: tuple[tuple[str, str, bool], ...] = (
     ("inference_mode", "autograd on (plain call)", True),
     ("fold_bn", "BatchNorm kept as separate layers", False),
     ("merge_pyramid", "one depthwise conv per branch (4 per pyramid stage)", False),
+    (
+        "dense_pyramid",
+        "each pyramid stage's dilated branches as separate depthwise convs, not one dense conv",
+        False,
+    ),
     ("inplace_prelu", "PyTorch's PReLU, which writes a new tensor", False),
     ("split_pyramid", "torch.split of the expanded map (copies in NHWC)", False),
     ("channels_last", "NCHW layout", True),
@@ -490,6 +512,7 @@ CPU_ONLY = ("mkldnn", "threads", "reuse_memory", "inplace_prelu")
 # switches whose default depends on the device: where it is off, the row turns it on
 FLIPPABLE = {
     "channels_last": "NHWC layout for both",
+    "dense_pyramid": "each pyramid stage as one dense depthwise conv (zeros in the holes)",
     "split_pyramid": "the expansion split per pyramid branch",
 }
 CUDA_ONLY = ("cudnn_benchmark", "cuda_graphs", "half")
@@ -624,6 +647,123 @@ def bench_speedups(config: BenchConfig) -> dict[str, Any]:
     return {"models": [OURS, REFERENCE], "table": table, "runs": rows, "errors": errors}
 
 
+# ----------------------------------------------------------------------------- batches
+def bench_batches(config: BenchConfig) -> dict[str, Any]:
+    """Ours and SSD300-VGG16 at each batch size and precision with the default speed-ups (the
+    same for both), interleaved per (precision, batch): latency per frame, frames per second.
+
+    fp16 on a CPU runs too (converted kernels: slower than fp32 without fp16 arithmetic, which
+    is what the table shows there); on CUDA each batch size replays its own CUDA graph.
+    """
+    models = {n: _detector(n, config) for n in (OURS, REFERENCE)}
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    for precision in config.precisions:
+        half = precision == "fp16"
+        settings = _settings_default(config).with_(half=half)
+        for batch in config.batch_sizes:
+            config.progress(f"batches: {precision} batch {batch}")
+            prepared: dict[str, Prepared] = {}
+            for name, candidate in models.items():
+                try:
+                    prepared[name] = _prepare(candidate, "torch", settings, config, batch=batch)
+                except BenchError as error:
+                    errors.append({"model": name, "precision": precision, "error": str(error)})
+            if not prepared:
+                continue
+            timings = measure_interleaved(
+                {n: p.run for n, p in prepared.items()},
+                warmup=config.warmup,
+                repeats=config.repeats,
+                device=config.device,
+            )
+            per_frame = {n: t.median_ms / batch for n, t in timings.items()}
+            for name, timing in timings.items():
+                row = {
+                    "name": name,
+                    "precision": precision,
+                    "batch": batch,
+                    "batch_ms": timing.to_json(),
+                    "ms_per_frame": round(per_frame[name], 4),
+                    "frames_per_s": round(1e3 / per_frame[name], 2),
+                    "notes": prepared[name].notes,
+                }
+                if REFERENCE in per_frame:
+                    row["ratio_to_ssd300_vgg16"] = round(per_frame[REFERENCE] / per_frame[name], 3)
+                rows.append(row)
+            _free(prepared)
+    return {
+        "models": list(models),
+        "batch_sizes": list(config.batch_sizes),
+        "precisions": list(config.precisions),
+        "rows": rows,
+        "errors": errors,
+    }
+
+
+# ----------------------------------------------------------------------------- compile
+COMPILE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "eager": ("the default speed-ups, no torch.compile", {}),
+    "compile": ("torch.compile, inductor freezing (weights constant-folded)", {"compile": True}),
+    "compile_no_freezing": (
+        "torch.compile without freezing",
+        {"compile": True, "compile_freezing": False},
+    ),
+    "compile_max_autotune": (
+        "torch.compile mode max-autotune-no-cudagraphs (CUDA only: the graphs are ours)",
+        {"compile": True, "compile_freezing": False, "compile_mode": "max-autotune-no-cudagraphs"},
+    ),
+}
+
+
+def bench_compile(config: BenchConfig) -> dict[str, Any]:
+    """torch.compile's options against the eager default on both networks, interleaved; on CUDA
+    the compiled network is replayed as a CUDA graph (ours, :class:`CUDAGraphModule`)."""
+    models = {n: _detector(n, config) for n in (OURS, REFERENCE)}
+    wanted = [v for v in COMPILE_VARIANTS if v != "compile_max_autotune"]
+    if config.device.type == "cuda":
+        wanted.append("compile_max_autotune")
+    if config.compile_variants is not None:
+        unknown = [v for v in config.compile_variants if v not in COMPILE_VARIANTS]
+        if unknown:
+            raise BenchError(
+                f"unknown compile variant(s) {unknown}; known: {list(COMPILE_VARIANTS)}"
+            )
+        wanted = list(config.compile_variants)
+    prepared: dict[str, Prepared] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    errors: list[dict[str, str]] = []
+    for variant in wanted:
+        meaning, changes = COMPILE_VARIANTS[variant]
+        for name, candidate in models.items():
+            key = f"{variant}|{name}"
+            config.progress(f"compile: preparing {key}")
+            settings = _settings_default(config).with_(**changes)
+            try:
+                prepared[key] = _prepare(candidate, "torch", settings, config)
+            except BenchError as error:  # e.g. no C compiler for inductor on the CPU
+                errors.append({"variant": variant, "model": name, "error": str(error)})
+                continue
+            meta[key] = {
+                "variant": variant,
+                "meaning": meaning,
+                "model": name,
+                "prepare_s": round(prepared[key].prepare_s, 2),
+                "first_call_s": round(prepared[key].first_call_s, 2),
+                "notes": prepared[key].notes,
+            }
+    config.progress("compile: measuring (interleaved)")
+    timings = measure_interleaved(
+        {k: p.run for k, p in prepared.items()},
+        warmup=config.warmup,
+        repeats=config.repeats,
+        device=config.device,
+    )
+    _free(prepared)
+    rows = [{**meta[k], "latency_ms": t.to_json()} for k, t in timings.items()]
+    return {"models": list(models), "rows": rows, "errors": errors}
+
+
 # ----------------------------------------------------------------------------- profile
 _CATEGORIES = (
     ("conv depthwise", lambda name, shapes: "conv" in name and _is_depthwise(shapes)),
@@ -738,6 +878,8 @@ def bench_planning(config: BenchConfig) -> dict[str, Any]:
 
 
 SECTIONS: dict[str, Callable[[BenchConfig], Any]] = {
+    "batches": bench_batches,
+    "compile": bench_compile,
     "backbones": bench_backbones,
     "detectors": bench_detectors,
     "pipeline": bench_pipeline,

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from dds_perception.data.kitti import read_label_file
 from dds_perception.data.letterbox import letterbox_params
@@ -41,12 +41,12 @@ DEFAULT_IMAGE_SIZE = (375, 1242)  # (height, width) of most KITTI frames
 
 
 def png_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(height, width)`` from a PNG's IHDR chunk (no decoding)."""
-    with open(path, "rb") as handle:
-        head = handle.read(24)
-    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        raise UsageError(f"{path}: not a PNG file")
-    width, height = struct.unpack(">II", head[16:24])
+    """``(height, width)`` of an image file from its header (PIL reads no pixels for it)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, UnidentifiedImageError) as error:
+        raise UsageError(f"{path}: not a readable image ({error})") from error
     return int(height), int(width)
 
 

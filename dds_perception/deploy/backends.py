@@ -25,6 +25,7 @@ must be), ``input_dtype``, ``channels_last`` (preferred input layout), and what 
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import logging
 import os
@@ -36,14 +37,17 @@ import numpy as np
 import torch
 
 from dds_perception.deploy.onnx_meta import (
-    INPUT_NAME,
     OUTPUT_NAMES,
     OnnxModelInfo,
     file_sha256,
     read_onnx_info,
 )
 from dds_perception.detection.config import DetectorConfig
-from dds_perception.detection.optimize import InferenceOptions, optimize_for_inference
+from dds_perception.detection.optimize import (
+    InferenceOptions,
+    cudnn_autotuning,
+    optimize_for_inference,
+)
 from dds_perception.utils.errors import DdsPerceptionError
 from dds_perception.utils.io import atomic_path, write_json
 from dds_perception.utils.runtime import resolve_device
@@ -77,7 +81,7 @@ class Backend(abc.ABC):
     input_device: torch.device  # where the pipeline must put the input tensor
     input_dtype: torch.dtype = torch.float32
     channels_last: bool = False
-    config: DetectorConfig
+    config: DetectorConfig | None  # None: a bare network (the bench's torchvision models)
     class_names: list[str]
     # batch sizes the network accepts: ``fixed_batch`` N (an export for exactly N images), or up
     # to ``max_batch`` (None: any); the pipeline's ``detect_batch`` splits or pads to fit
@@ -104,14 +108,24 @@ class Backend(abc.ABC):
 
 # ---------------------------------------------------------------------------------- torch
 class TorchBackend(Backend):
-    """The detector ``nn.Module`` after :func:`~dds_perception.detection.optimize.
+    """A network ``nn.Module`` after :func:`~dds_perception.detection.optimize.
     optimize_for_inference` (BatchNorm folded, pyramid branches merged/split, NHWC, fp16 on CUDA).
 
-    ``channels_last`` defaults to NHWC on the CPU (measured about 3x faster for these
-    depthwise-separable networks; the pipeline's buffer already has that layout) and to NCHW on
-    CUDA (cuDNN's NHWC depthwise kernels were slower; see :class:`InferenceOptions`). On CUDA,
-    ``cuda_graphs`` (default on) replays the network as one captured graph; its outputs are
-    overwritten by the next call.
+    The module is copied first: the caller's model keeps its modules, weights, mode and device.
+    Any network runs (the bench times torchvision's detectors through this class too); a
+    detector brings its ``config`` (input size, normalisation, thresholds) and class names.
+    ``options`` (:class:`InferenceOptions`) overrides the per-device defaults, which the keyword
+    switches otherwise pick: ``channels_last`` defaults to NHWC on the CPU (measured about 3x
+    faster for these depthwise-separable networks; the pipeline's buffer already has that
+    layout) and to NCHW on CUDA (cuDNN's NHWC depthwise kernels were slower). On CUDA,
+    ``cuda_graphs`` (default on) replays the network as a captured graph, one per input shape
+    seen (see :class:`~dds_perception.detection.optimize.CUDAGraphModule`); its outputs are
+    overwritten by the next call. cuDNN's algorithm search runs only while this backend
+    prepares and calls the network (``torch.backends.cudnn.benchmark`` is restored after).
+    ``example`` is the input the network is prepared for (default: one zero frame of
+    ``input_size`` or the detector's); ``inference_mode=False`` runs with autograd on (the
+    bench's "inference_mode=off"); ``cpu_half=True`` allows fp16 on a CPU (the bench's
+    precision table; slower than fp32 on CPUs without fp16 arithmetic).
     """
 
     name = "torch"
@@ -126,32 +140,45 @@ class TorchBackend(Backend):
         fold_batchnorm: bool = True,
         cuda_graphs: bool | None = None,
         input_size: tuple[int, int] | None = None,
+        options: InferenceOptions | None = None,
+        example: torch.Tensor | None = None,
+        inference_mode: bool = True,
+        cpu_half: bool = False,
     ) -> None:
         self.device = resolve_device(device)
-        if half and self.device.type != "cuda":
+        if half and self.device.type != "cuda" and not cpu_half:
             raise BackendError(f"half=True needs a CUDA device for torch, got {self.device}")
         self.input_device = self.device
         self.input_dtype = torch.float16 if half else torch.float32
-        options = InferenceOptions(
-            fold_bn=fold_batchnorm, channels_last=channels_last, cuda_graphs=cuda_graphs
-        ).resolved(self.device, half, model)
-        self.channels_last = bool(options.channels_last)
-        self.config = model.config
+        if options is None:
+            options = InferenceOptions(
+                fold_bn=fold_batchnorm, channels_last=channels_last, cuda_graphs=cuda_graphs
+            )
+        self.options = options.resolved(self.device, half, model)
+        self.channels_last = bool(self.options.channels_last)
+        self.config = getattr(model, "config", None)
         self.class_names = list((getattr(model, "meta", None) or {}).get("class_names", ["car"]))
-        # BN folded (the pyramid's too), equal-dilation branches merged, the pyramid producers
-        # split per branch, NHWC, fp16: detection.optimize, each measured by `bench` (speed-ups)
-        self.model = optimize_for_inference(
-            model.eval(),
-            self.device,
-            half,
+        if example is None:
+            size = input_size or (self.config.input_size if self.config is not None else None)
+            if size is None:
+                raise BackendError(
+                    f"{type(model).__name__} has no detector config: give input_size or example"
+                )
             # the size frames arrive at: a CUDA graph is captured for exactly this input
-            example=torch.zeros((1, 3, *(input_size or self.config.input_size))),
-            options=options,
-            inplace=True,
+            example = torch.zeros((1, 3, *size))
+        self.inference_mode = bool(inference_mode)
+        # BN folded (the pyramid's too), equal-dilation branches merged, the pyramid producers
+        # split per branch, NHWC, fp16: detection.optimize, each measured by `bench` (speed-ups);
+        # on a copy of the caller's module
+        self.model = optimize_for_inference(
+            model, self.device, half, example=example, options=self.options, inplace=False
         )
+        # cuDNN's flag inside each call (None on the CPU: nothing to set)
+        self._autotune = self.options.cudnn_benchmark if self.device.type == "cuda" else None
 
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
+    def __call__(self, images: torch.Tensor) -> Any:
+        grad_mode = torch.inference_mode() if self.inference_mode else contextlib.nullcontext()
+        with grad_mode, cudnn_autotuning(self._autotune):
             return self.model(images)
 
 
@@ -238,7 +265,9 @@ class OnnxRuntimeBackend(Backend):
     """An exported detector run by ONNX Runtime (``device``: ``cpu``, ``cuda[:N]`` or ``auto``).
 
     ``threads`` and ``spin``: see :func:`ort_session`. Inputs go in as host arrays (ONNX Runtime
-    copies them to the GPU with the CUDA provider).
+    copies them to the GPU with the CUDA provider). ``network_only=True`` runs any one-input
+    ONNX network without our metadata (the bench's torchvision detectors): no config, every
+    graph output returned by name.
     """
 
     name = "onnxruntime"
@@ -251,32 +280,44 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
         spin: bool = False,
         info: OnnxModelInfo | None = None,
+        network_only: bool = False,
     ) -> None:
-        self.info = info or read_onnx_info(path)
         self.path = Path(path)
-        self.config = self.info.config
-        self.class_names = self.info.class_names
-        self.input_dtype = torch.float16 if self.info.half else torch.float32
-        self.input_device = torch.device("cpu")
-        self.channels_last = False
+        self.info = None if network_only else (info or read_onnx_info(path))
         self.session, self.device, self.providers = ort_session(
             path, device, threads=threads, spin=spin
         )
-        self._dtype = np.float16 if self.info.half else np.float32
-        self._fixed_batch = None if self.info.dynamic_batch else int(self.info.input_shape[0])
-        self.fixed_batch = self._fixed_batch
+        self.input_device = torch.device("cpu")
+        self.channels_last = False
+        graph_input = self.session.get_inputs()[0]
+        self._input_name = graph_input.name
+        if self.info is None:
+            self.config = None
+            self.class_names = []
+            half = graph_input.type == "tensor(float16)"
+            batch = graph_input.shape[0]
+            self._outputs = [output.name for output in self.session.get_outputs()]
+            self.fixed_batch = batch if isinstance(batch, int) else None
+        else:
+            self.config = self.info.config
+            self.class_names = self.info.class_names
+            half = self.info.half
+            self._outputs = list(OUTPUT_NAMES)
+            self.fixed_batch = None if self.info.dynamic_batch else int(self.info.input_shape[0])
+        self.input_dtype = torch.float16 if half else torch.float32
+        self._dtype = np.float16 if half else np.float32
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
         if isinstance(images, torch.Tensor):
             images = images.detach().cpu().contiguous().numpy()
         array = np.ascontiguousarray(images, dtype=self._dtype)
-        if self._fixed_batch is not None and array.shape[0] != self._fixed_batch:
+        if self.fixed_batch is not None and array.shape[0] != self.fixed_batch:
             raise BackendError(
-                f"{self.path} was exported for batch {self._fixed_batch}, got {array.shape[0]} "
+                f"{self.path} was exported for batch {self.fixed_batch}, got {array.shape[0]} "
                 "images; re-export with --dynamic-batch"
             )
-        scores, boxes = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
-        return {"scores": torch.from_numpy(scores), "boxes": torch.from_numpy(boxes)}
+        values = self.session.run(self._outputs, {self._input_name: array})
+        return {name: torch.from_numpy(v) for name, v in zip(self._outputs, values, strict=True)}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "providers": self.providers, "onnx": str(self.path)}
@@ -545,7 +586,7 @@ class TensorRTBackend(Backend):
     """An exported detector run by a :class:`TensorRTEngine` (engine cached beside the ONNX).
 
     ``half`` sets the fp16 builder flag; ``engine_path``, ``workspace_mb`` and ``max_batch`` go
-    to the engine.
+    to the engine. ``network_only=True``: any one-input ONNX network (every output by name).
     """
 
     name = "tensorrt"
@@ -557,14 +598,15 @@ class TensorRTBackend(Backend):
         device: str | torch.device = "cuda",
         half: bool = False,
         info: OnnxModelInfo | None = None,
+        network_only: bool = False,
         **engine_options: Any,
     ) -> None:
         _import_tensorrt()  # the install hint before anything else
-        self.info = info or read_onnx_info(path)
+        self.info = None if network_only else (info or read_onnx_info(path))
         self.path = Path(path)
-        self.config = self.info.config
-        self.class_names = self.info.class_names
-        self.fp16 = bool(half or self.info.half)
+        self.config = None if self.info is None else self.info.config
+        self.class_names = [] if self.info is None else self.info.class_names
+        self.fp16 = bool(half or (self.info is not None and self.info.half))
         self.engine = TensorRTEngine(path, device=device, fp16=self.fp16, **engine_options)
         self.device = self.input_device = self.engine.device
         self.input_dtype = self.engine.input_dtype
@@ -573,6 +615,7 @@ class TensorRTBackend(Backend):
             self.max_batch = self.engine.max_batch
         else:
             self.fixed_batch = int(self.engine.input_shape[0])
+        self._outputs = list(OUTPUT_NAMES) if self.info is not None else None
 
     @property
     def engine_path(self) -> Path:
@@ -580,7 +623,9 @@ class TensorRTBackend(Backend):
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
         out = self.engine(images)
-        return {name: out[name].float() for name in OUTPUT_NAMES}
+        if self._outputs is None:
+            return out
+        return {name: out[name].float() for name in self._outputs}
 
     def describe(self) -> dict[str, Any]:
         return {

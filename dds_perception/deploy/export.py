@@ -26,6 +26,7 @@ tolerance is refused (the file is not kept).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -311,7 +312,7 @@ def export_detector(
     ``input_size`` (height, width) overrides the config's (multiples of 32); ``half`` exports
     fp16 weights and input (outputs stay fp32); ``source`` is the weights file whose SHA-256 goes
     into the metadata; ``options`` the graph speed-ups applied first (default: the pipeline's;
-    layout and compilation are always off). ``detector`` is modified in place. Raises
+    layout and compilation are always off). ``detector`` itself is left as it is. Raises
     :class:`ExportError` when the export or its validation fails.
     """
     if exporter not in EXPORTERS:
@@ -327,7 +328,8 @@ def export_detector(
         except ValueError as error:
             raise ExportError(f"input size {tuple(input_size)}: {error}") from error
     size = tuple(config.input_size)
-    detector = detector.eval().cpu()
+    # a copy: the caller's detector keeps its BatchNorms, PReLUs, mode and device
+    detector = copy.deepcopy(detector).eval().cpu()
     detector.config = config
     batch = 2 if dynamic_batch else 1
     # the pipeline's graph-level speed-ups (BN folded, equal-dilation pyramid branches merged);

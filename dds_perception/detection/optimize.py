@@ -10,16 +10,23 @@ What each one does (measured on/off by ``dds-perception bench``, section "speed-
   kernels natively in NHWC; in NCHW every convolution reorders its input and output.
 * ``merge_pyramid``: the pyramid block's adjacent depthwise branches with the same dilation
   run as one depthwise convolution (:class:`MergedPyramidDepthwiseConv`, identical outputs).
+* ``dense_pyramid``: each pyramid stage (all its dilated depthwise branches) as ONE depthwise
+  convolution with a (2D+1)^2 kernel that has zeros where the dilations leave holes
+  (:class:`DensePyramidDepthwiseConv`, same outputs): one kernel instead of a split, two to
+  four convolutions and a concatenation, for up to 9x the multiply-adds of those stages.
 * ``inference_mode``: no autograd bookkeeping (the pipeline runs under
   ``torch.inference_mode()``).
 * ``compile``: ``torch.compile`` (inductor; on CPU it needs a C compiler), which fuses the
   element-wise work (PReLU, residual additions, concatenation) around the convolutions. It
   costs tens of seconds at start-up, so it is opt-in.
 * ``inplace_prelu`` (CPU): each PReLU whose input nothing else reads overwrites it
-  (:class:`~dds_perception.detection.native_prelu.InplacePReLU`, a small C kernel built on first
-  use), so the activation does not stream a second copy of the map through the caches.
+  (:class:`~dds_perception.detection.native_prelu.InplacePReLU`, a small C kernel built ahead of
+  time and registered as a torch operator), so the activation does not stream a second copy of
+  the map through the caches.
 * ``cudnn_benchmark`` (CUDA): cuDNN times its convolution algorithms once per input shape and
-  keeps the fastest (``torch.backends.cudnn.benchmark``, a process-wide flag). The pipeline's
+  keeps the fastest. ``torch.backends.cudnn.benchmark`` is a process-wide flag, so it is set
+  only around the warm-up and graph capture here (:func:`cudnn_autotuning`) and around each
+  call of the deploy ``TorchBackend``; cuDNN keeps the algorithms it chose. The pipeline's
   input size never changes, so the one-off cost buys every later frame.
 * ``cuda_graphs`` (CUDA): the whole forward pass is captured once as a CUDA graph and replayed
   (:class:`CUDAGraphModule`). A batch-1 forward of these small networks launches a few hundred
@@ -35,11 +42,12 @@ exactly once. That works for any module structure, including Python control flow
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,7 +57,11 @@ from torch.overrides import TorchFunctionMode
 from torchvision.ops import Conv2dNormActivation
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from dds_perception.models.pyramid import PyramidDepthwiseConv, PyramidInvertedResidual
+from dds_perception.models.pyramid import (
+    PyramidDepthwiseConv,
+    PyramidInvertedResidual,
+    dense_depthwise,
+)
 from dds_perception.utils.errors import DdsPerceptionError
 
 _BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, FrozenBatchNorm2d)
@@ -329,6 +341,57 @@ def merge_pyramid_branches(model: nn.Module) -> int:
     return merged
 
 
+class DensePyramidDepthwiseConv(nn.Module):
+    """Inference form of a pyramid stage as ONE operator: every dilated depthwise branch in one
+    depthwise convolution whose larger kernel has zeros where the dilations leave holes
+    (:func:`~dds_perception.models.pyramid.dense_depthwise`), then the stage's BN and PReLU.
+
+    No split, no concatenation, one kernel launch instead of four (plus the copies): what a GPU
+    at batch 1 is bound by. The price is arithmetic: a (2D+1)^2 kernel instead of 3x3 for
+    dilations up to D. Same outputs up to float summation order (tested for every registered
+    model with the pyramid); not for ``fusion=True`` (branch k adds branch k-1).
+    """
+
+    def __init__(self, source: PyramidDepthwiseConv | MergedPyramidDepthwiseConv) -> None:
+        super().__init__()
+        if getattr(source, "fusion", False):
+            raise OptimizeError("branches with hierarchical fusion cannot be one convolution")
+        self.conv = dense_depthwise(list(source.branches))
+        self.bn = source.bn
+        self.act = source.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def pyramid_reach(module: nn.Module) -> int:
+    """The largest dilation of a pyramid stage's branches (0 for anything else)."""
+    if isinstance(module, PyramidDepthwiseConv | MergedPyramidDepthwiseConv):
+        return max(int(conv.dilation[0]) for conv in module.branches)
+    return 0
+
+
+def densify_pyramids(model: nn.Module, max_reach: int | None = None) -> int:
+    """Replace pyramid stages by :class:`DensePyramidDepthwiseConv`, in place; return how many.
+
+    ``max_reach``: only stages whose largest dilation is at most this (their dense kernel is at
+    most ``2 * max_reach + 1`` wide); None: every stage. Stages with hierarchical fusion and
+    single-branch stages (already one convolution) are left as they are. Apply after
+    :func:`fold_batchnorm` and :func:`merge_pyramid_branches`, before the producer split.
+    """
+    dense = 0
+    for module in list(model.modules()):
+        if not isinstance(module, PyramidDepthwiseConv | MergedPyramidDepthwiseConv):
+            continue
+        if getattr(module, "fusion", False) or len(module.branches) < 2:
+            continue
+        if max_reach is not None and pyramid_reach(module) > max_reach:
+            continue
+        _replace_module(model, module, DensePyramidDepthwiseConv(module))
+        dense += 1
+    return dense
+
+
 # --------------------------------------------------------------------------- split producers
 def _conv_slice(conv: nn.Conv2d, start: int, stop: int) -> nn.Conv2d:
     """The output channels ``start:stop`` of a (groups=1) convolution, as a convolution."""
@@ -468,7 +531,8 @@ _FRESH_PRODUCERS = (nn.Conv2d, *_BN_TYPES)  # modules whose output is a new tens
 def _inplace_safe_prelus(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(parent, child name) of every PReLU whose input is a fresh tensor nothing else reads.
 
-    Decided by structure, not by running the model: a PReLU in an ``nn.Sequential`` right after
+    Decided by structure, not by running the model: a PReLU in a plain ``nn.Sequential`` (one
+    whose forward is ``nn.Sequential.forward``: a subclass may reuse a tensor) right after
     a convolution or BatchNorm (``nn.Identity`` between them is skipped: a folded BN), the
     activation after a pyramid stage's concatenation, and the per-branch activations of
     :class:`SplitPyramidBlock`. A PReLU whose input may be read elsewhere (a module input, a
@@ -477,6 +541,8 @@ def _inplace_safe_prelus(model: nn.Module) -> list[tuple[nn.Module, str]]:
     found: list[tuple[nn.Module, str]] = []
     for parent in model.modules():
         if isinstance(parent, nn.Sequential):
+            if type(parent).forward is not nn.Sequential.forward:
+                continue  # its own forward may read an activation's input again (e.g. a skip)
             children = list(parent.named_children())
             for index, (name, child) in enumerate(children):
                 if not isinstance(child, nn.PReLU):
@@ -484,7 +550,10 @@ def _inplace_safe_prelus(model: nn.Module) -> list[tuple[nn.Module, str]]:
                 before = [c for _, c in children[:index] if not isinstance(c, nn.Identity)]
                 if before and isinstance(before[-1], _FRESH_PRODUCERS):
                     found.append((parent, name))
-        elif isinstance(parent, PyramidDepthwiseConv | MergedPyramidDepthwiseConv):
+        elif isinstance(
+            parent,
+            PyramidDepthwiseConv | MergedPyramidDepthwiseConv | DensePyramidDepthwiseConv,
+        ):
             if isinstance(parent.act, nn.PReLU):  # reads the concatenation (or its BN)
                 found.append((parent, "act"))
         elif isinstance(parent, SplitPyramidBlock):
@@ -520,6 +589,12 @@ class InferenceOptions:
       kernels), and fp32 NHWC was slower for ours too.
     * ``split_pyramid``: on CPU yes (it exists to avoid NHWC channel-slice copies); on CUDA no
       (one 1x1 convolution instead of one per branch: 1.37x faster in fp32, 1.16x in fp16).
+    * ``dense_pyramid``: on CPU no: the whole network ran 217.9 ms with every stage dense
+      against 190.6 ms with the branches (1 thread, interleaved, 384x1248), and 188.9 / 193.7 ms
+      with only the stages up to dilation 3 / 2 dense (no gain). On CUDA yes, by reasoning and
+      not yet measured: at batch 1 a GPU runs these stages' few-microsecond kernels back to
+      back, and one kernel replaces two to five; ``scripts/gpu_checks.sh`` measures it both
+      ways (``dense_pyramid_max_dilation`` keeps the wide high-resolution stages as branches).
     * ``cudnn_benchmark`` and ``cuda_graphs``: on CUDA yes (graphs: 3.98x on ours in fp32).
     * ``inplace_prelu``: on CPU yes (about 7 % on our detector; CUDA keeps PyTorch's PReLU,
       which a CUDA graph captures).
@@ -530,6 +605,8 @@ class InferenceOptions:
 
     fold_bn: bool = True
     merge_pyramid: bool = True
+    dense_pyramid: bool | None = None  # each pyramid stage as one dense depthwise conv
+    dense_pyramid_max_dilation: int | None = None  # only stages up to this dilation (None: all)
     split_pyramid: bool | None = None
     channels_last: bool | None = None
     compile: bool = False
@@ -555,6 +632,7 @@ class InferenceOptions:
         return replace(
             self,
             channels_last=decide(self.channels_last, nhwc),
+            dense_pyramid=decide(self.dense_pyramid, cuda),
             split_pyramid=decide(self.split_pyramid, not cuda),
             cudnn_benchmark=decide(self.cudnn_benchmark, cuda, cuda_only=True),
             cuda_graphs=decide(self.cuda_graphs, cuda, cuda_only=True),
@@ -585,10 +663,10 @@ def optimize_for_inference(
     ``example`` (a batch the model accepts, on any device) lets BN folding see the data flow;
     the pipeline passes its warm-up frame. Run the result under ``torch.inference_mode()`` and
     feed it inputs on ``device`` (fp16 when ``half``); a channels-last input avoids one copy.
+    fp16 on a CPU runs (the bench measures it) but is slower than fp32 on CPUs without fp16
+    arithmetic; the deploy ``TorchBackend`` refuses it unless asked explicitly.
     """
     device = torch.device(device)
-    if half and device.type != "cuda":
-        raise OptimizeError(f"half precision needs a CUDA device, got {device}")
     options = (options or InferenceOptions()).resolved(device, half, model)
     if not inplace:
         model = copy.deepcopy(model)
@@ -600,6 +678,8 @@ def optimize_for_inference(
         fold_batchnorm(model, example)
     if options.merge_pyramid:
         merge_pyramid_branches(model)
+    if options.dense_pyramid:
+        densify_pyramids(model, options.dense_pyramid_max_dilation)
     if options.split_pyramid and options.fold_bn:
         split_pyramid_producers(model)
     if options.inplace_prelu:
@@ -609,64 +689,140 @@ def optimize_for_inference(
         model.half()
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
-    if options.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True  # process-wide; see the module docstring
     if options.compile:
         inductor = {"freezing": True} if options.compile_freezing else None
         if options.compile_mode is not None and inductor:
             raise OptimizeError("compile_mode and compile_freezing cannot be combined")
         model = torch.compile(model, mode=options.compile_mode, dynamic=False, options=inductor)
     if options.cuda_graphs and isinstance(example, torch.Tensor):
+        autotune = bool(options.cudnn_benchmark)
         try:
-            model = CUDAGraphModule(model, to_input_layout(example, options, device, half))
+            model = CUDAGraphModule(
+                model, to_input_layout(example, options, device, half), autotune=autotune
+            )
         except RuntimeError as error:  # an op that cannot be captured: slower, still correct
             warnings.warn(f"CUDA graph capture failed, running eagerly: {error}", stacklevel=2)
     return model
 
 
-class CUDAGraphModule(nn.Module):
-    """Runs ``module`` by replaying one CUDA graph captured for inputs like ``example``.
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool | None) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark = enabled`` for the block only (None: leave it).
 
-    The input is copied into a static buffer and the graph replayed; the outputs are the same
-    static tensors on every call, overwritten by the next call (consume or clone them first,
-    as the pipeline's postprocess does). An input of another shape, dtype or layout runs
+    cuDNN keeps the algorithm it timed for each convolution shape, so an autotuned warm-up or
+    graph capture keeps its choice after the flag is restored; the flag itself is process-wide,
+    which library code must not change for the rest of the process.
+    """
+    if enabled is None:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+class CUDAGraphModule(nn.Module):
+    """Runs ``module`` by replaying CUDA graphs: one captured per input shape (up to
+    ``max_graphs``), the first for ``example`` at once, others on their first call.
+
+    The input is copied into the graph's static buffer and the graph replayed; the outputs are
+    the same static tensors on every call, overwritten by the next call with that shape
+    (consume or clone them first, as the pipeline's postprocess does). An input of another
+    dtype, device or layout, a shape beyond ``max_graphs``, or one whose capture failed runs
     ``module`` eagerly. Captured under ``torch.inference_mode``; warm-up runs on a side stream
-    first (cuDNN's algorithm search and the allocator must not happen during capture).
+    first (cuDNN's algorithm search, with ``autotune``, and the allocator must not happen
+    during capture). Each graph has its own memory pool, so graphs of different batch sizes may
+    replay in any order.
     """
 
-    def __init__(self, module: nn.Module, example: torch.Tensor, warmup: int = 3) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        example: torch.Tensor,
+        warmup: int = 3,
+        *,
+        autotune: bool = True,
+        max_graphs: int = 4,
+    ) -> None:
         super().__init__()
         if example.device.type != "cuda":
             raise OptimizeError(f"CUDA graphs need a CUDA input, got {example.device}")
         self.module = module
-        with torch.inference_mode():
-            self.static_input = example.clone(memory_format=_memory_format(example))
-            stream = torch.cuda.Stream(example.device)
-            stream.wait_stream(torch.cuda.current_stream(example.device))
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    module(self.static_input)
-            torch.cuda.current_stream(example.device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_output = module(self.static_input)
+        self.warmup = int(warmup)
+        self.autotune = bool(autotune)
+        self.max_graphs = int(max_graphs)
+        self.dtype, self.device = example.dtype, example.device
+        self.memory_format = _memory_format(example)
+        self.graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.cuda.CUDAGraph, Any]] = {}
+        self.failed: set[tuple[int, ...]] = set()
+        self._capture(example)  # the first one must work: errors reach the caller
+
+    @property
+    def static_input(self) -> torch.Tensor:
+        """The first graph's input buffer (the shape the module was prepared for)."""
+        return next(iter(self.graphs.values()))[0]
+
+    @property
+    def static_output(self) -> Any:
+        """The first graph's outputs."""
+        return next(iter(self.graphs.values()))[2]
+
+    def _capture(self, example: torch.Tensor) -> None:
+        with torch.inference_mode(), cudnn_autotuning(self.autotune):
+            static_input = example.clone(memory_format=self.memory_format)
+            graph, static_output = capture_cuda_graph(
+                lambda: self.module(static_input), example.device, self.warmup
+            )
+        self.graphs[tuple(example.shape)] = (static_input, graph, static_output)
 
     def _matches(self, x: torch.Tensor) -> bool:
-        s = self.static_input
+        """Whether ``x`` can replay a graph (captured or still to capture for its shape)."""
         return (
-            x.shape == s.shape
-            and x.dtype == s.dtype
-            and x.device == s.device
-            and x.is_contiguous(memory_format=_memory_format(s))
+            x.dtype == self.dtype
+            and x.device == self.device
+            and x.is_contiguous(memory_format=self.memory_format)
         )
 
     def forward(self, x: torch.Tensor) -> Any:
-        if not self._matches(x):
+        shape = tuple(x.shape)
+        if not self._matches(x) or shape in self.failed:
             return self.module(x)
+        if shape not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:
+                return self.module(x)
+            try:
+                self._capture(x)
+            except RuntimeError as error:  # e.g. out of memory: this shape runs eagerly
+                warnings.warn(f"CUDA graph capture for {shape} failed: {error}", stacklevel=2)
+                self.failed.add(shape)
+                return self.module(x)
+        static_input, graph, static_output = self.graphs[shape]
         with torch.inference_mode():
-            self.static_input.copy_(x)
-            self.graph.replay()
-        return self.static_output
+            static_input.copy_(x)
+            graph.replay()
+        return static_output
+
+
+def capture_cuda_graph(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 1
+) -> tuple[Any, Any]:
+    """Capture ``fn()`` (which reads only tensors it holds, on ``device``) as a CUDA graph:
+    ``(graph, outputs)``; ``graph.replay()`` recomputes ``outputs`` in place. Warm-up calls
+    run on a side stream first, as capture requires (allocator, cuDNN's algorithm search)."""
+    with torch.inference_mode(), torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = fn()
+    return graph, outputs
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, clip_boxes_to_image, nms, remove_small_boxes
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, nms, remove_small_boxes
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,159 @@ def postprocess(
 
 def _take(index: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(None if t is None else t[index] for t in tensors)
+
+
+@dataclass(frozen=True)
+class FixedDetections:
+    """Detections of a batch in fixed-shape tensors (what :func:`postprocess_fixed` returns).
+
+    ``boxes`` (N, M, 4) and ``scores`` (N, M), best first, valid up to ``counts`` (N,) per
+    image; ``settled`` (N,) says whether the on-device NMS reached its exact answer for that
+    image within the rounds it was given (see :func:`postprocess_fixed`).
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    counts: Tensor
+    settled: Tensor
+
+
+def pairwise_iou(boxes: Tensor) -> Tensor:
+    """IoU of every pair of boxes in each image: (N, T, 4) x1,y1,x2,y2 -> (N, T, T)."""
+    area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(
+        min=0
+    )
+    lt = torch.max(boxes[:, :, None, :2], boxes[:, None, :, :2])
+    rb = torch.min(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area[:, :, None] + area[:, None, :] - inter
+    return inter / union  # 0/0 (two empty boxes) is NaN: never above a threshold
+
+
+def _suppressed(over: Tensor, keep: Tensor) -> Tensor:
+    """Which boxes a kept box of higher score overlaps too much: (N, T)."""
+    return (over & keep.unsqueeze(2)).any(1)
+
+
+def postprocess_fixed(
+    scores: Tensor,
+    boxes: Tensor,
+    params: PostprocessParams,
+    clip_size: tuple[int, int] | None = None,
+    rounds: int = 12,
+) -> FixedDetections:
+    """:func:`postprocess` for a whole batch with fixed shapes: no host round trip.
+
+    Why: on a GPU every data-dependent step of :func:`postprocess` (a boolean mask, the
+    survivors of a threshold, torchvision's NMS, which copies its overlap mask to the host)
+    waits for the device, several times per frame. Here every tensor's shape is known in
+    advance, so the whole step is queued behind the network (and can be captured in a CUDA
+    graph) and only the final (N, M) boxes travel to the host.
+
+    Same detections as :func:`postprocess`: the top ``pre_nms_top_k`` scores overall (the
+    survivors of the threshold among them are exactly the top ``pre_nms_top_k`` survivors),
+    clipped, small boxes and those at or below the threshold marked invalid, then greedy NMS
+    as a fixed point: with the candidates sorted, box j is kept iff it is valid and no kept box
+    before it overlaps it by more than ``nms_iou``. Each round of
+    ``keep = valid & ~any(keep[i] & overlap[i, j], i < j)`` settles at least the next box of
+    the order, and the answer is exact once a round changes nothing; ``settled`` says so per
+    image (the caller finishes the rare unsettled image with :func:`postprocess`). ``rounds``:
+    how many rounds run on the device.
+    """
+    n, k = scores.shape
+    t = min(params.pre_nms_top_k or k, k)
+    m = int(params.max_detections)
+    top, index = scores.topk(t, dim=1)  # sorted, best first
+    box = boxes.gather(1, index.unsqueeze(-1).expand(n, t, 4))
+    if clip_size is not None:
+        height, width = clip_size
+        box = torch.stack(
+            (
+                box[..., 0].clamp(0, width),
+                box[..., 1].clamp(0, height),
+                box[..., 2].clamp(0, width),
+                box[..., 3].clamp(0, height),
+            ),
+            dim=-1,
+        )
+    size_ok = ((box[..., 2:] - box[..., :2]) >= params.min_box_size).all(-1)
+    valid = (top > params.score_threshold) & size_ok
+    over = (pairwise_iou(box) > params.nms_iou).triu_(1)  # [i, j]: i < j (higher score)
+    keep = valid
+    for _ in range(rounds):
+        keep = valid & ~_suppressed(over, keep)
+    settled = (keep == (valid & ~_suppressed(over, keep))).all(1)
+    rank = keep.cumsum(1) - 1
+    chosen = keep & (rank < m)
+    slot = torch.where(chosen, rank, m)  # slot m collects what is not chosen, then is dropped
+    out_boxes = box.new_zeros(n, m + 1, 4).scatter_(1, slot.unsqueeze(-1).expand(n, t, 4), box)
+    out_scores = top.new_zeros(n, m + 1).scatter_(1, slot, top)
+    return FixedDetections(
+        boxes=out_boxes[:, :m], scores=out_scores[:, :m], counts=chosen.sum(1), settled=settled
+    )
+
+
+def pack_detections(
+    scores: Tensor,
+    boxes: Tensor,
+    params: PostprocessParams,
+    clip_size: tuple[int, int] | None = None,
+) -> Tensor:
+    """:func:`postprocess_fixed` packed into one (N, 5M + 2) float tensor per batch, so that one
+    copy brings everything to the host: per image ``M * 4`` box coordinates, ``M`` scores, the
+    count and whether the NMS settled (1.0 / 0.0)."""
+    fixed = postprocess_fixed(scores, boxes, params, clip_size)
+    n = scores.shape[0]
+    return torch.cat(
+        (
+            fixed.boxes.reshape(n, -1),
+            fixed.scores,
+            fixed.counts.unsqueeze(1).to(fixed.scores.dtype),
+            fixed.settled.unsqueeze(1).to(fixed.scores.dtype),
+        ),
+        dim=1,
+    )
+
+
+@dataclass(frozen=True)
+class DetectionMatch:
+    """How two detection sets of one frame agree (see :func:`match_detections`)."""
+
+    pairs: list[tuple[int, int, float]]  # (index in a, index in b, IoU)
+    unmatched_a: list[int]
+    unmatched_b: list[int]
+
+    def score_gaps(self, scores_a: Tensor, scores_b: Tensor) -> list[float]:
+        """|score_a - score_b| of every matched pair."""
+        return [abs(float(scores_a[i]) - float(scores_b[j])) for i, j, _ in self.pairs]
+
+
+def match_detections(
+    boxes_a: Tensor, scores_a: Tensor, boxes_b: Tensor, scores_b: Tensor, iou: float = 0.5
+) -> DetectionMatch:
+    """Match two detection sets one to one, greedily: the best-scoring box of ``a`` first takes
+    the unmatched box of ``b`` it overlaps most, if that IoU is at least ``iou``.
+
+    For comparing the same detector on two devices or precisions (CPU / CUDA / fp16, the cv2
+    and the on-device preprocessing): a box that moved a little is still the same detection,
+    and boxes near the score threshold may exist on one side only.
+    """
+    boxes_a, boxes_b = torch.as_tensor(boxes_a).float(), torch.as_tensor(boxes_b).float()
+    scores_a = torch.as_tensor(scores_a)
+    overlap = box_iou(boxes_a.reshape(-1, 4), boxes_b.reshape(-1, 4))
+    taken = torch.zeros(overlap.shape[1], dtype=torch.bool)
+    pairs, unmatched_a = [], []
+    for i in torch.argsort(scores_a, descending=True, stable=True).tolist():
+        if overlap.shape[1] == 0:
+            unmatched_a.append(i)
+            continue
+        row = overlap[i].masked_fill(taken, -1.0)
+        j = int(row.argmax())
+        if float(row[j]) >= iou:
+            taken[j] = True
+            pairs.append((i, j, float(row[j])))
+        else:
+            unmatched_a.append(i)
+    unmatched_b = [j for j in range(overlap.shape[1]) if not taken[j]]
+    return DetectionMatch(pairs, sorted(unmatched_a), unmatched_b)

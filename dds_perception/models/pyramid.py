@@ -105,3 +105,49 @@ class PyramidInvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+def dense_depthwise(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
+    """The pyramid's depthwise branches (channel groups in order, any dilations) as ONE depthwise
+    convolution with a ``(2D+1) x (2D+1)`` kernel, D the largest dilation.
+
+    Branch k computes ``y[c, p] = sum_i w[c, i] * x[c, s*p + d_k * (i - 1)]`` over the 3x3
+    taps ``i`` (zero padding ``d_k``); the dense kernel holds ``w[c, i]`` at offset
+    ``D + d_k * (i - 1)`` and zeros where the dilation leaves holes, with padding D and the
+    same stride, so every output is the same sum of the same products (plus exact zeros):
+    identical up to float summation order. It costs ``(2D+1)^2 / 9`` times the multiply-adds
+    (9x for dilation 4), so whether it pays is measured per device (``detection.optimize``).
+    """
+    first = convs[0]
+    stride, dtype, device = first.stride, first.weight.dtype, first.weight.device
+    for conv in convs:
+        if (
+            conv.groups != conv.in_channels
+            or conv.in_channels != conv.out_channels
+            or conv.kernel_size != (3, 3)
+            or conv.dilation[0] != conv.dilation[1]
+            or conv.padding != conv.dilation
+            or conv.stride != stride
+            or conv.padding_mode != "zeros"
+        ):
+            raise UsageError(f"not a pyramid branch (3x3 depthwise, padding = dilation): {conv}")
+    reach = max(conv.dilation[0] for conv in convs)
+    size = 2 * reach + 1
+    channels = sum(conv.out_channels for conv in convs)
+    has_bias = any(conv.bias is not None for conv in convs)
+    dense = nn.Conv2d(
+        channels, channels, size, stride=stride, padding=reach, groups=channels, bias=has_bias
+    ).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.zero_()
+        if has_bias:
+            dense.bias.zero_()
+        start = 0
+        for conv in convs:
+            stop, d = start + conv.out_channels, conv.dilation[0]
+            taps = slice(reach - d, reach + d + 1, d)  # offsets D-d, D, D+d
+            dense.weight[start:stop, :, taps, taps] = conv.weight
+            if conv.bias is not None:
+                dense.bias[start:stop] = conv.bias
+            start = stop
+    return dense

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError as SafetensorsError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dds_perception.utils.errors import DdsPerceptionError
@@ -47,22 +48,20 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"weights file not found: {file}")
     try:
-        with open(file, "rb") as handle:
-            size_bytes = handle.read(8)
-            if len(size_bytes) < 8:
-                raise CheckpointError(f"{file}: truncated (no safetensors header)")
-            size = int.from_bytes(size_bytes, "little")
-            if size <= 0 or size > 100_000_000 or size + 8 > file.stat().st_size:
-                raise CheckpointError(f"{file}: corrupt or truncated safetensors header")
-            header = json.loads(handle.read(size))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        # safetensors reads and checks only the header here; the tensors stay on disk
+        with safe_open(str(file), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorsError, OSError) as error:
         raise CheckpointError(f"{file}: not a safetensors weights file ({error})") from error
-    meta = header.get("__metadata__", {}).get(META_KEY)
+    meta = header.get(META_KEY)
     if meta is None:
         raise CheckpointError(
             f"{file}: no '{META_KEY}' metadata; not a dds_perception weights file"
         )
-    data = json.loads(meta)
+    try:
+        data = json.loads(meta)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{file}: unreadable '{META_KEY}' metadata ({error})") from error
     if data.get("format") != FORMAT:
         raise CheckpointError(f"{file}: unsupported format {data.get('format')!r}, want {FORMAT}")
     return data
