@@ -12,6 +12,9 @@ $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# the CPU's in-place PReLU op, built ahead of time (optional: without a C compiler the
+	# pipeline runs PyTorch's PReLU and says so once)
+	-$(BIN)/python -m dds_perception.detection.native_prelu
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -720,3 +720,24 @@ def test_node_adapter_image_topics_on_foxy(node_module, monkeypatch):
         assert node.core.params.image_topics == ("/a/image_raw", "/b/image_raw")
     finally:
         node.destroy_node()
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_node_adapter_owns_the_process_memory_setting(node_module, reuse):
+    """The node (not the pipeline) opts its process into glibc keeping freed memory, as its
+    reuse_freed_memory parameter says, and hands the setting back when it is destroyed."""
+    from dds_perception.deploy import runtime
+
+    assert not runtime.reusing_freed_memory()
+    node, _ = _make(node_module, reuse_freed_memory=reuse)
+    try:
+        assert runtime.reusing_freed_memory() is reuse or not _glibc()
+    finally:
+        node.destroy_node()
+    assert not runtime.reusing_freed_memory()
+
+
+def _glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"

@@ -24,6 +24,7 @@ exits with status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -226,6 +227,11 @@ class DetectorNode(Node):
         log = _RosLogger(self.get_logger())
         # callbacks of rclpy must not raise (an exception ends spin): bugs are logged instead
         self._errors = ErrorLog(log.warning, log.error)
+        # the process is the node's: it opts into glibc keeping freed memory (until destroyed)
+        from dds_perception.deploy.runtime import freed_memory_reuse  # torch: after the checks
+
+        self._process_settings = contextlib.ExitStack()
+        self._process_settings.enter_context(freed_memory_reuse(params.reuse_freed_memory))
         # missing or corrupt weights, an unavailable device: raises here, before any topic
         pipeline = (pipeline_factory or core.build_pipeline)(params)
         classes = messages.ros_classes()
@@ -420,6 +426,9 @@ class DetectorNode(Node):
     def destroy_node(self) -> None:
         if self.core is not None:
             self.core.stop()
+        settings = getattr(self, "_process_settings", None)
+        if settings is not None:
+            settings.close()
         super().destroy_node()
 
 

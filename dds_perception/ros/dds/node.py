@@ -297,19 +297,24 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--diagnostics-period {args.diagnostics_period}: must be positive")
     stop = threading.Event()
     install_stop_signals(stop)  # before loading the model: a SIGTERM while loading still counts
-    pipeline = core.build_pipeline(params)  # bad weights/device: ValueError/OSError -> exit 1
-    if stop.is_set():
-        return 0
-    try:
-        node = DdsDetectorNode(pipeline, params, domain=args.domain_id, namespace=args.namespace)
-    except DdsError as error:
-        print(f"dds-perception node: error: {error}", file=sys.stderr)
-        return 1
-    node.start()
-    try:
-        node.spin(stop, args.diagnostics_period)
-    finally:
-        node.close()
+    from dds_perception.deploy.runtime import freed_memory_reuse  # torch: after the checks
+
+    with freed_memory_reuse(params.reuse_freed_memory):  # the process is the node's
+        pipeline = core.build_pipeline(params)  # bad weights/device: one line, exit 1
+        if stop.is_set():
+            return 0
+        try:
+            node = DdsDetectorNode(
+                pipeline, params, domain=args.domain_id, namespace=args.namespace
+            )
+        except DdsError as error:
+            print(f"dds-perception node: error: {error}", file=sys.stderr)
+            return 1
+        node.start()
+        try:
+            node.spin(stop, args.diagnostics_period)
+        finally:
+            node.close()
     log.info("shut down cleanly")
     fast_exit(0)
     return 0  # not reached
