@@ -118,3 +118,9 @@ def test_cli_package_error_keeps_its_cause(capsys, tmp_path):
         read_label_file(bad)
     assert isinstance(info.value, DdsPerceptionError)
     assert isinstance(info.value.__cause__, ValueError)  # raise ... from error, not from None
+
+
+def test_every_command_is_in_the_command_table():
+    table = (Path(__file__).resolve().parents[1] / "docs" / "commands.md").read_text()
+    missing = [name for name in COMMANDS if f"`dds-perception {name}" not in table]
+    assert not missing, f"docs/commands.md lacks {missing}"
