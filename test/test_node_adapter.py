@@ -728,13 +728,13 @@ def test_node_adapter_owns_the_process_memory_setting(node_module, reuse):
     reuse_freed_memory parameter says, and hands the setting back when it is destroyed."""
     from dds_perception.deploy import runtime
 
-    assert not runtime.reusing_freed_memory()
-    node, _ = _make(node_module, reuse_freed_memory=reuse)
-    try:
-        assert runtime.reusing_freed_memory() is reuse or not _glibc()
-    finally:
-        node.destroy_node()
-    assert not runtime.reusing_freed_memory()
+    with runtime.freed_memory_reuse(not reuse):  # the opposite before: the node changes it
+        node, _ = _make(node_module, reuse_freed_memory=reuse)
+        try:
+            assert runtime.reusing_freed_memory() is reuse or not _glibc()
+        finally:
+            node.destroy_node()
+        assert runtime.reusing_freed_memory() is (not reuse) or not _glibc()
 
 
 def _glibc() -> bool:

@@ -227,11 +227,6 @@ class DetectorNode(Node):
         log = _RosLogger(self.get_logger())
         # callbacks of rclpy must not raise (an exception ends spin): bugs are logged instead
         self._errors = ErrorLog(log.warning, log.error)
-        # the process is the node's: it opts into glibc keeping freed memory (until destroyed)
-        from dds_perception.deploy.runtime import freed_memory_reuse  # torch: after the checks
-
-        self._process_settings = contextlib.ExitStack()
-        self._process_settings.enter_context(freed_memory_reuse(params.reuse_freed_memory))
         # missing or corrupt weights, an unavailable device: raises here, before any topic
         pipeline = (pipeline_factory or core.build_pipeline)(params)
         classes = messages.ros_classes()
@@ -274,6 +269,12 @@ class DetectorNode(Node):
         self._subscriptions: dict[str, Any] = {}  # camera key -> its image subscription
         self._updater = self._make_updater(str(self.core.device))
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        # the process is the node's: once built, it opts into glibc keeping freed memory for
+        # its frames (handed back in destroy_node)
+        from dds_perception.deploy.runtime import freed_memory_reuse
+
+        self._process_settings = contextlib.ExitStack()
+        self._process_settings.enter_context(freed_memory_reuse(params.reuse_freed_memory))
         self.core.start()  # subscribes to the images through the port when enable is true
         # camera_info: best effort keep-last 1 matches both reliable and best-effort drivers
         self._camera_info_subs = [
