@@ -19,6 +19,7 @@ evaluation and a checkpoint do, where records go) and calls :func:`fit`.
 
 from __future__ import annotations
 
+import abc
 import math
 import time
 from collections import deque
@@ -53,26 +54,27 @@ class StepResult:
     counts: Mapping[str, float | torch.Tensor] = field(default_factory=dict)
 
 
-class TrainingLoop:
+class TrainingLoop(abc.ABC):
     """The recipe-specific parts :func:`fit` calls, in this order for each epoch:
     :meth:`begin_epoch`, :meth:`train_step` per batch, :meth:`learning_rate`, :meth:`end_epoch`,
     :meth:`epoch_stats`, :meth:`log` of the epoch record, :meth:`evaluate` when due,
     :meth:`save` when due. Every process calls every method (DDP collectives may be inside)."""
 
+    @abc.abstractmethod
     def begin_epoch(self, epoch: int) -> Iterable[Any]:
         """Put the models in training mode, seed the epoch's sampling; return its batches."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def train_step(self, batch: Any, *, epoch: int, step: int) -> StepResult:
         """One optimizer step on ``batch``; ``step`` counts the steps done before it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def learning_rate(self) -> float:
         """The learning rate of the step just done (for the records)."""
-        raise NotImplementedError
 
     def end_epoch(self, epoch: int) -> None:
         """Work after an epoch's last step, e.g. an epoch-wise learning-rate schedule."""
+        return None
 
     def epoch_stats(self, stats: dict[str, float]) -> dict[str, float]:
         """Derive or rename epoch statistics (e.g. accuracy from summed counts)."""
@@ -84,9 +86,11 @@ class TrainingLoop:
 
     def save(self, *, epoch: int, step: int, last_eval: dict[str, Any] | None) -> None:
         """Write a checkpoint after ``epoch`` epochs (``step`` steps) are done."""
+        return None
 
     def log(self, record: dict[str, Any]) -> None:
         """Write a ``train`` or ``epoch`` record (the main process writes files)."""
+        return None
 
 
 @dataclass
