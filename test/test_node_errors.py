@@ -191,12 +191,12 @@ def test_node_core_worker_survives_an_unprintable_bug(classes):
 
 def test_node_core_bug_in_debug_image_keeps_traceback(classes, monkeypatch):
     """The optional debug image failing for a bug does not fail the frame, but says where."""
-    from dds_perception.ros import core
+    from dds_perception.ros import frames
 
     def broken_annotate(rgb, detections):
         raise IndexError("box outside the canvas")
 
-    monkeypatch.setattr(core, "annotate", broken_annotate)
+    monkeypatch.setattr(frames, "annotate", broken_annotate)
     recorder = Recorder(debug_wanted=True)
     node = DetectorCore(
         FakePipeline(),

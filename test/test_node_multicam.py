@@ -14,8 +14,9 @@ from test_node_core import FakePipeline, Recorder, image_msg, ticking
 
 from dds_perception.ros import messages
 from dds_perception.ros import params as node_params
-from dds_perception.ros.core import DetectorCore, Frame
+from dds_perception.ros.core import DetectorCore
 from dds_perception.ros.diagnostics import ERROR, OK
+from dds_perception.ros.frames import Frame
 from dds_perception.ros.params import DetectorParams, ParameterError
 from dds_perception.ros.ports import Ports
 
@@ -213,14 +214,14 @@ def test_node_multicam_bad_frame_fails_only_its_camera(classes):
     pipeline = BatchPipeline(block=True)
     node, recorder = make_multicam(classes, pipeline, latency_budget_ms=1e6)
     front, left, rear = CAMERAS
-    plan = node._plan
+    plan = node.planner.plan
 
-    def plan_with_a_bug(detections, size, header, source):
+    def plan_with_a_bug(detections, size, header, source, params):
         if source == rear and header.stamp.sec == 2:
             raise KeyError("track 7")
-        return plan(detections, size, header, source)
+        return plan(detections, size, header, source, params)
 
-    node._plan = plan_with_a_bug
+    node.planner.plan = plan_with_a_bug
     node.start()
     try:
         node.submit(camera_frame(classes, 2, 1, 1), source=rear)

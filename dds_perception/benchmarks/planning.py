@@ -1,6 +1,6 @@
 """What the node adds per frame for planners: the tracker and the ground-plane distance.
 
-Times :meth:`dds_perception.ros.core.DetectorCore._plan` -- the tracker update, the distance
+Times :meth:`dds_perception.ros.planning.Planner.plan` -- the tracker update, the distance
 estimate with its covariance, the id strings -- exactly as the node runs it after inference, on
 a scripted KITTI-sized clip of ``cars`` cars moving with pixel noise (no network, no image), and
 its two halves apart. The issue-19 budget: <= 0.5 ms per frame with 20 cars on the CPU.
@@ -77,7 +77,7 @@ def measure_planning(cars: int = 20, frames: int = 300, repeats: int = 5) -> dic
         node = core.DetectorCore(_NoPipeline(), params, classes=classes)
         node.submit_camera_info(info)
         for dets, header in zip(clip, headers, strict=True):
-            node._plan(dets, FRAME, header, None)
+            node.planner.plan(dets, FRAME, header, node.default_source, node.params)
 
     def tracker_only() -> None:
         tracker = tracking.ByteTracker()

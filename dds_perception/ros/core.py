@@ -2,9 +2,10 @@
 
 The core owns everything a detector node does between "a frame arrived" and "messages go out":
 the newest-frame handoff to one worker thread (:mod:`.frame_slot`: frames that arrive while one
-is processed replace the pending one and are counted as dropped, never queued), frame counters
-and rolling latency statistics (:mod:`.diagnostics`), track ids and distances (:mod:`.planning`),
-the debug image (:mod:`.drawing`) and message building through :mod:`dds_perception.ros.messages`.
+is processed replace the pending one and are counted as dropped, never queued), the per-frame
+work (:mod:`.frames`: decode, one pipeline call per batch, track ids and distances from
+:mod:`.planning`, messages, the debug image), frame counters, latency statistics and the
+diagnostic reports (:mod:`.node_stats`), run-time parameter changes and ``~/enable``.
 Its parameters are :class:`~dds_perception.ros.params.DetectorParams` (:mod:`.params`, loaded
 from ``config/detector.yaml``). A runtime only moves messages: it hands received frames to
 :meth:`DetectorCore.submit` and gives the core its publishing functions (:class:`Ports`), a clock
@@ -22,31 +23,20 @@ Example (any runtime)::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dds_perception.ros.diagnostics import (
-    CAMERA_TASK,
-    DIAGNOSTIC_TASK,
-    OK,
-    DiagnosticReport,
-    FrameStats,
-    RollingStats,
-    assess,
-    diagnostic_array_msg,
-    stamp_seconds,
-)
-from dds_perception.ros.drawing import annotate
-from dds_perception.ros.error_log import ErrorLog, describe
+from dds_perception.ros.diagnostics import DiagnosticReport, diagnostic_array_msg
+from dds_perception.ros.error_log import ErrorLog
 from dds_perception.ros.frame_slot import LatestFrameSlot
+from dds_perception.ros.frames import Frame, FrameProcessor
+from dds_perception.ros.node_stats import NodeStatistics
 from dds_perception.ros.params import (
     NODE_NAME,
     DetectorParams,
@@ -90,15 +80,6 @@ def build_pipeline(params: DetectorParams):
         max_detections=params.max_detections,
         input_size=params.input_size,
     )
-
-
-@dataclass
-class Frame:
-    """A received frame waiting for the worker."""
-
-    msg: Any
-    received: float  # monotonic seconds
-    source: str  # the image topic it came from (trackers and camera models are per camera)
 
 
 class DetectorCore:
@@ -152,13 +133,7 @@ class DetectorCore:
         self.decoder = decoder or messages.image_msg_to_rgb
         self.node_name = node_name
         self._lock = threading.Lock()
-        self._stats = FrameStats(params.stats_window)  # every camera's frames together
-        # several cameras: each one's own statistics, and how many frames each batch held
-        self._camera_stats = {
-            camera.key: FrameStats(params.stats_window)
-            for camera in (params.cameras if params.image_topics else ())
-        }
-        self._batch_sizes = RollingStats(params.stats_window)
+        self.stats = NodeStatistics(params)
         self._slot = LatestFrameSlot()  # the newest pending frame of each camera
         self._thread: threading.Thread | None = None
         # bad frames in one line, bugs with their traceback; throttled per place
@@ -166,9 +141,21 @@ class DetectorCore:
             self.logger.warning, self.logger.error, period=failure_log_period, monotonic=monotonic
         )
         self.planner = Planner(self.logger)
-        self.frames_ignored = 0  # frames that arrived while disabled (before unsubscribing)
         self._release_pending = False
         self._apply_runtime(params)
+        self._frames = FrameProcessor(
+            pipeline=pipeline,
+            decoder=self.decoder,
+            messages=messages,
+            classes=classes,
+            ports=self.ports,
+            planner=self.planner,
+            stats=self.stats,
+            errors=self._errors,
+            params=lambda: self.params,
+            clock=clock,
+            monotonic=monotonic,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -196,11 +183,11 @@ class DetectorCore:
     @property
     def counters(self) -> Any:
         """Frames received, processed, dropped and failed (a live ``Counters``)."""
-        return self._stats.counters
+        return self.stats.counters
 
     @property
     def last_error(self) -> str:
-        return self._stats.last_error
+        return self.stats.last_error
 
     @property
     def device(self) -> str:
@@ -214,16 +201,6 @@ class DetectorCore:
     def default_source(self) -> str:
         """The key of the node's (first) camera: its subscribed image topic."""
         return self.params.cameras[0].key
-
-    def _stats_for(self, source: str) -> tuple[FrameStats, ...]:
-        """The statistics a frame of ``source`` counts in (the node's, and its camera's when
-        there are several cameras). Call under the lock."""
-        if not self._camera_stats:
-            return (self._stats,)
-        camera = self._camera_stats.get(source)
-        if camera is None:  # a topic the parameters do not list: counted on its own
-            camera = self._camera_stats[source] = FrameStats(self.params.stats_window)
-        return (self._stats, camera)
 
     @property
     def class_names(self) -> list[str]:
@@ -284,11 +261,8 @@ class DetectorCore:
             topics = ", ".join(self.params.subscribed_topics)
             self.logger.info(f"enabled: subscribed to {topics}")
             return
-        dropped = self._slot.discard()
-        with self._lock:
-            for frame in dropped:
-                for stats in self._stats_for(frame.source):
-                    stats.dropped()
+        for frame in self._slot.discard():
+            self.stats.dropped(frame.source)
         self.planner.reset_tracks()
         if self._slot.wait_idle(0):
             released = self._release_memory()
@@ -320,17 +294,12 @@ class DetectorCore:
         """
         now = self.monotonic()
         if not self.params.enable:
-            with self._lock:
-                self.frames_ignored += 1
+            self.stats.ignored()
             return
         source = source or self.default_source
-        with self._lock:
-            for stats in self._stats_for(source):
-                stats.received(now)
+        self.stats.received(source, now)
         if self._slot.put(Frame(msg, now, source), key=source):
-            with self._lock:
-                for stats in self._stats_for(source):
-                    stats.dropped()
+            self.stats.dropped(source)
 
     def submit_camera_info(self, msg: Any, source: str | None = None) -> None:
         """Take the camera model of ``source``'s images (default: the subscribed topic) from a
@@ -366,112 +335,9 @@ class DetectorCore:
     def process_batch(self, frames: Sequence[Frame]) -> list[Any | None]:
         """Run frames (one per camera) through decode -> one pipeline call for all of them ->
         per frame: its camera's tracker and distances -> a message with its own header -> its
-        camera's ports. Each frame's Detection2DArray, None where one failed: a frame fails
-        alone (bad input, a bug in its planning or publishing), except when the network call
-        for the batch fails, which fails every frame in it."""
-        clock = self.monotonic
-        outputs: list[Any | None] = [None] * len(frames)
-        ready: list[tuple[int, Frame, np.ndarray, float]] = []
-        for index, frame in enumerate(frames):
-            try:
-                t0 = clock()
-                rgb = self.decoder(frame.msg)
-                ready.append((index, frame, rgb, (clock() - t0) * 1e3))
-            except Exception as error:  # a bad frame must never stop the node
-                self._record_failure(frame, error)
-        if not ready:
-            return outputs
-        for (index, frame, rgb, decode_ms), found in zip(
-            ready, self._detect([rgb for _, _, rgb, _ in ready]), strict=True
-        ):
-            if isinstance(found, Exception):
-                self._record_failure(frame, found)
-            else:
-                outputs[index] = self._finish(frame, rgb, decode_ms, found)
-        return outputs
-
-    def _detect(self, rgbs: list[np.ndarray]) -> list[Any]:
-        """The pipeline's detections of each frame (or the exception it raised): several frames
-        in one ``detect_batch`` call (each letterboxed to the network input on its own)."""
-        if len(rgbs) > 1 and hasattr(self.pipeline, "detect_batch"):
-            with self._lock:
-                self._batch_sizes.add(len(rgbs))
-            try:
-                found = list(self.pipeline.detect_batch(rgbs))
-                if len(found) != len(rgbs):
-                    raise RuntimeError(f"detect_batch gave {len(found)} results for {len(rgbs)}")
-                return found
-            except Exception as error:  # neither a bad frame nor a bug may stop the node
-                return [error] * len(rgbs)
-        results: list[Any] = []
-        for rgb in rgbs:  # one frame, or a pipeline without batches: one call per frame
-            with self._lock:
-                self._batch_sizes.add(1)
-            try:
-                results.append(self.pipeline(rgb))
-            except Exception as error:
-                results.append(error)
-        return results
-
-    def _finish(self, frame: Frame, rgb: np.ndarray, decode_ms: float, detections: Any) -> Any:
-        """Planning, message and publication of one detected frame; its statistics."""
-        clock, msg = self.monotonic, frame.msg
-        try:
-            t1 = clock()
-            extras = self._plan(detections, rgb.shape[:2], msg.header, frame.source)
-            planning_ms = (clock() - t1) * 1e3
-            out = self._messages.detections_to_msg(detections, msg.header, self.classes, **extras)
-            self.ports.for_camera(frame.source).publish_detections(out)
-        except Exception as error:  # neither a bad frame nor a bug may stop the node
-            self._record_failure(frame, error)
-            return None
-        end_ms = (clock() - frame.received) * 1e3
-        age_ms = (self.clock() - stamp_seconds(msg.header)) * 1e3
-        timings = dict(getattr(detections, "timings", {}) or {})
-        timings["decode"] = decode_ms + float(timings.get("decode", 0.0))
-        timings["planning"] = planning_ms
-        timings["end_to_end"] = end_ms
-        with self._lock:
-            now = clock()
-            for stats in self._stats_for(frame.source):
-                stats.processed(timings, age_ms, now)
-        if self.params.publish_debug_image:
-            self._publish_debug(rgb, detections, msg.header, frame.source)
-        return out
-
-    def _plan(
-        self, detections: Any, image_size: tuple[int, int], header: Any, source: str | None
-    ) -> dict[str, Any]:
-        """Track ids and ground-plane positions of one frame (``Planner.plan``; timed by the
-        planning benchmark)."""
-        return self.planner.plan(
-            detections, image_size, header, source or self.default_source, self.params
-        )
-
-    def _publish_debug(self, rgb: np.ndarray, detections: Any, header: Any, source: str) -> None:
-        try:
-            ports = self.ports.for_camera(source)
-            if not ports.debug_image_wanted():
-                return
-            image = self._messages.rgb_to_image_msg(
-                annotate(rgb, detections), header, self.classes
-            )
-            ports.publish_debug_image(image)
-        except Exception as error:  # the debug image is optional: never fail the frame for it
-            self._errors.report(error, "debug image not published", "debug_image")
-
-    def _record_failure(self, frame: Frame, error: Exception) -> None:
-        """Count a failed frame; log it (:class:`ErrorLog`: a bad frame in one line, a bug with
-        its traceback the first time its type occurs)."""
-        with self._lock:
-            for stats in self._stats_for(frame.source):
-                stats.failed(describe(error))
-            failed = self._stats.counters.failed
-        stamp = ""
-        with contextlib.suppress(Exception):  # the header itself may be the broken part
-            stamp = f" stamp {stamp_seconds(frame.msg.header):.3f}"
-        camera = f" from {frame.source}" if self._camera_stats else ""
-        self._errors.report(error, f"frame{stamp}{camera} failed ({failed} so far)", "frame")
+        camera's ports (:class:`~dds_perception.ros.frames.FrameProcessor`). Each frame's
+        Detection2DArray, None where one failed (counted, logged throttled)."""
+        return self._frames.process_batch(frames)
 
     # ------------------------------------------------------------------ label info
     def label_info_msg(self) -> Any:
@@ -490,81 +356,13 @@ class DetectorCore:
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> DiagnosticReport:
-        """Level, message and key/values for diagnostics (docs/node.md, "Topics"), every camera's
-        frames together (:meth:`camera_diagnostics`: each camera's).
-
-        Disabled (``enable`` false): OK, saying so. Otherwise ERROR when a frame of the recent
-        window failed, WARN when the window's p95 end-to-end latency exceeds
-        ``latency_budget_ms`` or when distances are asked for (``camera_height`` > 0) but no
-        usable CameraInfo arrived, OK otherwise. Latencies in ms.
-        """
-        now = self.monotonic()
-        with self._lock:
-            summary = self._stats.summary(now)
-            params = self.params
-            ignored = self.frames_ignored
-            processed = {key: s.counters.processed for key, s in self._camera_stats.items()}
-            batches = self._batch_sizes.summary()
-        cameras = [
-            (camera.key, camera.camera_info_topic, processed.get(camera.key, 0))
-            for camera in params.cameras
-        ]
-        if not self._camera_stats:  # one camera: its frames are the node's
-            cameras = [(cameras[0][0], cameras[0][1], summary.counters.processed)]
-        planning, problem = self.planner.values(params, cameras)
-        values = [
-            *summary.values(),
-            ("device", self.device),
-            ("latency_budget_ms", f"{params.latency_budget_ms:.1f}"),
-            ("last_error", summary.last_error),
-            ("enabled", "true" if params.enable else "false"),
-            ("frames_ignored_disabled", str(ignored)),
-            *planning,
-        ]
-        if self._camera_stats:
-            values += [
-                ("cameras", str(len(params.cameras))),
-                ("batch_size_mean", f"{batches.mean:.2f}" if batches else "nan"),
-                ("batch_size_max", f"{batches.max:.0f}" if batches else "nan"),
-            ]
-        return DiagnosticReport(
-            DIAGNOSTIC_TASK, *self._level(summary, problem), self.device, values
-        )
-
-    def _level(self, summary: Any, problem: str) -> tuple[int, str]:
-        if not self.params.enable:
-            return OK, "disabled (enable is false): not subscribed to images, no inference"
-        return assess(summary, self.params.latency_budget_ms, problem)
+        """The ``detector`` status, every camera's frames together
+        (:meth:`NodeStatistics.report <dds_perception.ros.node_stats.NodeStatistics.report>`)."""
+        return self.stats.report(self.params, self.planner, self.device, self.monotonic())
 
     def camera_diagnostics(self) -> list[DiagnosticReport]:
-        """One report per camera when there are several (none with one camera): its frames
-        received, processed, dropped and failed, its rates and latencies, its CameraInfo."""
-        if not self._camera_stats:
-            return []
-        now = self.monotonic()
-        reports = []
-        for camera in self.params.cameras:
-            with self._lock:
-                summary = self._stats_for(camera.key)[1].summary(now)
-            info, usable = self.planner.camera_state(camera.key, camera.camera_info_topic)
-            active, lost, issued = self.planner.tracks(camera.key)
-            problem = ""
-            if self.params.camera_height > 0 and not usable and summary.counters.processed:
-                problem = f"no usable CameraInfo on {camera.camera_info_topic}"
-            values = [
-                ("image_topic", camera.subscribed_topic),
-                ("detections_topic", camera.detections_topic),
-                *summary.values(),
-                ("last_error", summary.last_error),
-                ("camera_info", info),
-                ("tracks_active", str(active)),
-                ("tracks_lost", str(lost)),
-                ("track_ids_issued", str(issued)),
-            ]
-            level, message = self._level(summary, problem)
-            name = f"{CAMERA_TASK} {camera.image_topic}"
-            reports.append(DiagnosticReport(name, level, message, self.device, values))
-        return reports
+        """One ``camera`` status per camera when there are several (none with one camera)."""
+        return self.stats.camera_reports(self.params, self.planner, self.device, self.monotonic())
 
     def diagnostics_msg(self) -> Any:
         """Every report (the node's, each camera's) as a diagnostic_msgs/DiagnosticArray, for
