@@ -187,7 +187,29 @@ def test_bench_rejects_bad_options(tmp_path: Path, capsys) -> None:
     assert "unknown backend 'nope'" in capsys.readouterr().err
     assert main(["bench", "--quick", "--repeats", "0", "--out", str(tmp_path)]) == 1
     assert "--repeats must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--input-size", "350", "1152", "--out", str(tmp_path)]) == 1
+    assert "--input-size 350 1152: need positive multiples of 32" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_times_our_detector_at_the_weights_input_size(tmp_path: Path) -> None:
+    """Without --input-size the bench runs our detector at the size of the weights it was
+    given (the shipped model's by default), so its ratio is the deployed model's."""
+    import argparse
+
+    from dds_perception.benchmarks import command
+    from dds_perception.detection import DetectorConfig, build_detector
+    from dds_perception.detection.weights import save_detector
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    weights = save_detector(
+        tmp_path / "w.safetensors", build_detector(DetectorConfig(input_size=(320, 1024)))
+    )
+    config = command.config_from_args(parser.parse_args(["--weights", str(weights)]))
+    assert config.our_input == (320, 1024)
+    args = ["--weights", str(weights), "--input-size", "352", "1152"]
+    assert command.config_from_args(parser.parse_args(args)).our_input == (352, 1152)
 
 
 def test_bench_compare_puts_runs_side_by_side(quick_bench: Path, tmp_path: Path, capsys) -> None:

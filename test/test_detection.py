@@ -364,6 +364,22 @@ def test_detection_weights_round_trip(tmp_path, tiny_model):
         torch.testing.assert_close(model(images)["scores"], tiny_model(images)["scores"])
 
 
+def test_detection_weights_load_at_another_input_size(tmp_path, tiny_model):
+    """The same weights at another letterbox size: the config says so, the anchors follow the
+    new grid, and an image of that size gives the saved model's outputs on it."""
+    path = save_detector(tmp_path / "det.safetensors", tiny_model)
+    model = load_detector(path, input_size=(96, 160))
+    assert model.config.input_size == (96, 160) and model.meta["input_size"] == [64, 128]
+    images = torch.randn(1, 3, 96, 160)
+    tiny_model.eval()
+    with torch.no_grad():
+        out, want = model(images), tiny_model(images)
+    assert out["scores"].shape[1] == 3 * 5 * 2  # a 3x5 grid at stride 32, two anchors each
+    torch.testing.assert_close(out["boxes"], want["boxes"])
+    with pytest.raises(DetectorConfigError, match="input_size"):
+        load_detector(path, input_size=(90, 160))
+
+
 def test_detection_weights_errors_name_the_file(tmp_path, tiny_model):
     good = save_detector(tmp_path / "good.safetensors", tiny_model)
     truncated = tmp_path / "truncated.safetensors"

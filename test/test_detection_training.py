@@ -236,9 +236,17 @@ def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys)
     crossval.add_arguments(parser)
     argv = [*TINY, "--data-root", str(scenes), "--split", "train", "--folds", "3",
             "--epochs", "1", "--max-steps-per-epoch", "1",
+            "--eval-input-sizes", "96x320", "128x416",
             "--out", str(tmp_path / "cv")]  # fmt: skip
     args = crossval.parse_arguments(parser, argv)
     summary = crossval.crossval(args)
+    # the same models at their own size score as the main report; at another size they run
+    # there (anchors and letterbox follow the input)
+    same, larger = summary["input_sizes"]
+    assert same["input_size"] == summary["input_size"] == [96, 320]
+    assert same["pooled"] == summary["pooled"] and same["per_fold"] == summary["per_fold"]
+    assert larger["input_size"] == [128, 416] and larger["frames"] == summary["frames"]
+    assert "| 128x416 |" in (tmp_path / "cv" / "crossval.md").read_text()
     assert summary["folds"] == 3 and len(summary["per_fold"]) == 3
     train = KittiDetectionDataset(scenes, "train")
     assert summary["frames"] == len(train)  # every frame validated exactly once
@@ -252,6 +260,17 @@ def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys)
     capsys.readouterr()
     crossval.crossval(args)  # finished folds are kept: nothing is trained again
     assert capsys.readouterr().out.count("done earlier") == 3
+
+
+@pytest.mark.parametrize("text", ["352x1150", "352", "0x1152", "axb", "352x-32"])
+def test_crossval_input_size_errors_name_the_value(text):
+    import argparse
+
+    from dds_perception.engine import crossval
+
+    with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+        crossval.parse_input_size(text)
+    assert crossval.parse_input_size("352X1152") == (352, 1152)
 
 
 def test_backbone_learning_rate_multiplier_and_gradient_clipping(scenes):

@@ -12,6 +12,7 @@ examples:
   dds-perception bench --sections detectors,speedups --repeats 20 --out bench_out
   dds-perception bench --device cuda --half --out bench_gpu # fp16 on a CUDA GPU
   dds-perception bench --sections batches --batch-sizes 1,4,8 --out bench_batches
+  dds-perception bench --sections detectors --input-size 352 1152 --out bench_352
   dds-perception bench --device cuda --half --sections compile --compile-variants eager,compile
   dds-perception bench --compare bench_out bench_gpu --out cpu_vs_gpu   # runs side by side
 """
@@ -89,6 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "OUT/compare.md and OUT/compare.json",
     )
     parser.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="our detector's network input, multiples of 32 (default: the --weights file's, "
+        "the shipped model's without it)",
+    )
+    parser.add_argument(
         "--frame",
         type=Path,
         help="a real image for the pipeline section (default: a KITTI sample frame when "
@@ -100,6 +109,20 @@ def _default_frame() -> Path | None:
     root = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "kitti_sample"
     images = sorted((root / "training" / "image_2").glob("*.png")) if root.is_dir() else []
     return images[0] if images else None
+
+
+def _weights_input_size(weights: Path | None) -> tuple[int, int] | None:
+    """The input size a weights file (default: the shipped model) runs at; None without one."""
+    from dds_perception.pipeline import default_weights
+    from dds_perception.utils.checkpoint import read_meta
+
+    if weights is None:
+        try:
+            weights = default_weights()
+        except FileNotFoundError:
+            return None
+    size = read_meta(weights).get("input_size")
+    return None if size is None else (int(size[0]), int(size[1]))
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -114,6 +137,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             changes[name] = value
     if args.repeats is not None and args.repeats < 1:
         raise BenchError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.input_size is not None:
+        height, width = args.input_size
+        if height <= 0 or width <= 0 or height % 32 or width % 32:
+            raise BenchError(f"--input-size {height} {width}: need positive multiples of 32")
+        changes["our_input"] = (height, width)
+    elif not args.quick:
+        size = _weights_input_size(args.weights)
+        if size is not None:
+            changes["our_input"] = size
     if args.no_compile:
         changes["compile"] = False
     if args.compile_variants is not None:

@@ -92,14 +92,24 @@ def config_from_meta(meta: Mapping[str, Any], source: str | os.PathLike[str]) ->
         raise CheckpointError(f"{source}: bad detector config in metadata ({error})") from error
 
 
-def load_detector(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> RPNDetector:
+def load_detector(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    *,
+    input_size: tuple[int, int] | None = None,
+) -> RPNDetector:
     """Rebuild the detector stored in ``path`` (in eval mode); its metadata is ``model.meta``.
 
+    ``input_size`` (height, width) runs the network at another letterbox size than the one it
+    was saved with: the network is fully convolutional and the anchors follow the input, so the
+    same weights serve any size (what ``crossval --eval-input-sizes`` measures).
     Raises :class:`CheckpointError` naming the file when it is missing, corrupt, truncated, holds
     another task's weights or tensors that do not fit the described architecture.
     """
     meta = read_meta(path)
     config = config_from_meta(meta, path)
+    if input_size is not None:
+        config = config.replace(input_size=tuple(int(v) for v in input_size))
     try:
         model = build_detector(config)
     except (ValueError, KeyError) as error:

@@ -6,7 +6,9 @@ validates on its own frames. Each fold is an ordinary ``train-detector`` run und
 ``OUT/fold{k}`` (resumable: a finished fold is kept, a killed one continues from its
 checkpoint). The report gives each fold's Car AP, their mean and spread, and the pooled
 out-of-fold AP (every frame scored by the one model that never saw it), in ``crossval.json``
-and ``crossval.md``.
+and ``crossval.md``. ``--eval-input-sizes`` scores the same fold models at other letterbox
+input sizes too (the network is fully convolutional), so that the deployed input size is
+chosen by cross-validated AP rather than on the frames it is reported on.
 
 examples:
   dds-perception crossval --config config/train/detector_kitti.yaml \\
@@ -14,6 +16,9 @@ examples:
   dds-perception crossval --config config/train/detector_kitti.yaml \\
       --data-root ../shared/data/kitti_sample --split all --folds 5 --out runs/cv_kitti \\
       --only-fold 2                                   # one fold (e.g. one per machine)
+  dds-perception crossval --config config/train/detector_kitti.yaml \\
+      --data-root ../shared/data/kitti_sample --split all --folds 3 --out runs/cv_kitti \\
+      --eval-input-sizes 384x1248 352x1152 320x1024  # AP of the same models at each size
 """
 
 from __future__ import annotations
@@ -58,6 +63,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--only-fold", type=int, default=None, help="train this fold only (0-based), no report"
     )
+    group.add_argument(
+        "--eval-input-sizes",
+        type=parse_input_size,
+        nargs="+",
+        default=[],
+        metavar="HxW",
+        help="also score the fold models at these letterbox input sizes (multiples of 32)",
+    )
+
+
+def parse_input_size(text: str) -> tuple[int, int]:
+    """``"352x1152"`` -> (352, 1152): an input size, height first."""
+    height, sep, width = text.lower().partition("x")
+    try:
+        size = (int(height), int(width))
+    except ValueError:
+        size = None
+    if not sep or size is None or min(size) <= 0 or size[0] % 32 or size[1] % 32:
+        raise argparse.ArgumentTypeError(
+            f"input size {text!r}: need HEIGHTxWIDTH, both positive multiples of 32"
+        )
+    return size
 
 
 parse_arguments = parse_recipe_args
@@ -103,16 +130,20 @@ def crossval(args: argparse.Namespace) -> dict[str, Any] | None:
     return report(args, out, folds, layout)
 
 
-def report(
-    args: argparse.Namespace, out: Path, folds: list[tuple[list[str], list[str]]], layout
+def score_folds(
+    args: argparse.Namespace,
+    out: Path,
+    folds: list[tuple[list[str], list[str]]],
+    input_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Per-fold and pooled out-of-fold Car AP_40 of the trained folds; writes the report."""
+    """Each fold model on its own validation frames (at ``input_size``, default the size it was
+    saved with): per-fold AP, their mean, spread and range, and the pooled out-of-fold AP."""
     device = torch.device("cpu")
     detections: dict[str, list] = {}
     ground_truth: dict[str, list] = {}
     per_fold = []
     for k, (_, val_ids) in enumerate(folds):
-        model = load_detector(out / f"fold{k}" / WEIGHTS)
+        model = load_detector(out / f"fold{k}" / WEIGHTS, input_size=input_size)
         val = KittiDetectionDataset(
             args.data_root, val_ids, DetectionEvalTransform(model.config.input_size)
         )
@@ -124,17 +155,32 @@ def report(
         detections.update(found)
         ground_truth.update(truth)
     pooled = kitti_evaluate(ground_truth, detections, classes=("Car",))
-    summary: dict[str, Any] = {
-        "data_root": str(layout.root),
+    return {
+        "input_size": list(model.config.input_size),
         "frames": len(ground_truth),
-        "folds": args.folds,
-        "fold_seed": args.fold_seed,
         "per_fold": per_fold,
         "mean": {d: statistics.mean(f[d] for f in per_fold) for d in DIFFICULTIES},
         "std": {d: statistics.pstdev(f[d] for f in per_fold) for d in DIFFICULTIES},
         "min": {d: min(f[d] for f in per_fold) for d in DIFFICULTIES},
         "max": {d: max(f[d] for f in per_fold) for d in DIFFICULTIES},
         "pooled": _ap_table(pooled),
+    }
+
+
+def report(
+    args: argparse.Namespace, out: Path, folds: list[tuple[list[str], list[str]]], layout
+) -> dict[str, Any]:
+    """Per-fold and pooled out-of-fold Car AP_40 of the trained folds (also at each of
+    ``--eval-input-sizes``); writes the report."""
+    scores = score_folds(args, out, folds)
+    summary: dict[str, Any] = {
+        "data_root": str(layout.root),
+        "folds": args.folds,
+        "fold_seed": args.fold_seed,
+        **scores,
+        "input_sizes": [
+            score_folds(args, out, folds, tuple(size)) for size in args.eval_input_sizes
+        ],
         "fold_summaries": [
             json.loads((out / f"fold{k}" / "summary.json").read_text(encoding="utf-8"))
             for k in range(len(folds))
@@ -166,6 +212,21 @@ def markdown(summary: dict[str, Any]) -> str:
         + " | ".join(f"**{summary['pooled'][d]:.1f}**" for d in DIFFICULTIES)
         + " |"
     )
+    if summary.get("input_sizes"):
+        lines += [
+            "",
+            "The same fold models at other input sizes (pooled out-of-fold; mean ± std of folds):",
+            "",
+            "| input (HxW) | easy | moderate | hard |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for scores in [summary, *summary["input_sizes"]]:
+            size = "x".join(map(str, scores["input_size"]))
+            cells = " | ".join(
+                f"{scores['pooled'][d]:.1f} ({scores['mean'][d]:.1f} ± {scores['std'][d]:.1f})"
+                for d in DIFFICULTIES
+            )
+            lines.append(f"| {size} | {cells} |")
     return "\n".join(lines)
 
 
