@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from dds_env import DOMAIN, loopback_domain
 
 pytest.importorskip("cyclonedds", reason="the DDS runtime needs cyclonedds (pip install '.[dds]')")
 
@@ -37,13 +37,6 @@ from dds_perception.ros import messages
 from dds_perception.ros.diagnostics import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
-LOOPBACK_URI = (
-    "<CycloneDDS><Domain><General><Interfaces>"
-    '<NetworkInterface name="lo"/>'
-    "</Interfaces></General></Domain></CycloneDDS>"
-)
-# Drawn from OS entropy on purpose: two test sessions on one machine must not share a domain.
-DOMAIN = random.SystemRandom().randint(100, 200)
 START_TIMEOUT = 120.0  # model load + warm-up on a busy 2-core machine
 ANSWER_TIMEOUT = 30.0
 LATENCY_KEYS = [
@@ -55,16 +48,8 @@ LATENCY_KEYS = [
 def dds_env() -> dict[str, str]:
     """Isolated domain + loopback only, for this process (set before its first participant)
     and for every child process."""
-    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "CYCLONEDDS_URI")}
-    os.environ["ROS_DOMAIN_ID"] = str(DOMAIN)
-    os.environ["CYCLONEDDS_URI"] = LOOPBACK_URI
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    yield env
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with loopback_domain():
+        yield {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")

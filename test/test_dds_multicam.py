@@ -4,12 +4,10 @@ that frame's header, and one diagnostics status per camera."""
 
 from __future__ import annotations
 
-import os
-import random
 import threading
-import time
 
 import pytest
+from dds_env import loopback_domain, wait_until
 
 pytest.importorskip("cyclonedds", reason="the DDS runtime needs cyclonedds (pip install '.[dds]')")
 
@@ -21,32 +19,13 @@ from dds_perception.ros.dds import runtime as rt
 from dds_perception.ros.dds.node import DdsDetectorNode
 from dds_perception.ros.params import DetectorParams
 
-LOOPBACK_URI = (
-    "<CycloneDDS><Domain><General><Interfaces>"
-    '<NetworkInterface name="lo"/>'
-    "</Interfaces></General></Domain></CycloneDDS>"
-)
 CAMERAS = ("/cam_a/image_raw", "/cam_b/image_raw")
 
 
 @pytest.fixture(scope="module")
 def domain() -> int:
-    saved = os.environ.get("CYCLONEDDS_URI")
-    os.environ["CYCLONEDDS_URI"] = LOOPBACK_URI
-    yield random.SystemRandom().randint(100, 200)
-    if saved is None:
-        os.environ.pop("CYCLONEDDS_URI", None)
-    else:
-        os.environ["CYCLONEDDS_URI"] = saved
-
-
-def _wait(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+    with loopback_domain() as domain:
+        yield domain
 
 
 def test_dds_node_several_cameras(domain: int) -> None:
@@ -77,17 +56,19 @@ def test_dds_node_several_cameras(domain: int) -> None:
         ]
         node.start()
         client.start()
-        assert _wait(lambda: all(p.subscription_count() == 1 for p in publishers))
-        assert _wait(lambda: all(client.publisher_count(topic) == 1 for topic in received)), (
+        assert wait_until(lambda: all(p.subscription_count() == 1 for p in publishers))
+        assert wait_until(lambda: all(client.publisher_count(topic) == 1 for topic in received)), (
             "the node's detections publishers were not discovered"
         )
         for sec in range(1, 4):  # lockstep: the newest frame wins, so wait for each answer
             for camera, pub in enumerate(publishers):
                 frame = image_msg(classes, 10 * camera + sec, sec=sec, frame_id=f"cam{camera}")
                 pub.publish(frame)
-            assert _wait(lambda sec=sec: all(len(m) == sec for m in received.values())), received
+            assert wait_until(lambda sec=sec: all(len(m) == sec for m in received.values())), (
+                received
+            )
         node.publish_diagnostics()
-        assert _wait(lambda: statuses)
+        assert wait_until(lambda: statuses)
     finally:
         node.close()
         client.close()

@@ -117,7 +117,7 @@ def test_dds_node_bad_configuration_is_one_clear_line(cli, tmp_path) -> None:
 
 
 def test_dds_record_without_publisher_fails_and_leaves_no_bag(cli, tmp_path) -> None:
-    from test_dds_e2e import DOMAIN, LOOPBACK_URI
+    from dds_env import DOMAIN, LOOPBACK_URI
 
     env = {"ROS_DOMAIN_ID": str(DOMAIN), "CYCLONEDDS_URI": LOOPBACK_URI}
     out = tmp_path / "rec"

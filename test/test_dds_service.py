@@ -4,13 +4,12 @@ its header, and a deleted reader that publishers stop matching."""
 
 from __future__ import annotations
 
-import os
-import random
 import struct
 import threading
 import time
 
 import pytest
+from dds_env import loopback_domain, wait_until
 
 pytest.importorskip("cyclonedds", reason="the DDS runtime needs cyclonedds (pip install '.[dds]')")
 
@@ -18,12 +17,6 @@ from dds_perception.ros import messages
 from dds_perception.ros.dds import DdsError
 from dds_perception.ros.dds import runtime as rt
 from dds_perception.ros.dds import types as idl
-
-LOOPBACK_URI = (
-    "<CycloneDDS><Domain><General><Interfaces>"
-    '<NetworkInterface name="lo"/>'
-    "</Interfaces></General></Domain></CycloneDDS>"
-)
 
 
 def test_dds_service_topic_and_type_names() -> None:
@@ -56,22 +49,8 @@ def test_dds_service_wire_layout_is_rmw_cyclonedds() -> None:
 
 @pytest.fixture(scope="module")
 def domain() -> int:
-    saved = os.environ.get("CYCLONEDDS_URI")
-    os.environ["CYCLONEDDS_URI"] = LOOPBACK_URI
-    yield random.SystemRandom().randint(100, 200)
-    if saved is None:
-        os.environ.pop("CYCLONEDDS_URI", None)
-    else:
-        os.environ["CYCLONEDDS_URI"] = saved
-
-
-def _wait(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+    with loopback_domain() as domain:
+        yield domain
 
 
 def test_dds_service_call_and_unsubscribe(domain: int) -> None:
@@ -95,15 +74,15 @@ def test_dds_service_call_and_unsubscribe(domain: int) -> None:
         server.start()
         client.start()
         pub = client.publisher("chatter", types["String"], rt.reliable_qos(10))
-        assert _wait(lambda: pub.subscription_count() == 1)
+        assert wait_until(lambda: pub.subscription_count() == 1)
         pub.publish(messages.string_msg("before", classes))
-        assert _wait(lambda: received == ["before"])
+        assert wait_until(lambda: received == ["before"])
 
         enable = client.service_client("/dds_detector/enable", "std_srvs/srv/SetBool")
         other = client.service_client("/dds_detector/enable", "std_srvs/srv/SetBool")
         reply = enable.call(data=False)
         assert (reply.success, reply.message) == (True, "off") and requests == [False]
-        assert _wait(lambda: pub.subscription_count() == 0), "the reader was not deleted"
+        assert wait_until(lambda: pub.subscription_count() == 0), "the reader was not deleted"
         pub.publish(messages.string_msg("after", classes))
         time.sleep(0.3)
         assert received == ["before"]
@@ -161,11 +140,13 @@ def test_dds_runtime_callback_bug_keeps_traceback_and_dispatcher(domain: int) ->
         runtime.start()
         pub = runtime.publisher("bugs", types["String"], rt.reliable_qos(10))
         bad_pub = runtime.publisher("bad", types["String"], rt.reliable_qos(10))
-        assert _wait(lambda: pub.subscription_count() == 1 and bad_pub.subscription_count() == 1)
+        assert wait_until(
+            lambda: pub.subscription_count() == 1 and bad_pub.subscription_count() == 1
+        )
         for text in ("bug", "ok 1", "bug", "ok 2"):
             pub.publish(messages.string_msg(text, classes))
         bad_pub.publish(messages.string_msg("bad", classes))
-        assert _wait(lambda: delivered == ["ok 1", "ok 2"] and lines)
+        assert wait_until(lambda: delivered == ["ok 1", "ok 2"] and lines)
     finally:
         runtime.close()
     (trace,) = bugs  # the second KeyError on the topic: throttled, no second traceback
