@@ -526,3 +526,26 @@ def test_onnx_export_cli(cli, weights, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "--opset 13" in capsys.readouterr().out
+
+
+def test_export_weights_at_another_input_size(weights, tmp_path, capsys):
+    """A .safetensors --out writes the same tensors set to run at --height/--width, with the
+    recipe and the size its metrics were measured at; ONNX-only options are refused."""
+    from dds_perception.cli import main
+    from dds_perception.detection import load_detector
+
+    out = tmp_path / "resized.safetensors"
+    height, width = INPUT_SIZE[0] + 32, INPUT_SIZE[1] + 64
+    args = ["export", "--weights", str(weights), "--out", str(out)]
+    assert main([*args, "--height", str(height), "--width", str(width)]) == 0
+    assert f"at input {height}x{width}" in capsys.readouterr().out
+    model, original = load_detector(out), load_detector(weights)
+    assert model.config.input_size == (height, width)
+    assert model.meta["recipe"] == {"note": "test detector"}
+    assert model.meta["exported_from"]["input_size"] == list(INPUT_SIZE)
+    for name, tensor in original.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
+    assert main(args) == 1
+    assert "needs --height and --width" in capsys.readouterr().err
+    assert main([*args, "--height", "64", "--width", "128", "--half"]) == 1
+    assert "--half: ONNX options" in capsys.readouterr().err

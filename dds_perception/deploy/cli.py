@@ -22,12 +22,18 @@ examples:
 
   # smaller input (faster, loses the smallest cars)
   dds-perception export --weights W.safetensors --out model_192.onnx --height 192 --width 640
+
+  # the PyTorch weights again, set to run at another input size (a .safetensors --out): what
+  # the node, replay and demo then use by default (the shipped model: see its model card)
+  dds-perception export --weights runs/cv_kitti/fold0/model.safetensors \\
+      --out models/dds_detector_kitti.safetensors --height 352 --width 1152
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from dds_perception.deploy.export import DEFAULT_OPSET, EXPORTERS, export_onnx
 from dds_perception.utils.errors import UsageError
@@ -36,7 +42,12 @@ from dds_perception.utils.io import write_json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="detector weights (.safetensors)")
-    parser.add_argument("--out", required=True, help="ONNX file to write (atomically)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="ONNX file to write (atomically); a .safetensors name writes the PyTorch weights "
+        "set to run at --height/--width instead",
+    )
     parser.add_argument("--height", type=int, help="network input height (default: checkpoint's)")
     parser.add_argument("--width", type=int, help="network input width (default: checkpoint's)")
     parser.add_argument("--half", action="store_true", help="fp16 weights and input")
@@ -79,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.height is None) != (args.width is None):
         raise UsageError("give both --height and --width, or neither")
     size = (args.height, args.width) if args.height is not None else None
+    if Path(args.out).suffix == ".safetensors":
+        return export_weights(args, size)
     if args.engine:  # fail before the export, not after it
         from dds_perception.deploy.backends import TRT_INSTALL, tensorrt_unavailable_reason
 
@@ -106,4 +119,38 @@ def run(args: argparse.Namespace) -> int:
         result["engine"] = backend.describe()
     if args.report:
         write_json(args.report, result)
+    return 0
+
+
+def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> int:
+    """``--out X.safetensors``: the detector of ``--weights`` saved to run at ``size`` (the
+    network is fully convolutional; its anchors follow the input). Recipe and metrics travel
+    along, with the size they were measured at."""
+    from dds_perception.detection.weights import load_detector, save_detector
+
+    if size is None:
+        raise UsageError(f"--out {args.out}: a .safetensors export needs --height and --width")
+    onnx_only = {
+        "--half": args.half,
+        "--dynamic-batch": args.dynamic_batch,
+        "--engine": args.engine,
+        "--validate-images": args.validate_images,
+        "--opset": args.opset != DEFAULT_OPSET,
+    }
+    given = [name for name, value in onnx_only.items() if value]
+    if given:
+        raise UsageError(f"{', '.join(given)}: ONNX options; --out {args.out} writes weights")
+    model = load_detector(args.weights, input_size=size)
+    meta = model.meta
+    save_detector(
+        args.out,
+        model,
+        recipe=meta.get("recipe"),
+        metrics=meta.get("metrics"),
+        exported_from={"weights": str(args.weights), "input_size": meta.get("input_size")},
+    )
+    print(
+        f"{args.out}: the detector of {args.weights} at input {size[0]}x{size[1]} "
+        f"(was {'x'.join(map(str, meta.get('input_size', [])))})"
+    )
     return 0
