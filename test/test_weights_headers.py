@@ -19,6 +19,15 @@ def test_read_meta_reads_the_header_only(tmp_path):
     assert meta["task"] == "x" and meta["n"] == 2 and meta["format"].startswith("dds_")
 
 
+def test_saved_weights_are_readable_like_any_new_file(tmp_path):
+    """safetensors writes 0600; the atomic rename gives the file the umask's permissions, so a
+    node running as another user can read an installed model."""
+    path = save_weights(tmp_path / "w.safetensors", {"a": torch.ones(3)}, {"task": "x"})
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [

@@ -647,6 +647,8 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
         "val_split": args.val_split,
         "optimizer": "AdamW",
         "lr": args.lr,
+        "backbone_lr_mult": args.backbone_lr_mult,
+        "clip_grad_norm": args.clip_grad_norm,
         "weight_decay": args.weight_decay,
         "warmup_steps": args.warmup_steps,
         "schedule": "linear warm-up, cosine to 1 % per step",

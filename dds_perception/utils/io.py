@@ -16,7 +16,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     Works for files and directories (e.g. a bag folder). On an exception the temporary output is
-    removed and the exception propagates, so readers never see a half-written result.
+    removed and the exception propagates, so readers never see a half-written result. A file
+    gets the permissions of any new file (the umask's), also when its writer made it private
+    (safetensors' ``save_file`` writes 0600: a node running as another user could not read it).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +28,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield target
         if not target.exists():
             raise FileNotFoundError(f"nothing was written to {target} for {final}")
+        if target.is_file():
+            probe = tmp / ".mode"
+            probe.touch()  # created with the process's umask, which cannot be read without
+            target.chmod(probe.stat().st_mode & 0o777)  # setting it
         if final.is_dir() and not final.is_symlink():
             import shutil
 
