@@ -309,9 +309,8 @@ def test_node_multicam_real_pipeline_batch_of_different_sizes(classes):
     from dds_perception import pipeline as pipeline_module
 
     pipeline = pipeline_module.Pipeline.from_weights(
-        pipeline_module.default_weights(), device="cpu", score_threshold=0.05,
-        input_size=(192, 640),
-    )  # fmt: skip
+        pipeline_module.default_weights(), device="cpu", score_threshold=0.05
+    )
     frames = sorted((REPO / "samples" / "kitti" / "training" / "image_2").glob("*.png"))
     kitti = cv2.cvtColor(cv2.imread(str(frames[0])), cv2.COLOR_BGR2RGB)
     other = cv2.cvtColor(cv2.imread(str(frames[1])), cv2.COLOR_BGR2RGB)
