@@ -1033,17 +1033,7 @@ def train_models(
         amp_dtype=amp_dtype,
         channels_last=channels_last,
     )
-    options = FitOptions(
-        epochs=args.epochs,
-        max_steps_per_epoch=args.max_steps_per_epoch,
-        eval_every_steps=args.eval_every_steps,
-        eval_every_epochs=args.eval_every_epochs,
-        final_eval=True,
-        log_every_steps=args.log_every_steps,
-        checkpoint_every_epochs=args.checkpoint_every_epochs,
-        progress=args.progress,
-        deadline=deadline,
-    )
+    options = FitOptions.from_args(args, final_eval=True, deadline=deadline)
     finished = fit(loop, options, ctx, start)
     summaries = {}
     for member in members:

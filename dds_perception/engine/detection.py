@@ -773,14 +773,7 @@ def _train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
         amp=amp,
         channels_last=channels_last,
     )
-    options = FitOptions(
-        epochs=args.epochs,
-        max_steps_per_epoch=args.max_steps_per_epoch,
-        eval_every_epochs=args.eval_every_epochs,
-        log_every_steps=args.log_every_steps,
-        progress=args.progress,
-    )
-    finished = fit(loop, options, ctx, start)
+    finished = fit(loop, FitOptions.from_args(args), ctx, start)
     step, last_eval = finished.step, finished.last_eval
 
     summary: dict[str, Any] = {

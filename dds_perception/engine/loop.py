@@ -24,7 +24,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -106,6 +106,13 @@ class FitOptions:
     checkpoint_every_epochs: int = 1
     progress: bool = False
     deadline: float | None = None  # time.monotonic() by which fit has stopped at a checkpoint
+
+    @classmethod
+    def from_args(cls, args: Any, **changes: Any) -> FitOptions:
+        """The options a command line gives (fields it has no option for keep their defaults),
+        with ``changes`` on top."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**given, **changes})
 
 
 @dataclass
