@@ -24,6 +24,7 @@ from dds_perception.engine.detection import (
     evaluate,
     main,
     parse_args,
+    predict_dataset,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,7 +237,7 @@ def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys)
     crossval.add_arguments(parser)
     argv = [*TINY, "--data-root", str(scenes), "--split", "train", "--folds", "3",
             "--epochs", "1", "--max-steps-per-epoch", "1",
-            "--eval-input-sizes", "96x320", "128x416",
+            "--eval-input-sizes", "96x320", "128x416", "--eval-nms-ious", "0.5", "0.05",
             "--out", str(tmp_path / "cv")]  # fmt: skip
     args = crossval.parse_arguments(parser, argv)
     summary = crossval.crossval(args)
@@ -247,6 +248,23 @@ def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys)
     assert same["pooled"] == summary["pooled"] and same["per_fold"] == summary["per_fold"]
     assert larger["input_size"] == [128, 416] and larger["frames"] == summary["frames"]
     assert "| 128x416 |" in (tmp_path / "cv" / "crossval.md").read_text()
+    # the model's own NMS IoU (0.5) reproduces the report; another one reaches the NMS
+    own, strict = summary["nms_ious"]
+    assert own["nms_iou"] == summary["nms_iou"] == 0.5 and strict["nms_iou"] == 0.05
+    assert own["pooled"] == summary["pooled"] and own["per_fold"] == summary["per_fold"]
+    assert "| 0.05 |" in (tmp_path / "cv" / "crossval.md").read_text()
+    model = load_detector(tmp_path / "cv" / "fold0" / "model.safetensors")
+    val = KittiDetectionDataset(
+        scenes,
+        (tmp_path / "cv" / "splits" / "fold0_val.txt").read_text().split(),
+        DetectionEvalTransform(model.config.input_size),
+    )
+    cpu = torch.device("cpu")
+    counts = [
+        sum(map(len, predict_dataset(model, val, device=cpu, nms_iou=iou).values()))
+        for iou in (0.0, 1.0)
+    ]
+    assert 0 < counts[0] < counts[1]  # IoU 0 keeps no overlapping pair, IoU 1 keeps them all
     assert summary["folds"] == 3 and len(summary["per_fold"]) == 3
     train = KittiDetectionDataset(scenes, "train")
     assert summary["frames"] == len(train)  # every frame validated exactly once
@@ -271,6 +289,17 @@ def test_crossval_input_size_errors_name_the_value(text):
     with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
         crossval.parse_input_size(text)
     assert crossval.parse_input_size("352X1152") == (352, 1152)
+
+
+@pytest.mark.parametrize("text", ["1.5", "-0.1", "high", "nan"])
+def test_crossval_nms_iou_errors_name_the_value(text):
+    import argparse
+
+    from dds_perception.engine import crossval
+
+    with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+        crossval.parse_iou(text)
+    assert crossval.parse_iou("0.6") == 0.6
 
 
 def test_backbone_learning_rate_multiplier_and_gradient_clipping(scenes):

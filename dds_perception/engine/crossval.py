@@ -8,7 +8,8 @@ checkpoint). The report gives each fold's Car AP, their mean and spread, and the
 out-of-fold AP (every frame scored by the one model that never saw it), in ``crossval.json``
 and ``crossval.md``. ``--eval-input-sizes`` scores the same fold models at other letterbox
 input sizes too (the network is fully convolutional), so that the deployed input size is
-chosen by cross-validated AP rather than on the frames it is reported on.
+chosen by cross-validated AP rather than on the frames it is reported on; ``--eval-nms-ious``
+does the same for the post-processing NMS IoU (no retraining either).
 
 examples:
   dds-perception crossval --config config/train/detector_kitti.yaml \\
@@ -19,6 +20,7 @@ examples:
   dds-perception crossval --config config/train/detector_kitti.yaml \\
       --data-root ../shared/data/kitti_sample --split all --folds 3 --out runs/cv_kitti \\
       --eval-input-sizes 384x1248 352x1152 320x1024  # AP of the same models at each size
+  dds-perception crossval ... --eval-nms-ious 0.4 0.6 0.7  # and with each NMS IoU
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HxW",
         help="also score the fold models at these letterbox input sizes (multiples of 32)",
     )
+    group.add_argument(
+        "--eval-nms-ious",
+        type=parse_iou,
+        nargs="+",
+        default=[],
+        metavar="IOU",
+        help="also score the fold models (at their own input size) with these NMS IoUs",
+    )
 
 
 def parse_input_size(text: str) -> tuple[int, int]:
@@ -85,6 +95,17 @@ def parse_input_size(text: str) -> tuple[int, int]:
             f"input size {text!r}: need HEIGHTxWIDTH, both positive multiples of 32"
         )
     return size
+
+
+def parse_iou(text: str) -> float:
+    """``"0.6"`` -> 0.6: an IoU in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"NMS IoU {text!r}: need a number in [0, 1]")
+    return value
 
 
 parse_arguments = parse_recipe_args
@@ -135,9 +156,11 @@ def score_folds(
     out: Path,
     folds: list[tuple[list[str], list[str]]],
     input_size: tuple[int, int] | None = None,
+    nms_iou: float | None = None,
 ) -> dict[str, Any]:
     """Each fold model on its own validation frames (at ``input_size``, default the size it was
-    saved with): per-fold AP, their mean, spread and range, and the pooled out-of-fold AP."""
+    saved with; with ``nms_iou``, default its own): per-fold AP, their mean, spread and range,
+    and the pooled out-of-fold AP."""
     device = torch.device("cpu")
     detections: dict[str, list] = {}
     ground_truth: dict[str, list] = {}
@@ -148,7 +171,7 @@ def score_folds(
             args.data_root, val_ids, DetectionEvalTransform(model.config.input_size)
         )
         found = predict_dataset(
-            model, val, device=device, score_threshold=args.eval_score_threshold
+            model, val, device=device, score_threshold=args.eval_score_threshold, nms_iou=nms_iou
         )
         truth = {fid: val.objects(i) for i, fid in enumerate(val.frame_ids)}
         per_fold.append(_ap_table(kitti_evaluate(truth, found, classes=("Car",))))
@@ -157,6 +180,7 @@ def score_folds(
     pooled = kitti_evaluate(ground_truth, detections, classes=("Car",))
     return {
         "input_size": list(model.config.input_size),
+        "nms_iou": model.config.nms_iou if nms_iou is None else nms_iou,
         "frames": len(ground_truth),
         "per_fold": per_fold,
         "mean": {d: statistics.mean(f[d] for f in per_fold) for d in DIFFICULTIES},
@@ -181,6 +205,7 @@ def report(
         "input_sizes": [
             score_folds(args, out, folds, tuple(size)) for size in args.eval_input_sizes
         ],
+        "nms_ious": [score_folds(args, out, folds, nms_iou=iou) for iou in args.eval_nms_ious],
         "fold_summaries": [
             json.loads((out / f"fold{k}" / "summary.json").read_text(encoding="utf-8"))
             for k in range(len(folds))
@@ -227,6 +252,20 @@ def markdown(summary: dict[str, Any]) -> str:
                 for d in DIFFICULTIES
             )
             lines.append(f"| {size} | {cells} |")
+    if summary.get("nms_ious"):
+        lines += [
+            "",
+            "The same fold models with other NMS IoUs (pooled out-of-fold; mean ± std of folds):",
+            "",
+            "| NMS IoU | easy | moderate | hard |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for scores in [summary, *summary["nms_ious"]]:
+            cells = " | ".join(
+                f"{scores['pooled'][d]:.1f} ({scores['mean'][d]:.1f} ± {scores['std'][d]:.1f})"
+                for d in DIFFICULTIES
+            )
+            lines.append(f"| {scores['nms_iou']:g} | {cells} |")
     return "\n".join(lines)
 
 

@@ -394,14 +394,17 @@ def predict_dataset(
     *,
     device: torch.device,
     score_threshold: float = 0.01,
+    nms_iou: float | None = None,
     batch_size: int = 4,
     channels_last: bool = False,
     progress: bool = False,
 ) -> dict[str, list]:
-    """Detections (KittiObject with score, source pixels) for every frame of ``dataset``."""
+    """Detections (KittiObject with score, source pixels) for every frame of ``dataset``;
+    ``nms_iou`` replaces the model's own NMS IoU."""
     model.eval()
     config = model.config
-    params = PostprocessParams.from_config(config, score_threshold=score_threshold)
+    overrides = {} if nms_iou is None else {"nms_iou": nms_iou}
+    params = PostprocessParams.from_config(config, score_threshold=score_threshold, **overrides)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=detection_collate
     )
