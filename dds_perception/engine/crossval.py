@@ -218,6 +218,14 @@ def report(
     return summary
 
 
+def _pooled_cells(scores: dict[str, Any]) -> str:
+    """Per difficulty "pooled (mean ± std)", as Markdown table cells."""
+    return " | ".join(
+        f"{scores['pooled'][d]:.1f} ({scores['mean'][d]:.1f} ± {scores['std'][d]:.1f})"
+        for d in DIFFICULTIES
+    )
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The report as a Markdown table (Car AP_40, percent)."""
     lines = [
@@ -247,11 +255,7 @@ def markdown(summary: dict[str, Any]) -> str:
         ]
         for scores in [summary, *summary["input_sizes"]]:
             size = "x".join(map(str, scores["input_size"]))
-            cells = " | ".join(
-                f"{scores['pooled'][d]:.1f} ({scores['mean'][d]:.1f} ± {scores['std'][d]:.1f})"
-                for d in DIFFICULTIES
-            )
-            lines.append(f"| {size} | {cells} |")
+            lines.append(f"| {size} | {_pooled_cells(scores)} |")
     if summary.get("nms_ious"):
         lines += [
             "",
@@ -261,11 +265,7 @@ def markdown(summary: dict[str, Any]) -> str:
             "| --- | ---: | ---: | ---: |",
         ]
         for scores in [summary, *summary["nms_ious"]]:
-            cells = " | ".join(
-                f"{scores['pooled'][d]:.1f} ({scores['mean'][d]:.1f} ± {scores['std'][d]:.1f})"
-                for d in DIFFICULTIES
-            )
-            lines.append(f"| {scores['nms_iou']:g} | {cells} |")
+            lines.append(f"| {scores['nms_iou']:g} | {_pooled_cells(scores)} |")
     return "\n".join(lines)
 
 
