@@ -27,4 +27,5 @@ test -f data/crops_labelled/pseudo_label.json || { rm -rf data/crops_labelled; \
 # the shipped file: fold 0's weights, run at the input size the table above chose
 "$BIN/dds-perception" export --weights runs/cv_kitti/fold0/model.safetensors \
     --out runs/cv_kitti/dds_detector_kitti.safetensors --height 320 --width 1024
-echo "cross-validation: runs/cv_kitti/crossval.md; shipped model: runs/cv_kitti/dds_detector_kitti.safetensors"
+echo "cross-validation: runs/cv_kitti/crossval.md;" \
+    "shipped model: runs/cv_kitti/dds_detector_kitti.safetensors"

@@ -403,8 +403,11 @@ def predict_dataset(
     ``nms_iou`` replaces the model's own NMS IoU."""
     model.eval()
     config = model.config
-    overrides = {} if nms_iou is None else {"nms_iou": nms_iou}
-    params = PostprocessParams.from_config(config, score_threshold=score_threshold, **overrides)
+    params = PostprocessParams.from_config(
+        config,
+        score_threshold=score_threshold,
+        nms_iou=config.nms_iou if nms_iou is None else nms_iou,
+    )
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=detection_collate
     )
