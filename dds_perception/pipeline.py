@@ -279,6 +279,7 @@ class Pipeline:
         half: bool = False,
         score_threshold: float | None = None,
         nms_iou: float | None = None,
+        vote_iou: float | None = None,
         max_detections: int | None = None,
         input_size: tuple[int, int] | None = None,
         channels_last: bool | None = None,
@@ -320,6 +321,7 @@ class Pipeline:
             config.score_threshold if score_threshold is None else score_threshold
         )
         self.nms_iou = float(config.nms_iou if nms_iou is None else nms_iou)
+        self.vote_iou = float(config.vote_iou if vote_iou is None else vote_iou)
         self.max_detections = int(
             config.max_detections if max_detections is None else max_detections
         )
@@ -366,6 +368,7 @@ class Pipeline:
         *,
         score_threshold: float | None = None,
         nms_iou: float | None = None,
+        vote_iou: float | None = None,
         max_detections: int | None = None,
         input_size: tuple[int, int] | None = None,
         warmup: bool = True,
@@ -383,6 +386,7 @@ class Pipeline:
         options = {
             "score_threshold": score_threshold,
             "nms_iou": nms_iou,
+            "vote_iou": vote_iou,
             "max_detections": max_detections,
             "warmup": warmup,
             "on_device": on_device,
@@ -411,6 +415,7 @@ class Pipeline:
         backend: str = "onnxruntime",
         score_threshold: float | None = None,
         nms_iou: float | None = None,
+        vote_iou: float | None = None,
         max_detections: int | None = None,
         input_size: tuple[int, int] | None = None,
         warmup: bool = True,
@@ -429,6 +434,7 @@ class Pipeline:
             net,
             score_threshold=score_threshold,
             nms_iou=nms_iou,
+            vote_iou=vote_iou,
             max_detections=max_detections,
             input_size=input_size,
             warmup=warmup,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -215,6 +216,31 @@ def test_detection_postprocess_threshold_nms_topk():
     assert clipped.tolist() == [[0.0, 0.0, 5.0, 5.0]]
 
 
+def test_detection_postprocess_box_voting_by_hand():
+    """Box voting moves each kept box to the score-weighted mean of the candidates that overlap
+    it by at least vote_iou; scores, order and the set of kept boxes stay NMS's."""
+    scores = torch.tensor([[0.9, 0.3, 0.5, 0.6]])
+    boxes = torch.tensor(
+        [[[0.0, 0, 10, 10], [0.0, 0, 10, 12], [50, 50, 60, 60], [0.0, 0, 14, 10]]]
+    )
+    # IoU(0, 1) = 100 / 120 = 0.833, IoU(0, 3) = 100 / 140 = 0.714, IoU(1, 3) = 100 / 160
+    plain = PostprocessParams(score_threshold=0.1, nms_iou=0.5)
+    ((kept, kept_scores, _),) = postprocess(scores, boxes, plain)
+    assert kept.tolist() == [[0, 0, 10, 10], [50, 50, 60, 60]]
+    ((voted, voted_scores, _),) = postprocess(scores, boxes, replace(plain, vote_iou=0.7))
+    # box 0 <- (0.9 * box0 + 0.3 * box1 + 0.6 * box3) / 1.8: x2 = (9 + 3 + 8.4) / 1.8 = 11.333,
+    # y2 = (9 + 3.6 + 6) / 1.8 = 10.333; box 2 overlaps nothing and votes alone
+    torch.testing.assert_close(voted, torch.tensor([[0.0, 0, 34 / 3, 31 / 3], [50, 50, 60, 60]]))
+    assert torch.equal(voted_scores, kept_scores)
+    ((strict, _, _),) = postprocess(scores, boxes, replace(plain, vote_iou=0.8))  # box 3 out
+    torch.testing.assert_close(strict[0], torch.tensor([0.0, 0, 10, 10.5]))  # (9 + 3.6) / 1.2
+    # a candidate of another class never votes
+    ((aware, _, _),) = postprocess(
+        scores, boxes, replace(plain, vote_iou=0.7), labels=torch.tensor([[0, 1, 0, 1]])
+    )
+    assert aware[0].tolist() == [0, 0, 10, 10]  # boxes 1 and 3 are kept apart as class 1
+
+
 def test_detection_postprocess_single_class_equals_class_aware_with_one_class():
     """The label-free fast path keeps exactly what class-aware NMS keeps with one class, top-k
     included; with two classes, overlapping boxes of different classes both survive."""
@@ -252,11 +278,21 @@ def _clustered(seed: int, images: int = 3, anchors: int = 2000) -> tuple[torch.T
 
 
 @pytest.mark.parametrize(
-    ("threshold", "top_k", "max_detections"),
-    [(0.3, 1000, 100), (0.01, 1000, 100), (0.01, 300, 20), (0.5, 0, 5), (0.999, 1000, 100)],
+    ("threshold", "top_k", "max_detections", "vote_iou"),
+    [
+        (0.3, 1000, 100, 0.0),
+        (0.01, 1000, 100, 0.0),
+        (0.01, 1000, 100, 0.6),
+        (0.01, 300, 20, 0.7),
+        (0.5, 0, 5, 0.5),
+        (0.999, 1000, 100, 0.6),
+    ],
 )
-def test_detection_fixed_shape_postprocess_equals_postprocess(threshold, top_k, max_detections):
-    """The on-device form keeps exactly what the data-dependent one keeps, in the same order."""
+def test_detection_fixed_shape_postprocess_equals_postprocess(
+    threshold, top_k, max_detections, vote_iou
+):
+    """The on-device form keeps exactly what the data-dependent one keeps, in the same order,
+    with the same voted boxes."""
     from dds_perception.detection.postprocess import postprocess_fixed
 
     params = PostprocessParams(
@@ -265,6 +301,7 @@ def test_detection_fixed_shape_postprocess_equals_postprocess(threshold, top_k, 
         max_detections=max_detections,
         pre_nms_top_k=top_k,
         min_box_size=4.0,
+        vote_iou=vote_iou,
     )
     for seed in range(3):
         scores, boxes = _clustered(seed)

@@ -238,7 +238,7 @@ def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys)
     argv = [*TINY, "--data-root", str(scenes), "--split", "train", "--folds", "3",
             "--epochs", "1", "--max-steps-per-epoch", "1",
             "--eval-input-sizes", "96x320", "128x416", "--eval-nms-ious", "0.5", "0.05",
-            "--out", str(tmp_path / "cv")]  # fmt: skip
+            "--eval-vote-ious", "0", "0.65", "--out", str(tmp_path / "cv")]  # fmt: skip
     args = crossval.parse_arguments(parser, argv)
     summary = crossval.crossval(args)
     # the same models at their own size score as the main report; at another size they run
@@ -253,6 +253,11 @@ def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys)
     assert own["nms_iou"] == summary["nms_iou"] == 0.5 and strict["nms_iou"] == 0.05
     assert own["pooled"] == summary["pooled"] and own["per_fold"] == summary["per_fold"]
     assert "| 0.05 |" in (tmp_path / "cv" / "crossval.md").read_text()
+    # no voting (the model's own) reproduces the report; voting is scored and reported
+    unvoted, voted = summary["vote_ious"]
+    assert unvoted["vote_iou"] == summary["vote_iou"] == 0.0 and voted["vote_iou"] == 0.65
+    assert unvoted["pooled"] == summary["pooled"] and unvoted["per_fold"] == summary["per_fold"]
+    assert "| voting IoU |" in (tmp_path / "cv" / "crossval.md").read_text()
     model = load_detector(tmp_path / "cv" / "fold0" / "model.safetensors")
     val = KittiDetectionDataset(
         scenes,
@@ -265,6 +270,12 @@ def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys)
         for iou in (0.0, 1.0)
     ]
     assert 0 < counts[0] < counts[1]  # IoU 0 keeps no overlapping pair, IoU 1 keeps them all
+    # voting keeps NMS's detections and scores, and moves boxes that had close neighbours
+    plain, moved = (predict_dataset(model, val, device=cpu, vote_iou=v) for v in (0.0, 0.65))
+    assert plain.keys() == moved.keys()
+    pairs = [(a, b) for fid in plain for a, b in zip(plain[fid], moved[fid], strict=True)]
+    assert all(a.score == b.score for a, b in pairs)
+    assert any(a.bbox != b.bbox for a, b in pairs)
     assert summary["folds"] == 3 and len(summary["per_fold"]) == 3
     train = KittiDetectionDataset(scenes, "train")
     assert summary["frames"] == len(train)  # every frame validated exactly once

@@ -7,6 +7,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -179,6 +180,8 @@ def test_node_params_file_matches_defaults():
         ({"input_width": 640}, r"set both or neither"),
         ({"score_threshold": 1.5}, r"score_threshold 1.5: must lie in \[0, 1\]"),
         ({"nms_iou": -0.1}, r"nms_iou -0.1: must lie in \[0, 1\]"),
+        ({"vote_iou": -0.5}, r"vote_iou -0.5: must lie in \[0, 1\] \(or -1"),
+        ({"vote_iou": 1.5}, r"vote_iou 1.5: must lie in"),
         ({"max_detections": 0}, r"max_detections 0: must be positive"),
         ({"max_detections": 20000}, r"max_detections 20000: must lie in \[1, 10000\]"),
         ({"input_width": 9600, "input_height": 64}, r"input_width 9600: must lie in \[0, 8192\]"),
@@ -485,6 +488,19 @@ def test_node_update_params_at_run_time(classes):
     node.update_params(device="cpu")  # unchanged value: accepted (ROS re-sets all at times)
 
 
+def test_node_vote_iou_at_run_time_and_back_to_the_weights_files(classes):
+    """vote_iou -1 (the default) keeps the weights file's box voting; a value replaces it at
+    run time, and -1 puts the file's back."""
+    node = make_core(classes)
+    node.pipeline.config = SimpleNamespace(vote_iou=0.6)  # what a weights file says
+    node.update_params(vote_iou=0.7)
+    assert node.pipeline.vote_iou == 0.7
+    node.update_params(vote_iou=-1.0)
+    assert node.pipeline.vote_iou == 0.6
+    node.update_params(vote_iou=0.0)
+    assert node.pipeline.vote_iou == 0.0
+
+
 # --------------------------------------------------------------------------- the real pipeline
 
 
@@ -524,9 +540,12 @@ def test_node_build_pipeline_arguments(monkeypatch, tmp_path):
         "half": False,
         "score_threshold": 0.6,
         "nms_iou": 0.5,
+        "vote_iou": None,  # -1: the weights file's own
         "max_detections": 100,
         "input_size": (192, 640),
     }
+    core.build_pipeline(DetectorParams(device="cpu", vote_iou=0.0))  # 0: voting off
+    assert calls[1][1]["vote_iou"] == 0.0
 
 
 def test_node_build_pipeline_corrupt_weights(tmp_path):

@@ -71,6 +71,7 @@ class DetectorConfig:
     # inference
     score_threshold: float = 0.3
     nms_iou: float = 0.5
+    vote_iou: float = 0.0  # box voting after NMS (0: off; see detection.postprocess)
     max_detections: int = 100
     pre_nms_top_k: int = 1000
     min_box_size: float = 2.0
@@ -118,7 +119,7 @@ class DetectorConfig:
                 )
         if self.head_channels < 0:
             raise DetectorConfigError(f"head_channels {self.head_channels}: must be >= 0")
-        for name in ("score_threshold", "nms_iou", "positive_fraction", "ignore_ioa"):
+        for name in ("score_threshold", "nms_iou", "vote_iou", "positive_fraction", "ignore_ioa"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise DetectorConfigError(f"{name} {value}: must lie in [0, 1]")

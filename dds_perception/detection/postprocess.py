@@ -1,4 +1,13 @@
-"""From per-anchor scores and boxes to final detections: top-k, threshold, clip, NMS, top-k.
+"""From per-anchor scores and boxes to final detections: top-k, threshold, clip, NMS, top-k, and
+optionally box voting.
+
+Box voting (Gidaris and Komodakis, "Object detection via a multi-region & semantic
+segmentation-aware CNN model", 2015): each box that NMS keeps is replaced by the score-weighted
+mean of the candidates that overlap it by at least ``vote_iou``, itself included. NMS throws away
+the neighbours' evidence about where the object's edges are; the mean keeps it. KITTI counts a
+car only above IoU 0.7, so edge accuracy is AP: on the real-car cross-validation it added 8 points
+of moderate AP_40 (``models/dds_detector_kitti.md``). Scores and the set of kept boxes do not
+change.
 
 Works on the eval output of :class:`~dds_perception.detection.detector.RPNDetector` (or the same
 two tensors from an exported graph), in network-input pixels. Mapping back to the source image is
@@ -24,6 +33,7 @@ class PostprocessParams:
     max_detections: int = 100
     pre_nms_top_k: int = 1000
     min_box_size: float = 2.0
+    vote_iou: float = 0.0  # box voting's overlap (0: off)
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> PostprocessParams:
@@ -66,11 +76,27 @@ def postprocess(
             keep = nms(box, score, params.nms_iou)[: params.max_detections]
         else:
             keep = batched_nms(box, score, label, params.nms_iou)[: params.max_detections]
-        score, box, label = _take(keep, score, box, label)
+        kept_box = box[keep]
+        if params.vote_iou > 0:
+            weight = (box_iou(kept_box, box) >= params.vote_iou) * score
+            if label is not None:
+                weight = weight * (label[keep, None] == label[None, :])
+            kept_box = vote(kept_box, box, weight)
+        score, _, label = _take(keep, score, None, label)
+        box = kept_box
         if label is None:
             label = torch.zeros(score.shape, dtype=torch.int64, device=score.device)
         results.append((box, score, label))
     return results
+
+
+def vote(kept: Tensor, candidates: Tensor, weight: Tensor) -> Tensor:
+    """Box voting: ``(..., M, K) weight @ (..., K, 4) candidates``, normalised per kept box;
+    a kept box whose weights are all zero (it cannot happen for a box that votes for itself,
+    but a NaN IoU of a degenerate box is not >= anything) stays as it is."""
+    total = weight.sum(-1, keepdim=True)
+    mean = (weight @ candidates) / total.clamp(min=torch.finfo(weight.dtype).tiny)
+    return torch.where(total > 0, mean, kept)
 
 
 def _take(index: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -153,7 +179,8 @@ def postprocess_fixed(
         )
     size_ok = ((box[..., 2:] - box[..., :2]) >= params.min_box_size).all(-1)
     valid = (top > params.score_threshold) & size_ok
-    over = (pairwise_iou(box) > params.nms_iou).triu_(1)  # [i, j]: i < j (higher score)
+    iou = pairwise_iou(box)
+    over = (iou > params.nms_iou).triu_(1)  # [i, j]: i < j (higher score)
     keep = valid
     for _ in range(rounds):
         keep = valid & ~_suppressed(over, keep)
@@ -161,6 +188,8 @@ def postprocess_fixed(
     rank = keep.cumsum(1) - 1
     chosen = keep & (rank < m)
     slot = torch.where(chosen, rank, m)  # slot m collects what is not chosen, then is dropped
+    if params.vote_iou > 0:  # every candidate's vote; only the chosen ones' are kept below
+        box = vote(box, box, (iou >= params.vote_iou) * (top * valid).unsqueeze(1))
     out_boxes = box.new_zeros(n, m + 1, 4).scatter_(1, slot.unsqueeze(-1).expand(n, t, 4), box)
     out_scores = top.new_zeros(n, m + 1).scatter_(1, slot, top)
     return FixedDetections(

@@ -9,7 +9,8 @@ out-of-fold AP (every frame scored by the one model that never saw it), in ``cro
 and ``crossval.md``. ``--eval-input-sizes`` scores the same fold models at other letterbox
 input sizes too (the network is fully convolutional), so that the deployed input size is
 chosen by cross-validated AP rather than on the frames it is reported on; ``--eval-nms-ious``
-does the same for the post-processing NMS IoU (no retraining either).
+and ``--eval-vote-ious`` do the same for the post-processing's NMS and box-voting IoUs (no
+retraining either).
 
 examples:
   dds-perception crossval --config config/train/detector_kitti.yaml \\
@@ -21,6 +22,7 @@ examples:
       --data-root ../shared/data/kitti_sample --split all --folds 3 --out runs/cv_kitti \\
       --eval-input-sizes 384x1248 352x1152 320x1024  # AP of the same models at each size
   dds-perception crossval ... --eval-nms-ious 0.4 0.6 0.7  # and with each NMS IoU
+  dds-perception crossval ... --eval-vote-ious 0 0.6 0.7    # and each box voting IoU (0: off)
 """
 
 from __future__ import annotations
@@ -81,6 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="IOU",
         help="also score the fold models (at their own input size) with these NMS IoUs",
     )
+    group.add_argument(
+        "--eval-vote-ious",
+        type=parse_iou,
+        nargs="+",
+        default=[],
+        metavar="IOU",
+        help="also score the fold models (at their own input size and NMS IoU) with these box "
+        "voting IoUs (0: no voting)",
+    )
 
 
 def parse_input_size(text: str) -> tuple[int, int]:
@@ -104,7 +115,7 @@ def parse_iou(text: str) -> float:
     except ValueError:
         value = None
     if value is None or not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"NMS IoU {text!r}: need a number in [0, 1]")
+        raise argparse.ArgumentTypeError(f"IoU {text!r}: need a number in [0, 1]")
     return value
 
 
@@ -157,10 +168,11 @@ def score_folds(
     folds: list[tuple[list[str], list[str]]],
     input_size: tuple[int, int] | None = None,
     nms_iou: float | None = None,
+    vote_iou: float | None = None,
 ) -> dict[str, Any]:
     """Each fold model on its own validation frames (at ``input_size``, default the size it was
-    saved with; with ``nms_iou``, default its own): per-fold AP, their mean, spread and range,
-    and the pooled out-of-fold AP."""
+    saved with; with ``nms_iou`` and ``vote_iou``, default its own): per-fold AP, their mean,
+    spread and range, and the pooled out-of-fold AP."""
     device = torch.device("cpu")
     detections: dict[str, list] = {}
     ground_truth: dict[str, list] = {}
@@ -171,7 +183,12 @@ def score_folds(
             args.data_root, val_ids, DetectionEvalTransform(model.config.input_size)
         )
         found = predict_dataset(
-            model, val, device=device, score_threshold=args.eval_score_threshold, nms_iou=nms_iou
+            model,
+            val,
+            device=device,
+            score_threshold=args.eval_score_threshold,
+            nms_iou=nms_iou,
+            vote_iou=vote_iou,
         )
         truth = {fid: val.objects(i) for i, fid in enumerate(val.frame_ids)}
         per_fold.append(_ap_table(kitti_evaluate(truth, found, classes=("Car",))))
@@ -181,6 +198,7 @@ def score_folds(
     return {
         "input_size": list(model.config.input_size),
         "nms_iou": model.config.nms_iou if nms_iou is None else nms_iou,
+        "vote_iou": model.config.vote_iou if vote_iou is None else vote_iou,
         "frames": len(ground_truth),
         "per_fold": per_fold,
         "mean": {d: statistics.mean(f[d] for f in per_fold) for d in DIFFICULTIES},
@@ -206,6 +224,7 @@ def report(
             score_folds(args, out, folds, tuple(size)) for size in args.eval_input_sizes
         ],
         "nms_ious": [score_folds(args, out, folds, nms_iou=iou) for iou in args.eval_nms_ious],
+        "vote_ious": [score_folds(args, out, folds, vote_iou=iou) for iou in args.eval_vote_ious],
         "fold_summaries": [
             json.loads((out / f"fold{k}" / "summary.json").read_text(encoding="utf-8"))
             for k in range(len(folds))
@@ -266,6 +285,17 @@ def markdown(summary: dict[str, Any]) -> str:
         ]
         for scores in [summary, *summary["nms_ious"]]:
             lines.append(f"| {scores['nms_iou']:g} | {_pooled_cells(scores)} |")
+    if summary.get("vote_ious"):
+        lines += [
+            "",
+            "The same fold models with other box voting IoUs (0: none; pooled out-of-fold; mean "
+            "± std of folds):",
+            "",
+            "| voting IoU | easy | moderate | hard |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for scores in [summary, *summary["vote_ious"]]:
+            lines.append(f"| {scores['vote_iou']:g} | {_pooled_cells(scores)} |")
     return "\n".join(lines)
 
 

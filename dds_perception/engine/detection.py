@@ -395,18 +395,20 @@ def predict_dataset(
     device: torch.device,
     score_threshold: float = 0.01,
     nms_iou: float | None = None,
+    vote_iou: float | None = None,
     batch_size: int = 4,
     channels_last: bool = False,
     progress: bool = False,
 ) -> dict[str, list]:
     """Detections (KittiObject with score, source pixels) for every frame of ``dataset``;
-    ``nms_iou`` replaces the model's own NMS IoU."""
+    ``nms_iou`` / ``vote_iou`` replace the model's own NMS and box-voting IoUs."""
     model.eval()
     config = model.config
     params = PostprocessParams.from_config(
         config,
         score_threshold=score_threshold,
         nms_iou=config.nms_iou if nms_iou is None else nms_iou,
+        vote_iou=config.vote_iou if vote_iou is None else vote_iou,
     )
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=detection_collate

@@ -77,6 +77,7 @@ def build_pipeline(params: DetectorParams):
         backend=params.backend,
         score_threshold=params.score_threshold,
         nms_iou=params.nms_iou,
+        vote_iou=None if params.vote_iou < 0 else params.vote_iou,
         max_detections=params.max_detections,
         input_size=params.input_size,
     )
@@ -86,7 +87,8 @@ class DetectorCore:
     """Frame slot + worker + statistics + diagnostics + message building; see the module doc.
 
     ``pipeline`` follows the inference-pipeline contract (callable on an RGB array, returning
-    detections with ``timings``; settable ``score_threshold``/``nms_iou``/``max_detections``).
+    detections with ``timings``; settable ``score_threshold``, ``nms_iou``, ``vote_iou`` and
+    ``max_detections``).
     ``classes`` is a ``messages.MessageClasses`` bundle (rosbags, rclpy or DDS classes).
     ``decoder`` turns an Image/CompressedImage message into an HxWx3 RGB array (default
     ``messages.image_msg_to_rgb``; the rclpy node passes cv_bridge's when it works).
@@ -210,6 +212,9 @@ class DetectorCore:
     def _apply_runtime(self, params: DetectorParams) -> None:
         self.pipeline.score_threshold = params.score_threshold
         self.pipeline.nms_iou = params.nms_iou
+        file_vote_iou = getattr(getattr(self.pipeline, "config", None), "vote_iou", 0.0)
+        # -1: the weights file's value (also when set back at run time)
+        self.pipeline.vote_iou = params.vote_iou if params.vote_iou >= 0 else file_vote_iou
         self.pipeline.max_detections = params.max_detections
 
     def update_params(self, **changes: Any) -> DetectorParams:

@@ -74,6 +74,14 @@ class DetectorParams:
     nms_iou: float = _param(
         0.5, "IoU above which NMS suppresses a box", low=0.0, high=1.0, runtime=True
     )
+    vote_iou: float = _param(
+        -1.0,
+        "box voting after NMS: each box becomes the score-weighted mean of the candidates that "
+        "overlap it by at least this; 0 = off, -1 = the weights file's value",
+        low=-1.0,
+        high=1.0,
+        runtime=True,
+    )
     max_detections: int = _param(
         100, "maximum detections per frame", low=1, high=10000, runtime=True
     )
@@ -202,6 +210,10 @@ class DetectorParams:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ParameterError(f"{name} {value}: must lie in [0, 1]")
+        if self.vote_iou != -1.0 and not 0.0 <= self.vote_iou <= 1.0:
+            raise ParameterError(
+                f"vote_iou {self.vote_iou}: must lie in [0, 1] (or -1: the weights file's)"
+            )
         if self.max_detections <= 0:
             raise ParameterError(f"max_detections {self.max_detections}: must be positive")
         if self.latency_budget_ms <= 0:
