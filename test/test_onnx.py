@@ -549,3 +549,24 @@ def test_export_weights_at_another_input_size(weights, tmp_path, capsys):
     assert "needs --height and --width" in capsys.readouterr().err
     assert main([*args, "--height", "64", "--width", "128", "--half"]) == 1
     assert "--half: ONNX options" in capsys.readouterr().err
+
+
+def test_export_weights_with_post_processing_settings(weights, tmp_path, capsys):
+    """--vote-iou / --nms-iou store the post-processing in the weights file (the node, replay
+    and demo read it from there); out-of-range values and ONNX outputs are refused by name."""
+    from dds_perception.cli import main
+    from dds_perception.detection import load_detector
+
+    out = tmp_path / "voted.safetensors"
+    args = ["export", "--weights", str(weights), "--out", str(out)]
+    assert main([*args, "--vote-iou", "0.6", "--nms-iou", "0.45"]) == 0
+    assert "nms_iou 0.45, vote_iou 0.6" in capsys.readouterr().out
+    model, original = load_detector(out), load_detector(weights)
+    assert (model.config.vote_iou, model.config.nms_iou) == (0.6, 0.45)
+    assert model.config.input_size == original.config.input_size == INPUT_SIZE
+    assert original.config.vote_iou == 0.0  # the source file is not touched
+    assert main([*args, "--vote-iou", "1.5"]) == 1
+    assert "vote_iou 1.5: must lie in [0, 1]" in capsys.readouterr().err
+    onnx = ["export", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]
+    assert main([*onnx, "--vote-iou", "0"]) == 1
+    assert "--vote-iou: set in a .safetensors export first" in capsys.readouterr().err

@@ -27,6 +27,9 @@ examples:
   # the node, replay and demo then use by default (the shipped model: see its model card)
   dds-perception export --weights runs/cv_kitti/fold0/model.safetensors \\
       --out models/dds_detector_kitti.safetensors --height 352 --width 1152
+  # ... or with box voting after NMS stored in the file (0 = off)
+  dds-perception export --weights runs/cv_kitti/fold0/model.safetensors \\
+      --out models/dds_detector_kitti.safetensors --vote-iou 0.6
 """
 
 from __future__ import annotations
@@ -82,6 +85,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also build the TensorRT engine beside the ONNX file (needs tensorrt and a GPU)",
     )
     parser.add_argument("--report", help="write the export report as JSON here")
+    parser.add_argument(
+        "--nms-iou",
+        type=float,
+        help="a .safetensors --out: store this NMS IoU in the file (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--vote-iou",
+        type=float,
+        help="a .safetensors --out: store this box-voting IoU in the file, 0 = no voting "
+        "(default: the checkpoint's)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
     size = (args.height, args.width) if args.height is not None else None
     if Path(args.out).suffix == ".safetensors":
         return export_weights(args, size)
+    post = [
+        f"--{n.replace('_', '-')}" for n in ("nms_iou", "vote_iou") if getattr(args, n) is not None
+    ]
+    if post:
+        raise UsageError(
+            f"{', '.join(post)}: set in a .safetensors export first; the ONNX export carries "
+            "the weights file's post-processing settings"
+        )
     if args.engine:  # fail before the export, not after it
         from dds_perception.deploy.backends import TRT_INSTALL, tensorrt_unavailable_reason
 
@@ -124,12 +146,18 @@ def run(args: argparse.Namespace) -> int:
 
 def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> int:
     """``--out X.safetensors``: the detector of ``--weights`` saved to run at ``size`` (the
-    network is fully convolutional; its anchors follow the input). Recipe and metrics travel
-    along, with the size they were measured at."""
+    network is fully convolutional; its anchors follow the input) and/or with other
+    post-processing IoUs. Recipe and metrics travel along, with the size they were measured at.
+    """
+    from dds_perception.detection.config import DetectorConfigError
     from dds_perception.detection.weights import load_detector, save_detector
 
-    if size is None:
-        raise UsageError(f"--out {args.out}: a .safetensors export needs --height and --width")
+    post = {n: getattr(args, n) for n in ("nms_iou", "vote_iou") if getattr(args, n) is not None}
+    if size is None and not post:
+        raise UsageError(
+            f"--out {args.out}: a .safetensors export needs --height and --width, or "
+            "--nms-iou / --vote-iou"
+        )
     onnx_only = {
         "--half": args.half,
         "--dynamic-batch": args.dynamic_batch,
@@ -142,6 +170,10 @@ def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> in
         raise UsageError(f"{', '.join(given)}: ONNX options; --out {args.out} writes weights")
     model = load_detector(args.weights, input_size=size)
     meta = model.meta
+    try:
+        model.config = model.config.replace(**post)
+    except DetectorConfigError as error:
+        raise UsageError(f"--out {args.out}: {error}") from error
     save_detector(
         args.out,
         model,
@@ -149,8 +181,10 @@ def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> in
         metrics=meta.get("metrics"),
         exported_from={"weights": str(args.weights), "input_size": meta.get("input_size")},
     )
+    height, width = model.config.input_size
+    settings = "".join(f", {name} {value:g}" for name, value in post.items())
     print(
-        f"{args.out}: the detector of {args.weights} at input {size[0]}x{size[1]} "
-        f"(was {'x'.join(map(str, meta.get('input_size', [])))})"
+        f"{args.out}: the detector of {args.weights} at input {height}x{width} "
+        f"(was {'x'.join(map(str, meta.get('input_size', [])))}){settings}"
     )
     return 0
