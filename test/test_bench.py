@@ -315,6 +315,10 @@ def test_bench_split_pyramid_is_exact_after_folding() -> None:
         merge_pyramid_branches(model)
         assert split_pyramid_producers(model) == 17
         got = model(x.contiguous(memory_format=torch.channels_last))
+    blocks = [m for m in model.modules() if isinstance(m, SplitPyramidBlock)]
+    # every block's projection reads the branches one by one: no concatenation is left
+    assert all(b.project is not None and b.tail is None for b in blocks)
+    assert [len(b.project) for b in blocks] == [len(b.branches) for b in blocks]
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5)
 
