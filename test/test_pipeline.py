@@ -148,6 +148,20 @@ def test_pipeline_default_weights_is_the_real_data_detector():
     assert default_weights().name == "dds_detector_kitti.safetensors"
 
 
+def test_pipeline_takes_box_voting_from_the_weights_file():
+    """The shipped real-data file votes at 0.6 (cross-validated, models/dds_detector_kitti.md);
+    an explicit value wins, and voting moves boxes without changing scores."""
+    shipped = Pipeline.from_weights(default_weights(), device="cpu", warmup=False)
+    assert shipped.vote_iou == shipped.config.vote_iou == 0.6
+    plain = Pipeline.from_weights(default_weights(), device="cpu", warmup=False, vote_iou=0.0)
+    assert plain.vote_iou == 0.0
+    image = cv2.imread(str(SAMPLES / "training" / "image_2" / "000036.png"))
+    frame = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    voted, unvoted = shipped(frame), plain(frame)
+    np.testing.assert_array_equal(voted.scores, unvoted.scores)
+    assert len(voted.boxes) > 0 and not np.allclose(voted.boxes, unvoted.boxes)
+
+
 def test_pipeline_shipped_detector_finds_the_cars_of_unseen_scenes(tmp_path, scene_ap):
     """The synthetic-scene weights, through the pipeline, on 24 scenes they never saw (seed 77).
 
