@@ -106,12 +106,11 @@ def run(args: argparse.Namespace) -> int:
     size = (args.height, args.width) if args.height is not None else None
     if Path(args.out).suffix == ".safetensors":
         return export_weights(args, size)
-    post = [
-        f"--{n.replace('_', '-')}" for n in ("nms_iou", "vote_iou") if getattr(args, n) is not None
-    ]
+    post = _post_settings(args)
     if post:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in post)
         raise UsageError(
-            f"{', '.join(post)}: set in a .safetensors export first; the ONNX export carries "
+            f"{flags}: set in a .safetensors export first; the ONNX export carries "
             "the weights file's post-processing settings"
         )
     if args.engine:  # fail before the export, not after it
@@ -144,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _post_settings(args: argparse.Namespace) -> dict[str, float]:
+    """The post-processing IoUs given on the command line (``--nms-iou``, ``--vote-iou``)."""
+    return {n: getattr(args, n) for n in ("nms_iou", "vote_iou") if getattr(args, n) is not None}
+
+
 def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> int:
     """``--out X.safetensors``: the detector of ``--weights`` saved to run at ``size`` (the
     network is fully convolutional; its anchors follow the input) and/or with other
@@ -152,7 +156,7 @@ def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> in
     from dds_perception.detection.config import DetectorConfigError
     from dds_perception.detection.weights import load_detector, save_detector
 
-    post = {n: getattr(args, n) for n in ("nms_iou", "vote_iou") if getattr(args, n) is not None}
+    post = _post_settings(args)
     if size is None and not post:
         raise UsageError(
             f"--out {args.out}: a .safetensors export needs --height and --width, or "

@@ -75,23 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HxW",
         help="also score the fold models at these letterbox input sizes (multiples of 32)",
     )
-    group.add_argument(
-        "--eval-nms-ious",
-        type=parse_iou,
-        nargs="+",
-        default=[],
-        metavar="IOU",
-        help="also score the fold models (at their own input size) with these NMS IoUs",
-    )
-    group.add_argument(
-        "--eval-vote-ious",
-        type=parse_iou,
-        nargs="+",
-        default=[],
-        metavar="IOU",
-        help="also score the fold models (at their own input size and NMS IoU) with these box "
-        "voting IoUs (0: no voting)",
-    )
+    for flag, what in (
+        ("--eval-nms-ious", "NMS IoUs"),
+        ("--eval-vote-ious", "box voting IoUs (0: no voting)"),
+    ):
+        group.add_argument(
+            flag,
+            type=parse_iou,
+            nargs="+",
+            default=[],
+            metavar="IOU",
+            help=f"also score the fold models (at their own input size) with these {what}",
+        )
 
 
 def parse_input_size(text: str) -> tuple[int, int]:
@@ -245,6 +240,24 @@ def _pooled_cells(scores: dict[str, Any]) -> str:
     )
 
 
+# the report's extra tables: summary key, what differs, first column, its cell per scoring
+_EXTRA_TABLES = (
+    (
+        "input_sizes",
+        "at other input sizes",
+        "input (HxW)",
+        lambda r: "x".join(map(str, r["input_size"])),
+    ),
+    ("nms_ious", "with other NMS IoUs", "NMS IoU", lambda r: f"{r['nms_iou']:g}"),
+    (
+        "vote_ious",
+        "with other box voting IoUs (0: none)",
+        "voting IoU",
+        lambda r: f"{r['vote_iou']:g}",
+    ),
+)
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The report as a Markdown table (Car AP_40, percent)."""
     lines = [
@@ -264,38 +277,17 @@ def markdown(summary: dict[str, Any]) -> str:
         + " | ".join(f"**{summary['pooled'][d]:.1f}**" for d in DIFFICULTIES)
         + " |"
     )
-    if summary.get("input_sizes"):
-        lines += [
-            "",
-            "The same fold models at other input sizes (pooled out-of-fold; mean ± std of folds):",
-            "",
-            "| input (HxW) | easy | moderate | hard |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        for scores in [summary, *summary["input_sizes"]]:
-            size = "x".join(map(str, scores["input_size"]))
-            lines.append(f"| {size} | {_pooled_cells(scores)} |")
-    if summary.get("nms_ious"):
-        lines += [
-            "",
-            "The same fold models with other NMS IoUs (pooled out-of-fold; mean ± std of folds):",
-            "",
-            "| NMS IoU | easy | moderate | hard |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        for scores in [summary, *summary["nms_ious"]]:
-            lines.append(f"| {scores['nms_iou']:g} | {_pooled_cells(scores)} |")
-    if summary.get("vote_ious"):
-        lines += [
-            "",
-            "The same fold models with other box voting IoUs (0: none; pooled out-of-fold; mean "
-            "± std of folds):",
-            "",
-            "| voting IoU | easy | moderate | hard |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        for scores in [summary, *summary["vote_ious"]]:
-            lines.append(f"| {scores['vote_iou']:g} | {_pooled_cells(scores)} |")
+    for key, what, column, cell in _EXTRA_TABLES:
+        if summary.get(key):
+            lines += [
+                "",
+                f"The same fold models {what} (pooled out-of-fold; mean ± std of folds):",
+                "",
+                f"| {column} | easy | moderate | hard |",
+                "| --- | ---: | ---: | ---: |",
+            ]
+            for scores in [summary, *summary[key]]:
+                lines.append(f"| {cell(scores)} | {_pooled_cells(scores)} |")
     return "\n".join(lines)
 
 
