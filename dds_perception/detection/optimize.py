@@ -393,31 +393,16 @@ def densify_pyramids(model: nn.Module, max_reach: int | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- split producers
-def _conv_slice(conv: nn.Conv2d, start: int, stop: int) -> nn.Conv2d:
-    """The output channels ``start:stop`` of a (groups=1) convolution, as a convolution."""
+def _conv_part(
+    conv: nn.Conv2d, out: slice = slice(None), inp: slice = slice(None), bias: bool = True
+) -> nn.Conv2d:
+    """The part of a (groups=1) convolution that computes output channels ``out`` from input
+    channels ``inp``, with the bias when ``bias``: parts by output channel, concatenated, or
+    parts by input channel (one with the bias), summed, give the convolution's output."""
+    weight = conv.weight[out, inp]
     part = nn.Conv2d(
-        conv.in_channels,
-        stop - start,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        part.weight.copy_(conv.weight[start:stop])
-        if conv.bias is not None:
-            part.bias.copy_(conv.bias[start:stop])
-    return part
-
-
-def _conv_input_slice(conv: nn.Conv2d, start: int, stop: int, bias: bool) -> nn.Conv2d:
-    """The part of a (groups=1) convolution that reads input channels ``start:stop``, with the
-    bias when ``bias``: the parts' outputs, summed, are the convolution's output."""
-    part = nn.Conv2d(
-        stop - start,
-        conv.out_channels,
+        weight.shape[1],
+        weight.shape[0],
         kernel_size=conv.kernel_size,
         stride=conv.stride,
         padding=conv.padding,
@@ -426,17 +411,18 @@ def _conv_input_slice(conv: nn.Conv2d, start: int, stop: int, bias: bool) -> nn.
         padding_mode=conv.padding_mode,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
-        part.weight.copy_(conv.weight[:, start:stop])
+        part.weight.copy_(weight)
         if part.bias is not None:
-            part.bias.copy_(conv.bias)
+            part.bias.copy_(conv.bias[out])
     return part
 
 
-def _is_pointwise_projection(tail: nn.Module) -> bool:
-    """A plain 1x1 convolution (groups 1, stride 1) followed by identities only (folded BN)."""
+def _pointwise_projection(tail: nn.Module) -> nn.Conv2d | None:
+    """The tail's 1x1 convolution when the tail is that plain convolution (groups 1, stride 1)
+    followed by identities only (folded BN); otherwise None."""
     layers = list(tail.children()) if isinstance(tail, nn.Sequential) else [tail]
     conv = layers[0] if layers else None
-    return (
+    if (
         conv is not None
         and _is_plain_conv(conv)
         and conv.kernel_size == (1, 1)
@@ -444,7 +430,9 @@ def _is_pointwise_projection(tail: nn.Module) -> bool:
         and conv.stride == (1, 1)
         and conv.padding == (0, 0)
         and all(isinstance(layer, nn.Identity) for layer in layers[1:])
-    )
+    ):
+        return conv
+    return None
 
 
 def _act_slice(act: nn.Module, start: int, stop: int) -> nn.Module:
@@ -496,16 +484,17 @@ class SplitPyramidBlock(nn.Module):
         if sum(sizes) != conv.out_channels:
             raise OptimizeError(f"branches cover {sum(sizes)} of {conv.out_channels} channels")
         bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
-        self.produce = nn.ModuleList(_conv_slice(conv, a, b) for a, b in bounds)
+        self.produce = nn.ModuleList(_conv_part(conv, out=slice(a, b)) for a, b in bounds)
         self.produce_act = nn.ModuleList(_act_slice(act, a, b) for a, b in bounds)
         self.branches = pyramid.branches
         self.branch_act = nn.ModuleList(_act_slice(pyramid.act, a, b) for a, b in bounds)
         self.tail: nn.Module | None = tail
         self.project: nn.ModuleList | None = None
-        if len(bounds) > 1 and _is_pointwise_projection(tail):
-            conv = next(iter(tail.children())) if isinstance(tail, nn.Sequential) else tail
+        projection = _pointwise_projection(tail) if len(bounds) > 1 else None
+        if projection is not None:
             self.project = nn.ModuleList(
-                _conv_input_slice(conv, a, b, bias=i == 0) for i, (a, b) in enumerate(bounds)
+                _conv_part(projection, inp=slice(a, b), bias=i == 0)
+                for i, (a, b) in enumerate(bounds)
             )
             self.tail = None
         self.residual = residual
