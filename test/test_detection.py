@@ -184,6 +184,82 @@ def test_detection_sampled_iou_objectness_uses_the_box_iou():
     assert loss.item() == pytest.approx(10.0 / 8, rel=1e-4)
 
 
+def _refined(top_k: int = 4, **changes) -> torch.nn.Module:
+    """The one-anchor-per-cell detector of :func:`_one_anchor_per_cell` with a second stage."""
+    config, _, _ = _one_anchor_per_cell()
+    torch.manual_seed(0)
+    return build_detector(config.replace(refine_top_k=top_k, **changes))
+
+
+def test_detection_refiner_starts_as_identity_and_moves_boxes_by_its_deltas():
+    """An untrained second stage returns the first stage's top-k boxes and scores unchanged;
+    deltas (10 * 0.1, 0, 0, 0) (Fast R-CNN's weights 10, 10, 5, 5) move each box right by a
+    tenth of its width."""
+    model = _refined(top_k=3).eval()
+    first = build_detector(model.config.replace(refine_top_k=0)).eval()
+    first.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("refiner.")}
+    )
+    images = torch.randn(2, 3, 64, 128)
+    with torch.no_grad():
+        out, plain = model(images), first(images)
+        top, index = plain["scores"].topk(3, dim=1)
+        wanted = plain["boxes"].gather(1, index.unsqueeze(-1).expand(2, 3, 4))
+        assert out["scores"].shape == (2, 3) and out["boxes"].shape == (2, 3, 4)
+        torch.testing.assert_close(out["scores"], top)
+        torch.testing.assert_close(out["boxes"], wanted)
+        model.refiner.deltas.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        moved = model(images)["boxes"]
+    shift = 0.1 * (wanted[..., 2] - wanted[..., 0])
+    torch.testing.assert_close(moved[..., 0], wanted[..., 0] + shift)
+    torch.testing.assert_close(moved[..., 2], wanted[..., 2] + shift)
+    torch.testing.assert_close(moved[..., 1::2], wanted[..., 1::2])
+
+
+def test_detection_refiner_loss_hand_computed():
+    """Training boxes: the first stage's best candidate (anchor 0 at half the car's width: IoU
+    0.5, GIoU loss 0.5) and the car itself (loss 0); the second best misses the car (IoU 0,
+    not trained). An untrained refiner returns them as they are: mean loss 0.25."""
+    model = _refined(top_k=2).train()
+    anchors = model.anchors((64, 128), [(2, 4)])
+    logits = torch.full((1, 8), -5.0)
+    logits[0, 0], logits[0, 5] = 5.0, 4.0
+    deltas = torch.zeros(1, 8, 4)
+    deltas[0, 0, 2] = math.log(0.5)  # box [8, 0, 24, 32]
+    feature = torch.randn(1, model.backbone.feature_info["layer17"].channels, 2, 4)
+    loss = model.refine_loss(feature, logits, deltas, anchors, _one_car_target(), jitter=0)
+    assert loss.item() == pytest.approx(0.25)
+    loss.backward()
+    assert model.refiner.deltas.weight.grad.abs().sum() > 0
+    # with jittered copies the loss stays finite and positive; without cars it is a zero
+    # that still reaches the refiner's weights (every process of a DDP run sees them)
+    torch.manual_seed(0)
+    jittered = model.refine_loss(feature, logits, deltas, anchors, _one_car_target(), jitter=8)
+    assert 0.0 < jittered.item() < 1.0
+    empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}]
+    zero = model.refine_loss(feature, logits, deltas, anchors, empty)
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_detection_refiner_training_forward_and_learning():
+    """The second stage's loss joins the others, and a few steps on one car lower it."""
+    model = _refined(top_k=8).train()
+    images = torch.randn(1, 3, 64, 128)
+    targets = [{"boxes": torch.tensor([[20.0, 12.0, 70.0, 44.0]]), "labels": torch.ones(1).long()}]
+    losses = model(images, targets)
+    assert set(losses) == {"loss_objectness", "loss_box", "loss_refine"}
+    optimizer = torch.optim.Adam(model.refiner.parameters(), lr=1e-3)
+    history = []
+    for _ in range(50):
+        torch.manual_seed(1)  # the same jittered boxes every step
+        loss = model(images, targets)["loss_refine"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[-1] < 0.5 * history[0], history
+
+
 def test_detection_narrow_head_channels():
     wide = build_detector(DetectorConfig(**TINY))
     narrow = build_detector(DetectorConfig(**TINY, head_channels=16))
@@ -380,6 +456,10 @@ def test_detection_config_rejects_bad_values():
         DetectorConfig(objectness_target="centerness")
     with pytest.raises(DetectorConfigError, match="head_channels"):
         DetectorConfig(head_channels=-1)
+    with pytest.raises(DetectorConfigError, match="refine_top_k -1"):
+        DetectorConfig(refine_top_k=-1)
+    with pytest.raises(DetectorConfigError, match="refine_hidden 0"):
+        DetectorConfig(refine_top_k=100, refine_hidden=0)
     config = DetectorConfig()
     assert DetectorConfig.from_dict(config.to_dict()) == config
 

@@ -46,11 +46,17 @@ INPUT_SIZE = (128, 416)
 TRT_SKIP = tensorrt_unavailable_reason()
 
 
-def make_detector(input_size=INPUT_SIZE, width_mult: float = 0.5, seed: int = 0):
-    """A small detector with image-dependent, spread-out scores (see the module docstring)."""
+def make_detector(
+    input_size=INPUT_SIZE, width_mult: float = 0.5, seed: int = 0, refine_top_k: int = 0
+):
+    """A small detector with image-dependent, spread-out scores (see the module docstring);
+    with ``refine_top_k`` a second stage whose corrections depend on the image too."""
     torch.manual_seed(seed)
     config = DetectorConfig(
-        input_size=input_size, backbone_kwargs={"width_mult": width_mult}, score_threshold=0.8
+        input_size=input_size,
+        backbone_kwargs={"width_mult": width_mult},
+        score_threshold=0.8,
+        refine_top_k=refine_top_k,
     )
     model = build_detector(config)
     for module in model.modules():
@@ -62,6 +68,8 @@ def make_detector(input_size=INPUT_SIZE, width_mult: float = 0.5, seed: int = 0)
         torch.nn.init.normal_(head.cls_logits.weight, 0.0, 0.05)
         torch.nn.init.zeros_(head.cls_logits.bias)  # not the focal prior's p = 0.01
         torch.nn.init.normal_(head.bbox_pred.weight, 0.0, 0.005)
+    if model.refiner is not None:
+        torch.nn.init.normal_(model.refiner.deltas.weight, 0.0, 0.05)
     frames = [network_input(street_scene(s), model, input_size) for s in range(100, 104)]
     model.train()
     with torch.no_grad():
@@ -162,6 +170,29 @@ def test_onnx_same_detections_real_kitti_frames(backends, kitti_sample):
         rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
         assert rgb.shape[0] in range(370, 377) and rgb.shape[1] in range(1224, 1243)
         assert_same_detections(detect(torch_backend, rgb), detect(ort_backend, rgb))
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_onnx_refined_detector_same_detections(tmp_path, opset):
+    """The second stage (top-k, RoI align, MLP) exports at the TX2's opset 13 and at 17, with a
+    dynamic batch, and gives the torch model's detections (opset 13's RoiAlign has no
+    half-pixel option: the refiner uses the unaligned form both sides compute)."""
+    weights = save_detector(tmp_path / "refined.safetensors", make_detector(refine_top_k=50))
+    path = tmp_path / "refined.onnx"
+    export_onnx(weights, path, opset=opset, dynamic_batch=True)
+    from dds_perception.detection import load_detector
+
+    torch_backend = TorchBackend(load_detector(weights), device="cpu")
+    ort_backend = OnnxRuntimeBackend(path, device="cpu")
+    counts = []
+    for seed in (1, 2):
+        rgb = street_scene(seed)
+        counts.append(assert_same_detections(detect(torch_backend, rgb), detect(ort_backend, rgb)))
+    assert all(0 < c < 50 for c in counts), counts
+    frames = torch.cat([network_input(street_scene(s), ort_backend, INPUT_SIZE) for s in (1, 2)])
+    together, alone = ort_backend(frames), ort_backend(frames[1:])
+    assert together["boxes"].shape == (2, 50, 4)
+    torch.testing.assert_close(together["boxes"][1:], alone["boxes"], atol=1e-3, rtol=0)
 
 
 def test_onnx_export_validates_on_given_images(weights, kitti_sample, tmp_path):

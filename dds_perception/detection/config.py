@@ -68,6 +68,12 @@ class DetectorConfig:
     # anchor that is not ignored, summed over the positives (RetinaNet / GFL's quality focal loss)
     objectness_loss: str = "focal"
     focal_gamma: float = 2.0
+    # second stage (0: off): the refine_top_k best candidates of each image get box corrections
+    # from RoI-aligned features of the first feature map (detection.detector.BoxRefiner)
+    refine_top_k: int = 0
+    refine_channels: int = 64
+    refine_hidden: int = 256
+    refine_loss_weight: float = 1.0
     # inference
     score_threshold: float = 0.3
     nms_iou: float = 0.5
@@ -116,6 +122,11 @@ class DetectorConfig:
                 raise DetectorConfigError(
                     f"use_layer13 with layer13_max_size={self.layer13_max_size}: anchor_sizes "
                     f"{self.anchor_sizes} must fall on both sides of it"
+                )
+        for name in ("refine_top_k", "refine_channels", "refine_hidden"):
+            if getattr(self, name) < 0 or (self.refine_top_k and getattr(self, name) == 0):
+                raise DetectorConfigError(
+                    f"{name} {getattr(self, name)}: must be >= 0, and > 0 with refine_top_k"
                 )
         if self.head_channels < 0:
             raise DetectorConfigError(f"head_channels {self.head_channels}: must be >= 0")

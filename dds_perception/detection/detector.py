@@ -22,9 +22,17 @@ an anchor whose best match is an ignore box is neither positive nor negative, an
 not positive and lies inside an ignore region by more than ``ignore_ioa`` of its own area is
 neither either.
 
-Training ``forward(images, targets)`` returns ``{"loss_objectness", "loss_box"}``; eval
-``forward(images)`` returns ``{"scores": (N, K) probabilities, "boxes": (N, K, 4)}`` per anchor in
-network-input pixels, for :func:`dds_perception.detection.postprocess.postprocess`.
+Optional second stage (``refine_top_k`` > 0, :class:`BoxRefiner`): the ``refine_top_k``
+best-scored boxes of each image are corrected from RoI-aligned features of the first feature map
+(stride 16 with ``layer13``). KITTI counts a car only above IoU 0.7, and one stride-16/32 cell
+sees an edge only coarsely; a box-sized look at the features places the edges again (Faster
+R-CNN's second stage without its classifier: the scores stay the first stage's).
+
+Training ``forward(images, targets)`` returns ``{"loss_objectness", "loss_box"}`` (and
+``"loss_refine"`` with the second stage); eval ``forward(images)`` returns ``{"scores": (N, K)
+probabilities, "boxes": (N, K, 4)}`` in network-input pixels, per anchor (K anchors) or per
+refined candidate (K = ``refine_top_k``), for
+:func:`dds_perception.detection.postprocess.postprocess`.
 """
 
 from __future__ import annotations
@@ -41,8 +49,9 @@ from torchvision.models.detection._utils import (
     Matcher,
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import Conv2dNormActivation, box_iou, generalized_box_iou_loss
+from torchvision.ops import Conv2dNormActivation, box_iou, generalized_box_iou_loss, roi_align
 
 from dds_perception.detection.config import DetectorConfig
 from dds_perception.models import get_model
@@ -65,6 +74,79 @@ def rpn_head(in_channels: int, num_anchors: int, channels: int = 0) -> RPNHead:
         nn.init.zeros_(conv[0].bias)
         head.conv[0] = conv
     return head
+
+
+def decode_deltas(
+    deltas: Tensor,
+    anchors: Tensor,
+    weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+    clip: float = math.log(1000.0 / 16),
+) -> Tensor:
+    """Boxes (M, 4) x1,y1,x2,y2 from deltas (M, 4) and reference boxes (M, 4): the inverse of
+    torchvision's ``BoxCoder(weights).encode_single``, as its ``decode_single`` computes it.
+
+    Written out here because ``decode_single`` builds a CPU scalar tensor on every call, a
+    host-to-device copy that a CUDA graph cannot capture.
+    """
+    anchors = anchors.to(deltas.dtype)
+    widths = anchors[:, 2] - anchors[:, 0]
+    heights = anchors[:, 3] - anchors[:, 1]
+    ctr_x = anchors[:, 0] + 0.5 * widths
+    ctr_y = anchors[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = weights
+    pred_x = deltas[:, 0] / wx * widths + ctr_x
+    pred_y = deltas[:, 1] / wy * heights + ctr_y
+    half_w = 0.5 * torch.exp(torch.clamp(deltas[:, 2] / ww, max=clip)) * widths
+    half_h = 0.5 * torch.exp(torch.clamp(deltas[:, 3] / wh, max=clip)) * heights
+    return torch.stack((pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h), dim=1)
+
+
+class BoxRefiner(nn.Module):
+    """The second stage: box corrections from RoI-aligned features.
+
+    A 1x1 conv (ReLU) narrows the feature map to ``channels``, ``roi_align`` pools each box to
+    7x7, Faster R-CNN's two fully connected layers (``TwoMLPHead``) and a linear layer predict
+    Fast R-CNN deltas (weights 10, 10, 5, 5) relative to the box. The last layer starts at zero:
+    an untrained refiner returns its input boxes, so training starts from the first stage's AP.
+    """
+
+    pool = 7
+    weights = (10.0, 10.0, 5.0, 5.0)
+
+    def __init__(self, in_channels: int, stride: int, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.stride = int(stride)
+        self.reduce = Conv2dNormActivation(in_channels, channels, kernel_size=1, norm_layer=None)
+        self.mlp = TwoMLPHead(channels * self.pool * self.pool, hidden)
+        self.deltas = nn.Linear(hidden, 4)
+        nn.init.zeros_(self.deltas.weight)
+        nn.init.zeros_(self.deltas.bias)
+
+    def forward(self, feature: Tensor, rois: Tensor) -> Tensor:
+        """Refined boxes (R, 4) of ``rois`` (R, 5): image index in ``feature`` (N, C, h, w),
+        then x1, y1, x2, y2 in input pixels."""
+        pooled = roi_align(
+            self.reduce(feature),
+            rois.to(feature.dtype),
+            self.pool,
+            spatial_scale=1.0 / self.stride,
+            sampling_ratio=2,
+            aligned=False,  # what ONNX's RoiAlign computes below opset 16 (TensorRT on a TX2)
+        )
+        deltas = self.deltas(self.mlp(pooled)).float()
+        return decode_deltas(deltas, rois[:, 1:].float(), self.weights)
+
+
+def jittered_boxes(boxes: Tensor, copies: int, spread: float = 0.1) -> Tensor:
+    """``copies`` noisy versions (copies * B, 4) of each box (B, 4): centre moved by N(0,
+    ``spread``) of the box's size, width and height scaled by exp(N(0, ``spread``)). The
+    second stage's training boxes around each car, besides the first stage's own candidates
+    (few of which fit early in training). Draws from torch's default generator."""
+    size = (boxes[:, 2:] - boxes[:, :2]).repeat(copies, 1)
+    centre = ((boxes[:, :2] + boxes[:, 2:]) / 2).repeat(copies, 1)
+    centre = centre + torch.randn_like(centre) * spread * size
+    half = size * torch.exp(torch.randn_like(size) * spread) / 2
+    return torch.cat((centre - half, centre + half), 1)
 
 
 def elementwise_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -101,6 +183,12 @@ class RPNDetector(nn.Module):
             sizes=tuple(tuple(float(s) for s in sizes) for sizes in level_sizes),
             aspect_ratios=tuple(tuple(config.aspect_ratios) for _ in level_sizes),
         )
+        self.refiner: BoxRefiner | None = None
+        if config.refine_top_k:
+            first = info[self.feature_names[0]]
+            self.refiner = BoxRefiner(
+                first.channels, first.stride, config.refine_channels, config.refine_hidden
+            )
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(config.fg_iou, config.bg_iou, allow_low_quality_matches=True)
         self.sampler = BalancedPositiveNegativeSampler(
@@ -150,6 +238,10 @@ class RPNDetector(nn.Module):
 
     def head_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Objectness logits (N, K), box deltas (N, K, 4) and anchors (K, 4)."""
+        return self._run(images)[:3]
+
+    def _run(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`head_outputs` and the feature map the second stage reads."""
         features = self.backbone.forward_features(images)
         logits, deltas, grids = [], [], []
         for name, head in zip(self.feature_names, self.heads, strict=True):
@@ -160,40 +252,49 @@ class RPNDetector(nn.Module):
             deltas.append(delta.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
             grids.append((h, w))
         anchors = self.anchors(tuple(images.shape[-2:]), grids, images.device)
-        return torch.cat(logits, 1), torch.cat(deltas, 1), anchors
+        first = features[self.feature_names[0]]
+        return torch.cat(logits, 1), torch.cat(deltas, 1), anchors, first
 
     def forward(
         self, images: Tensor, targets: Sequence[Target] | None = None
     ) -> dict[str, Tensor]:
-        logits, deltas, anchors = self.head_outputs(images)
+        logits, deltas, anchors, feature = self._run(images)
         if self.training:
             if targets is None:
                 raise ValueError("training forward needs targets (boxes, labels, ignore_boxes)")
-            return self.losses(logits, deltas, anchors, targets)
+            losses = self.losses(logits, deltas, anchors, targets)
+            if self.refiner is not None:
+                losses["loss_refine"] = self.refine_loss(feature, logits, deltas, anchors, targets)
+            return losses
         n, k = logits.shape
-        boxes = self.decode(deltas.reshape(-1, 4).float(), anchors.repeat(n, 1)).view(n, k, 4)
-        return {"scores": logits.float().sigmoid(), "boxes": boxes}
+        scores = logits.float().sigmoid()
+        if self.refiner is None:
+            boxes = self.decode(deltas.reshape(-1, 4).float(), anchors.repeat(n, 1))
+            return {"scores": scores, "boxes": boxes.view(n, k, 4)}
+        scores, boxes = self._candidates(scores, deltas, anchors)
+        # each candidate's image index from shape-generic ops, so that an export with a dynamic
+        # batch keeps it dynamic
+        index = torch.ones_like(scores).cumsum(0) - 1.0
+        rois = torch.cat((index.reshape(-1, 1), boxes.reshape(-1, 4)), 1)
+        return {"scores": scores, "boxes": self.refiner(feature, rois).view_as(boxes)}
+
+    def _candidates(
+        self, scores: Tensor, deltas: Tensor, anchors: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The second stage's input: the ``refine_top_k`` best scores (N, T) of each image,
+        best first, and their first-stage boxes (N, T, 4)."""
+        n, k = scores.shape
+        t = min(self.config.refine_top_k, k)
+        top, index = scores.topk(t, dim=1)
+        chosen = deltas.float().gather(1, index.unsqueeze(-1).expand(n, t, 4))
+        boxes = self.decode(chosen.reshape(-1, 4), anchors[index.reshape(-1)])
+        return top, boxes.view(n, t, 4)
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
-        """Boxes (M, 4) x1,y1,x2,y2 from deltas (M, 4) and anchors (M, 4): the inverse of the
-        box coder's ``encode_single``, as torchvision's ``decode_single`` computes it.
-
-        Written out here because ``decode_single`` builds a CPU scalar tensor on every call,
-        a host-to-device copy that a CUDA graph cannot capture.
-        """
-        anchors = anchors.to(deltas.dtype)
-        widths = anchors[:, 2] - anchors[:, 0]
-        heights = anchors[:, 3] - anchors[:, 1]
-        ctr_x = anchors[:, 0] + 0.5 * widths
-        ctr_y = anchors[:, 1] + 0.5 * heights
-        wx, wy, ww, wh = self.box_coder.weights
-        clip = self.box_coder.bbox_xform_clip
-        pred_x = deltas[:, 0] / wx * widths + ctr_x
-        pred_y = deltas[:, 1] / wy * heights + ctr_y
-        half_w = 0.5 * torch.exp(torch.clamp(deltas[:, 2] / ww, max=clip)) * widths
-        half_h = 0.5 * torch.exp(torch.clamp(deltas[:, 3] / wh, max=clip)) * heights
-        return torch.stack(
-            (pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h), dim=1
+        """Boxes (M, 4) from first-stage deltas (M, 4) and anchors (M, 4): see
+        :func:`decode_deltas`."""
+        return decode_deltas(
+            deltas, anchors, self.box_coder.weights, self.box_coder.bbox_xform_clip
         )
 
     # ----------------------------------------------------------------------------- training
@@ -292,3 +393,39 @@ class RPNDetector(nn.Module):
             "loss_objectness": loss_obj,
             "loss_box": self.config.box_loss_weight * loss_box / num_pos,
         }
+
+    def refine_loss(
+        self,
+        feature: Tensor,
+        logits: Tensor,
+        deltas: Tensor,
+        anchors: Tensor,
+        targets: Sequence[Target],
+        jitter: int = 8,
+    ) -> Tensor:
+        """GIoU loss of the second stage's boxes, averaged over its training boxes.
+
+        Training boxes of each image: the first stage's ``refine_top_k`` candidates (what the
+        refiner sees at inference), ``jitter`` noisy copies of each car (:func:`jittered_boxes`)
+        and the cars themselves; each one that overlaps a car by >= 0.5 learns that car's box.
+        """
+        assert self.refiner is not None
+        with torch.no_grad():
+            _, proposals = self._candidates(logits.detach().float(), deltas.detach(), anchors)
+        rois, wanted = [], []
+        for i, target in enumerate(targets):
+            cars = target["boxes"].reshape(-1, 4).to(proposals)
+            cars = cars[(cars[:, 2] > cars[:, 0]) & (cars[:, 3] > cars[:, 1])]
+            if not cars.shape[0]:
+                continue
+            boxes = torch.cat((proposals[i], jittered_boxes(cars, jitter), cars))
+            best, which = box_iou(boxes, cars).max(1)
+            keep = best >= 0.5
+            index = torch.full((int(keep.sum()), 1), float(i), device=boxes.device)
+            rois.append(torch.cat((index, boxes[keep]), 1))
+            wanted.append(cars[which[keep]])
+        if not rois:  # no car in the batch: a zero that still reaches every refiner weight
+            return sum(p.sum() for p in self.refiner.parameters()) * 0.0
+        refined = self.refiner(feature, torch.cat(rois))
+        loss = generalized_box_iou_loss(refined, torch.cat(wanted), reduction="mean")
+        return self.config.refine_loss_weight * loss
