@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from dds_perception.data.detection_dataset import KittiDetectionDataset
 from dds_perception.data.scenes import generate_kitti_scenes
 from dds_perception.data.transforms import DetectionEvalTransform
-from dds_perception.detection import build_detector, load_detector
+from dds_perception.detection import build_detector, load_detector, save_detector
 from dds_perception.engine.common import ConfigError, TrainingError, read_metrics
 from dds_perception.engine.detection import (
     detector_config_from_args,
@@ -26,6 +26,7 @@ from dds_perception.engine.detection import (
     parse_args,
     predict_dataset,
 )
+from dds_perception.utils.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast: the MobileNetV2 baseline (3-5x faster to train on CPU than the dilated
@@ -289,6 +290,42 @@ def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys)
     capsys.readouterr()
     crossval.crossval(args)  # finished folds are kept: nothing is trained again
     assert capsys.readouterr().out.count("done earlier") == 3
+
+
+def test_crossval_trains_and_scores_the_second_stage(scenes, tmp_path):
+    """A recipe with the second stage trains its loss, saves its weights, and crossval scores
+    the same fold models with it refining fewer candidates; a file without a second stage
+    refuses a refine_top_k."""
+    import argparse
+
+    from dds_perception.engine import crossval
+
+    parser = argparse.ArgumentParser()
+    crossval.add_arguments(parser)
+    argv = [*TINY, "--data-root", str(scenes), "--split", "train", "--folds", "2",
+            "--epochs", "1", "--max-steps-per-epoch", "2", "--set", "refine_top_k=32",
+            "--eval-refine-top-ks", "32", "4", "--out", str(tmp_path / "cv")]  # fmt: skip
+    summary = crossval.crossval(crossval.parse_arguments(parser, argv))
+    own, fewer = summary["refine_top_ks"]
+    assert own["refine_top_k"] == summary["refine_top_k"] == 32 and fewer["refine_top_k"] == 4
+    assert own["pooled"] == summary["pooled"] and own["per_fold"] == summary["per_fold"]
+    assert "| refined per image |" in (tmp_path / "cv" / "crossval.md").read_text()
+    logged = [
+        json.loads(line)
+        for line in (tmp_path / "cv" / "fold0" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert any(r.get("loss_refine", 0) > 0 for r in logged if r["type"] == "epoch")
+    path = tmp_path / "cv" / "fold0" / "model.safetensors"
+    model = load_detector(path, refine_top_k=4)
+    assert model.refiner is not None and model.config.refine_top_k == 4
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 96, 320))["boxes"].shape == (1, 4, 4)
+    with pytest.raises(CheckpointError, match="refine_top_k 0"):
+        load_detector(path, refine_top_k=0)
+    plain = tmp_path / "plain.safetensors"
+    save_detector(plain, build_detector(model.config.replace(refine_top_k=0)))
+    with pytest.raises(CheckpointError, match=r"plain.safetensors: refine_top_k 8.*is 0"):
+        load_detector(plain, refine_top_k=8)
 
 
 @pytest.mark.parametrize("text", ["352x1150", "352", "0x1152", "axb", "352x-32"])

@@ -97,12 +97,16 @@ def load_detector(
     device: str | torch.device = "cpu",
     *,
     input_size: tuple[int, int] | None = None,
+    refine_top_k: int | None = None,
 ) -> RPNDetector:
     """Rebuild the detector stored in ``path`` (in eval mode); its metadata is ``model.meta``.
 
     ``input_size`` (height, width) runs the network at another letterbox size than the one it
     was saved with: the network is fully convolutional and the anchors follow the input, so the
     same weights serve any size (what ``crossval --eval-input-sizes`` measures).
+    ``refine_top_k`` changes how many candidates per image the second stage refines (the
+    weights do not depend on it; ``crossval --eval-refine-top-ks``); only for a file that has
+    a second stage.
     Raises :class:`CheckpointError` naming the file when it is missing, corrupt, truncated, holds
     another task's weights or tensors that do not fit the described architecture.
     """
@@ -110,6 +114,13 @@ def load_detector(
     config = config_from_meta(meta, path)
     if input_size is not None:
         config = config.replace(input_size=tuple(int(v) for v in input_size))
+    if refine_top_k is not None:
+        if not config.refine_top_k or int(refine_top_k) < 1:
+            raise CheckpointError(
+                f"{path}: refine_top_k {refine_top_k}: need >= 1 and a detector with a second "
+                f"stage (this file's refine_top_k is {config.refine_top_k})"
+            )
+        config = config.replace(refine_top_k=int(refine_top_k))
     try:
         model = build_detector(config)
     except (ValueError, KeyError) as error:

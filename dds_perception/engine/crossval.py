@@ -9,8 +9,9 @@ out-of-fold AP (every frame scored by the one model that never saw it), in ``cro
 and ``crossval.md``. ``--eval-input-sizes`` scores the same fold models at other letterbox
 input sizes too (the network is fully convolutional), so that the deployed input size is
 chosen by cross-validated AP rather than on the frames it is reported on; ``--eval-nms-ious``
-and ``--eval-vote-ious`` do the same for the post-processing's NMS and box-voting IoUs (no
-retraining either).
+and ``--eval-vote-ious`` do the same for the post-processing's NMS and box-voting IoUs, and
+``--eval-refine-top-ks`` for the number of candidates the second stage refines (no retraining
+either).
 
 examples:
   dds-perception crossval --config config/train/detector_kitti.yaml \\
@@ -23,6 +24,7 @@ examples:
       --eval-input-sizes 384x1248 352x1152 320x1024  # AP of the same models at each size
   dds-perception crossval ... --eval-nms-ious 0.4 0.6 0.7  # and with each NMS IoU
   dds-perception crossval ... --eval-vote-ious 0 0.6 0.7    # and each box voting IoU (0: off)
+  dds-perception crossval ... --eval-refine-top-ks 32 64    # and each second-stage top-k
 """
 
 from __future__ import annotations
@@ -74,6 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="HxW",
         help="also score the fold models at these letterbox input sizes (multiples of 32)",
+    )
+    group.add_argument(
+        "--eval-refine-top-ks",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="K",
+        help="also score the fold models with their second stage refining K candidates per image",
     )
     for flag, what in (
         ("--eval-nms-ious", "NMS IoUs"),
@@ -164,16 +174,19 @@ def score_folds(
     input_size: tuple[int, int] | None = None,
     nms_iou: float | None = None,
     vote_iou: float | None = None,
+    refine_top_k: int | None = None,
 ) -> dict[str, Any]:
     """Each fold model on its own validation frames (at ``input_size``, default the size it was
-    saved with; with ``nms_iou`` and ``vote_iou``, default its own): per-fold AP, their mean,
-    spread and range, and the pooled out-of-fold AP."""
+    saved with; with ``nms_iou``, ``vote_iou`` and ``refine_top_k``, default its own): per-fold
+    AP, their mean, spread and range, and the pooled out-of-fold AP."""
     device = torch.device("cpu")
     detections: dict[str, list] = {}
     ground_truth: dict[str, list] = {}
     per_fold = []
     for k, (_, val_ids) in enumerate(folds):
-        model = load_detector(out / f"fold{k}" / WEIGHTS, input_size=input_size)
+        model = load_detector(
+            out / f"fold{k}" / WEIGHTS, input_size=input_size, refine_top_k=refine_top_k
+        )
         val = KittiDetectionDataset(
             args.data_root, val_ids, DetectionEvalTransform(model.config.input_size)
         )
@@ -194,6 +207,7 @@ def score_folds(
         "input_size": list(model.config.input_size),
         "nms_iou": model.config.nms_iou if nms_iou is None else nms_iou,
         "vote_iou": model.config.vote_iou if vote_iou is None else vote_iou,
+        "refine_top_k": model.config.refine_top_k,
         "frames": len(ground_truth),
         "per_fold": per_fold,
         "mean": {d: statistics.mean(f[d] for f in per_fold) for d in DIFFICULTIES},
@@ -220,6 +234,9 @@ def report(
         ],
         "nms_ious": [score_folds(args, out, folds, nms_iou=iou) for iou in args.eval_nms_ious],
         "vote_ious": [score_folds(args, out, folds, vote_iou=iou) for iou in args.eval_vote_ious],
+        "refine_top_ks": [
+            score_folds(args, out, folds, refine_top_k=k) for k in args.eval_refine_top_ks
+        ],
         "fold_summaries": [
             json.loads((out / f"fold{k}" / "summary.json").read_text(encoding="utf-8"))
             for k in range(len(folds))
@@ -254,6 +271,12 @@ _EXTRA_TABLES = (
         "with other box voting IoUs (0: none)",
         "voting IoU",
         lambda r: f"{r['vote_iou']:g}",
+    ),
+    (
+        "refine_top_ks",
+        "with the second stage refining other numbers of candidates",
+        "refined per image",
+        lambda r: str(r["refine_top_k"]),
     ),
 )
 
