@@ -96,12 +96,13 @@ def test_bench_quick_json_has_every_section(quick_bench: Path) -> None:
     assert {m["name"] for m in detectors["models"]} == {
         "dds_rpn_s32",
         "dds_rpn_s16",
+        "dds_rpn_s16_refine",
         "ssd300_vgg16",
         "ssdlite320_mobilenet_v3_large",
         "fasterrcnn_mobilenet_v3_large_320_fpn",
     }
     runs = {(r["name"], r["settings"]): r for r in detectors["runs"]}
-    assert len(runs) == 10  # 5 models x (plain, optimized)
+    assert len(runs) == 12  # 6 models x (plain, optimized)
     assert runs[("ssd300_vgg16", "plain")]["ratio_to_ssd300_vgg16"] == 1.0
     for run in runs.values():
         assert run["ratio_to_ssd300_vgg16"] > 0 and run["network_ms"]["median_ms"] > 0

@@ -192,9 +192,9 @@ def _refined(top_k: int = 4, **changes) -> torch.nn.Module:
 
 
 def test_detection_refiner_starts_as_identity_and_moves_boxes_by_its_deltas():
-    """An untrained second stage returns the first stage's top-k boxes and scores unchanged;
-    deltas (10 * 0.1, 0, 0, 0) (Fast R-CNN's weights 10, 10, 5, 5) move each box right by a
-    tenth of its width."""
+    """An untrained second stage leaves the first stage's scores and boxes unchanged; deltas
+    (10 * 0.1, 0, 0, 0) (Fast R-CNN's weights 10, 10, 5, 5) move each of the top-k boxes right
+    by a tenth of its width and leave the other anchors' boxes where they were."""
     model = _refined(top_k=3).eval()
     first = build_detector(model.config.replace(refine_top_k=0)).eval()
     first.load_state_dict(
@@ -203,17 +203,18 @@ def test_detection_refiner_starts_as_identity_and_moves_boxes_by_its_deltas():
     images = torch.randn(2, 3, 64, 128)
     with torch.no_grad():
         out, plain = model(images), first(images)
-        top, index = plain["scores"].topk(3, dim=1)
-        wanted = plain["boxes"].gather(1, index.unsqueeze(-1).expand(2, 3, 4))
-        assert out["scores"].shape == (2, 3) and out["boxes"].shape == (2, 3, 4)
-        torch.testing.assert_close(out["scores"], top)
-        torch.testing.assert_close(out["boxes"], wanted)
+        assert out["scores"].shape == (2, 8) and out["boxes"].shape == (2, 8, 4)
+        torch.testing.assert_close(out["scores"], plain["scores"])
+        torch.testing.assert_close(out["boxes"], plain["boxes"])
         model.refiner.deltas.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
         moved = model(images)["boxes"]
-    shift = 0.1 * (wanted[..., 2] - wanted[..., 0])
-    torch.testing.assert_close(moved[..., 0], wanted[..., 0] + shift)
-    torch.testing.assert_close(moved[..., 2], wanted[..., 2] + shift)
-    torch.testing.assert_close(moved[..., 1::2], wanted[..., 1::2])
+    top = plain["scores"].topk(3, dim=1).indices
+    refined = torch.zeros(2, 8, dtype=torch.bool).scatter_(1, top, True)
+    boxes = plain["boxes"]
+    shift = torch.where(refined, 0.1 * (boxes[..., 2] - boxes[..., 0]), 0.0)
+    torch.testing.assert_close(moved[..., 0], boxes[..., 0] + shift)
+    torch.testing.assert_close(moved[..., 2], boxes[..., 2] + shift)
+    torch.testing.assert_close(moved[..., 1::2], boxes[..., 1::2])
 
 
 def test_detection_refiner_loss_hand_computed():

@@ -319,7 +319,7 @@ def test_crossval_trains_and_scores_the_second_stage(scenes, tmp_path):
     model = load_detector(path, refine_top_k=4)
     assert model.refiner is not None and model.config.refine_top_k == 4
     with torch.no_grad():
-        assert model(torch.zeros(1, 3, 96, 320))["boxes"].shape == (1, 4, 4)
+        assert model(torch.zeros(1, 3, 96, 320))["boxes"].shape == (1, 3 * 10 * 15, 4)
     with pytest.raises(CheckpointError, match="refine_top_k 0"):
         load_detector(path, refine_top_k=0)
     plain = tmp_path / "plain.safetensors"

@@ -34,7 +34,14 @@ REFERENCE = "ssd300_vgg16"  # what every detector's speed ratio is measured agai
 
 BACKBONES = ("dds_mobilenet_v2", "mobilenet_v1", "mobilenet_v2", "shufflenet_v1")
 TORCHVISION_BACKBONES = ("shufflenet_v2_x1_0", "mobilenet_v3_large")
-OUR_DETECTORS = ("dds_rpn_s32", "dds_rpn_s16")
+# ours by name: the paper's stride-32 head, + a stride-16 head, + the second stage (the
+# DetectorConfig fields each adds to the defaults)
+OUR_DETECTOR_CONFIGS: dict[str, dict[str, Any]] = {
+    "dds_rpn_s32": {},
+    "dds_rpn_s16": {"use_layer13": True},
+    "dds_rpn_s16_refine": {"use_layer13": True, "refine_top_k": 200},
+}
+OUR_DETECTORS = tuple(OUR_DETECTOR_CONFIGS)
 TORCHVISION_DETECTORS = (
     "ssd300_vgg16",
     "ssdlite320_mobilenet_v3_large",
@@ -137,20 +144,22 @@ def torchvision_detector(name: str, frame: tuple[int, int] = KITTI_FRAME) -> Can
 
 
 def our_detector(name: str, input_size: tuple[int, int] = OUR_INPUT) -> Candidate:
-    """Our RPN detector (untrained): ``dds_rpn_s32`` (the paper's) or ``dds_rpn_s16``."""
+    """Our RPN detector (untrained; its speed does not depend on the weights): one of
+    :data:`OUR_DETECTOR_CONFIGS`."""
     from dds_perception.detection import DetectorConfig, build_detector
 
     if name not in OUR_DETECTORS:
         raise UsageError(f"unknown detector {name!r}; ours are {', '.join(OUR_DETECTORS)}")
-    config = DetectorConfig(input_size=tuple(input_size), use_layer13=name == "dds_rpn_s16")
+    config = DetectorConfig(input_size=tuple(input_size), **OUR_DETECTOR_CONFIGS[name])
     model = build_detector(config).eval()
     heads = "+".join(config.feature_names())
+    refine = f" + second stage on the top {config.refine_top_k}" if config.refine_top_k else ""
     return Candidate(
         name,
         "dds_perception",
         model,
         tuple(input_size),
-        description=f"dds_mobilenet_v2 + RPN head on {heads}, letterboxed to "
+        description=f"dds_mobilenet_v2 + RPN head on {heads}{refine}, letterboxed to "
         f"{input_size[1]}x{input_size[0]}",
         extra={"config": config},
     )
