@@ -601,3 +601,13 @@ def test_export_weights_with_post_processing_settings(weights, tmp_path, capsys)
     onnx = ["export", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]
     assert main([*onnx, "--vote-iou", "0"]) == 1
     assert "--vote-iou: set in a .safetensors export first" in capsys.readouterr().err
+    # the second stage's top-k: only for a file that has one, named when it does not
+    assert main([*args, "--refine-top-k", "8"]) == 1
+    assert "detector.safetensors: refine_top_k 8" in capsys.readouterr().err
+    refined = save_detector(tmp_path / "refined.safetensors", make_detector(refine_top_k=32))
+    out = tmp_path / "refined64.safetensors"
+    assert (
+        main(["export", "--weights", str(refined), "--out", str(out), "--refine-top-k", "8"]) == 0
+    )
+    assert "refine_top_k 8" in capsys.readouterr().out
+    assert load_detector(out).config.refine_top_k == 8

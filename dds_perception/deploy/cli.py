@@ -96,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a .safetensors --out: store this box-voting IoU in the file, 0 = no voting "
         "(default: the checkpoint's)",
     )
+    parser.add_argument(
+        "--refine-top-k",
+        type=int,
+        help="a .safetensors --out of a detector with a second stage: refine this many "
+        "candidates per image (default: the checkpoint's)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).suffix == ".safetensors":
         return export_weights(args, size)
     post = _post_settings(args)
+    if args.refine_top_k is not None:
+        post["refine_top_k"] = args.refine_top_k
     if post:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in post)
         raise UsageError(
@@ -157,10 +165,10 @@ def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> in
     from dds_perception.detection.weights import load_detector, save_detector
 
     post = _post_settings(args)
-    if size is None and not post:
+    if size is None and not post and args.refine_top_k is None:
         raise UsageError(
             f"--out {args.out}: a .safetensors export needs --height and --width, or "
-            "--nms-iou / --vote-iou"
+            "--nms-iou / --vote-iou / --refine-top-k"
         )
     onnx_only = {
         "--half": args.half,
@@ -172,8 +180,10 @@ def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> in
     given = [name for name, value in onnx_only.items() if value]
     if given:
         raise UsageError(f"{', '.join(given)}: ONNX options; --out {args.out} writes weights")
-    model = load_detector(args.weights, input_size=size)
+    model = load_detector(args.weights, input_size=size, refine_top_k=args.refine_top_k)
     meta = model.meta
+    if args.refine_top_k is not None:
+        post["refine_top_k"] = args.refine_top_k
     try:
         model.config = model.config.replace(**post)
     except DetectorConfigError as error:
