@@ -39,7 +39,7 @@ TORCHVISION_BACKBONES = ("shufflenet_v2_x1_0", "mobilenet_v3_large")
 OUR_DETECTOR_CONFIGS: dict[str, dict[str, Any]] = {
     "dds_rpn_s32": {},
     "dds_rpn_s16": {"use_layer13": True},
-    "dds_rpn_s16_refine": {"use_layer13": True, "refine_top_k": 200},
+    "dds_rpn_s16_refine": {"use_layer13": True, "refine_top_k": 64},
 }
 OUR_DETECTORS = tuple(OUR_DETECTOR_CONFIGS)
 TORCHVISION_DETECTORS = (
