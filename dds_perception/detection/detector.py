@@ -271,7 +271,7 @@ class RPNDetector(nn.Module):
         if self.refiner is None:
             return {"scores": scores, "boxes": boxes}
         # the best-scored boxes of each image refined in place, the others kept as they are:
-        # dropping them instead cost 0.5-5 points of cross-validated moderate AP at top-k 200-32
+        # dropping them instead cost 0.5-5.6 points of cross-validated moderate AP (top-k 200, 64)
         index = self._top_k(scores).unsqueeze(-1).expand(-1, -1, 4)
         chosen = boxes.gather(1, index)
         # each candidate's image index from shape-generic ops, so that an export with a dynamic
@@ -423,8 +423,8 @@ class RPNDetector(nn.Module):
             boxes = torch.cat((proposals[i], jittered_boxes(cars, jitter), cars))
             best, which = box_iou(boxes, cars).max(1)
             keep = best >= 0.5
-            index = torch.full((int(keep.sum()), 1), float(i), device=boxes.device)
-            rois.append(torch.cat((index, boxes[keep]), 1))
+            image = torch.full((int(keep.sum()), 1), float(i), device=boxes.device)
+            rois.append(torch.cat((image, boxes[keep]), 1))
             wanted.append(cars[which[keep]])
         if not rois:  # no car in the batch: a zero that still reaches every refiner weight
             return sum(p.sum() for p in self.refiner.parameters()) * 0.0
