@@ -113,8 +113,6 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).suffix == ".safetensors":
         return export_weights(args, size)
     post = _post_settings(args)
-    if args.refine_top_k is not None:
-        post["refine_top_k"] = args.refine_top_k
     if post:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in post)
         raise UsageError(
@@ -152,8 +150,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _post_settings(args: argparse.Namespace) -> dict[str, float]:
-    """The post-processing IoUs given on the command line (``--nms-iou``, ``--vote-iou``)."""
-    return {n: getattr(args, n) for n in ("nms_iou", "vote_iou") if getattr(args, n) is not None}
+    """The inference settings a weights file stores, as given on the command line
+    (``--nms-iou``, ``--vote-iou``, ``--refine-top-k``)."""
+    names = ("nms_iou", "vote_iou", "refine_top_k")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> int:
@@ -165,7 +165,7 @@ def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> in
     from dds_perception.detection.weights import load_detector, save_detector
 
     post = _post_settings(args)
-    if size is None and not post and args.refine_top_k is None:
+    if size is None and not post:
         raise UsageError(
             f"--out {args.out}: a .safetensors export needs --height and --width, or "
             "--nms-iou / --vote-iou / --refine-top-k"
@@ -180,10 +180,9 @@ def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> in
     given = [name for name, value in onnx_only.items() if value]
     if given:
         raise UsageError(f"{', '.join(given)}: ONNX options; --out {args.out} writes weights")
-    model = load_detector(args.weights, input_size=size, refine_top_k=args.refine_top_k)
+    # a second stage's top-k is checked (and set) by the loader, which names a file without one
+    model = load_detector(args.weights, input_size=size, refine_top_k=post.get("refine_top_k"))
     meta = model.meta
-    if args.refine_top_k is not None:
-        post["refine_top_k"] = args.refine_top_k
     try:
         model.config = model.config.replace(**post)
     except DetectorConfigError as error:
