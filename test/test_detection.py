@@ -228,7 +228,9 @@ def test_detection_refiner_loss_hand_computed():
     deltas = torch.zeros(1, 8, 4)
     deltas[0, 0, 2] = math.log(0.5)  # box [8, 0, 24, 32]
     feature = torch.randn(1, model.backbone.feature_info["layer17"].channels, 2, 4)
-    loss = model.refine_loss(feature, logits, deltas, anchors, _one_car_target(), jitter=0)
+    losses = model.refine_loss(feature, logits, deltas, anchors, _one_car_target(), jitter=0)
+    assert set(losses) == {"loss_refine"}
+    loss = losses["loss_refine"]
     assert loss.item() == pytest.approx(0.25)
     loss.backward()
     assert model.refiner.deltas.weight.grad.abs().sum() > 0
@@ -236,10 +238,57 @@ def test_detection_refiner_loss_hand_computed():
     # that still reaches the refiner's weights (every process of a DDP run sees them)
     torch.manual_seed(0)
     jittered = model.refine_loss(feature, logits, deltas, anchors, _one_car_target(), jitter=8)
-    assert 0.0 < jittered.item() < 1.0
+    assert 0.0 < jittered["loss_refine"].item() < 1.0
     empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}]
-    zero = model.refine_loss(feature, logits, deltas, anchors, empty)
+    zero = model.refine_loss(feature, logits, deltas, anchors, empty)["loss_refine"]
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_detection_refiner_iou_output_loss_hand_computed():
+    """The IoU output's targets for the boxes of the test above: the best candidate 0.5, the
+    second 0 (it misses the car), the car 1; an untrained refiner keeps the boxes, so with the
+    output's logit at 1 everywhere the loss is BCE(1, y) = log(1 + e) - y, mean over y. The
+    second candidate inside an ignore region drops out; a frame without cars teaches 0."""
+    model = _refined(top_k=2, refine_score=True).train()
+    anchors = model.anchors((64, 128), [(2, 4)])
+    logits = torch.full((1, 8), -5.0)
+    logits[0, 0], logits[0, 5] = 5.0, 4.0
+    deltas = torch.zeros(1, 8, 4)
+    deltas[0, 0, 2] = math.log(0.5)  # box [8, 0, 24, 32]; anchor 5 is [32, 32, 64, 64]
+    feature = torch.randn(1, model.backbone.feature_info["layer17"].channels, 2, 4)
+    with torch.no_grad():
+        model.refiner.quality.bias.fill_(1.0)
+    softplus = math.log(1.0 + math.e)
+    losses = model.refine_loss(feature, logits, deltas, anchors, _one_car_target(), jitter=0)
+    assert losses["loss_refine"].item() == pytest.approx(0.25)  # regression: fitting boxes only
+    assert losses["loss_refine_score"].item() == pytest.approx(softplus - 0.5)
+    losses["loss_refine_score"].backward()
+    assert model.refiner.quality.weight.grad.abs().sum() > 0
+    ignored = _one_car_target()
+    ignored[0]["ignore_boxes"] = torch.tensor([[30.0, 30.0, 70.0, 70.0]])
+    losses = model.refine_loss(feature, logits, deltas, anchors, ignored, jitter=0)
+    assert losses["loss_refine_score"].item() == pytest.approx(softplus - 0.75)
+    empty = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = model.refine_loss(feature, logits, deltas, anchors, empty)
+    assert losses["loss_refine"].item() == 0.0 and losses["loss_refine"].requires_grad
+    assert losses["loss_refine_score"].item() == pytest.approx(softplus)
+
+
+def test_detection_refiner_iou_output_rescores_only_the_refined_candidates():
+    """With the IoU output at logit b, each refined candidate's score s becomes
+    s ** (1 - w) * sigmoid(b) ** w; the other anchors keep theirs."""
+    model = _refined(top_k=3, refine_score=True, refine_score_weight=0.25).eval()
+    plain = build_detector(model.config.replace(refine_top_k=0)).eval()
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("refiner.")}
+    )
+    images = torch.randn(2, 3, 64, 128)
+    with torch.no_grad():
+        model.refiner.quality.bias.fill_(2.0)
+        scores, first = model(images)["scores"], plain(images)["scores"]
+    refined = torch.zeros(2, 8, dtype=torch.bool).scatter_(1, first.topk(3, dim=1).indices, True)
+    wanted = torch.where(refined, first**0.75 * torch.sigmoid(torch.tensor(2.0)) ** 0.25, first)
+    torch.testing.assert_close(scores, wanted)
 
 
 def test_detection_refiner_training_forward_and_learning():
@@ -249,16 +298,25 @@ def test_detection_refiner_training_forward_and_learning():
     targets = [{"boxes": torch.tensor([[20.0, 12.0, 70.0, 44.0]]), "labels": torch.ones(1).long()}]
     losses = model(images, targets)
     assert set(losses) == {"loss_objectness", "loss_box", "loss_refine"}
+    model = _refined(top_k=8, refine_score=True).train()
+    assert set(model(images, targets)) == {
+        "loss_objectness",
+        "loss_box",
+        "loss_refine",
+        "loss_refine_score",
+    }
     optimizer = torch.optim.Adam(model.refiner.parameters(), lr=1e-3)
     history = []
     for _ in range(50):
         torch.manual_seed(1)  # the same jittered boxes every step
-        loss = model(images, targets)["loss_refine"]
+        losses = model(images, targets)
+        loss = losses["loss_refine"] + losses["loss_refine_score"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        history.append(loss.item())
-    assert history[-1] < 0.5 * history[0], history
+        history.append((losses["loss_refine"].item(), losses["loss_refine_score"].item()))
+    assert history[-1][0] < 0.5 * history[0][0], history
+    assert history[-1][1] < 0.9 * history[0][1], history
 
 
 def test_detection_narrow_head_channels():

@@ -293,9 +293,9 @@ def test_crossval_reports_every_fold_and_the_pooled_ap(scenes, tmp_path, capsys)
 
 
 def test_crossval_trains_and_scores_the_second_stage(scenes, tmp_path):
-    """A recipe with the second stage trains its loss, saves its weights, and crossval scores
-    the same fold models with it refining fewer candidates; a file without a second stage
-    refuses a refine_top_k."""
+    """A recipe with the second stage (a small one with an IoU output) trains its losses, saves
+    its weights, and crossval scores the same fold models with it refining fewer candidates and
+    with other weights of its IoU output; a file without a second stage refuses both."""
     import argparse
 
     from dds_perception.engine import crossval
@@ -304,20 +304,30 @@ def test_crossval_trains_and_scores_the_second_stage(scenes, tmp_path):
     crossval.add_arguments(parser)
     argv = [*TINY, "--data-root", str(scenes), "--split", "train", "--folds", "2",
             "--epochs", "1", "--max-steps-per-epoch", "2", "--set", "refine_top_k=32",
-            "--eval-refine-top-ks", "32", "4", "--out", str(tmp_path / "cv")]  # fmt: skip
+            "refine_score=true", "refine_pool=5", "refine_sampling_ratio=1",
+            "--eval-refine-top-ks", "32", "4", "--eval-refine-score-weights", "0", "1",
+            "--out", str(tmp_path / "cv")]  # fmt: skip
     summary = crossval.crossval(crossval.parse_arguments(parser, argv))
     own, fewer = summary["refine_top_ks"]
     assert own["refine_top_k"] == summary["refine_top_k"] == 32 and fewer["refine_top_k"] == 4
     assert own["pooled"] == summary["pooled"] and own["per_fold"] == summary["per_fold"]
-    assert "| refined per image |" in (tmp_path / "cv" / "crossval.md").read_text()
+    first, stage = summary["refine_score_weights"]
+    assert (first["refine_score_weight"], stage["refine_score_weight"]) == (0.0, 1.0)
+    report = (tmp_path / "cv" / "crossval.md").read_text()
+    assert "| refined per image |" in report and "| IoU output's weight |" in report
     logged = [
         json.loads(line)
         for line in (tmp_path / "cv" / "fold0" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert any(r.get("loss_refine", 0) > 0 for r in logged if r["type"] == "epoch")
+    epochs = [r for r in logged if r["type"] == "epoch"]
+    assert any(r.get("loss_refine", 0) > 0 and r.get("loss_refine_score", 0) > 0 for r in epochs)
     path = tmp_path / "cv" / "fold0" / "model.safetensors"
-    model = load_detector(path, refine_top_k=4)
+    model = load_detector(path, refine_top_k=4, refine_score_weight=0.25)
     assert model.refiner is not None and model.config.refine_top_k == 4
+    assert (model.refiner.pool, model.refiner.sampling_ratio) == (5, 1)
+    assert model.config.refine_score_weight == 0.25 and model.refiner.quality is not None
+    with pytest.raises(CheckpointError, match=r"model.safetensors: refine_score_weight 1.5"):
+        load_detector(path, refine_score_weight=1.5)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 96, 320))["boxes"].shape == (1, 3 * 10 * 15, 4)
     with pytest.raises(CheckpointError, match="refine_top_k 0"):
@@ -326,6 +336,8 @@ def test_crossval_trains_and_scores_the_second_stage(scenes, tmp_path):
     save_detector(plain, build_detector(model.config.replace(refine_top_k=0)))
     with pytest.raises(CheckpointError, match=r"plain.safetensors: refine_top_k 8.*is 0"):
         load_detector(plain, refine_top_k=8)
+    with pytest.raises(CheckpointError, match=r"plain.safetensors: refine_score_weight 0.5.*no"):
+        load_detector(plain, refine_score_weight=0.5)
 
 
 @pytest.mark.parametrize("text", ["352x1150", "352", "0x1152", "axb", "352x-32"])

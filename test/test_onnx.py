@@ -47,16 +47,22 @@ TRT_SKIP = tensorrt_unavailable_reason()
 
 
 def make_detector(
-    input_size=INPUT_SIZE, width_mult: float = 0.5, seed: int = 0, refine_top_k: int = 0
+    input_size=INPUT_SIZE,
+    width_mult: float = 0.5,
+    seed: int = 0,
+    refine_top_k: int = 0,
+    refine_score: bool = False,
 ):
     """A small detector with image-dependent, spread-out scores (see the module docstring);
-    with ``refine_top_k`` a second stage whose corrections depend on the image too."""
+    with ``refine_top_k`` a second stage whose corrections (and with ``refine_score`` IoU
+    outputs) depend on the image too."""
     torch.manual_seed(seed)
     config = DetectorConfig(
         input_size=input_size,
         backbone_kwargs={"width_mult": width_mult},
         score_threshold=0.8,
         refine_top_k=refine_top_k,
+        refine_score=refine_score,
     )
     model = build_detector(config)
     for module in model.modules():
@@ -70,6 +76,9 @@ def make_detector(
         torch.nn.init.normal_(head.bbox_pred.weight, 0.0, 0.005)
     if model.refiner is not None:
         torch.nn.init.normal_(model.refiner.deltas.weight, 0.0, 0.05)
+        if model.refiner.quality is not None:
+            torch.nn.init.normal_(model.refiner.quality.weight, 0.0, 0.05)
+            torch.nn.init.constant_(model.refiner.quality.bias, 3.0)  # scores stay above 0.8
     frames = [network_input(street_scene(s), model, input_size) for s in range(100, 104)]
     model.train()
     with torch.no_grad():
@@ -172,12 +181,14 @@ def test_onnx_same_detections_real_kitti_frames(backends, kitti_sample):
         assert_same_detections(detect(torch_backend, rgb), detect(ort_backend, rgb))
 
 
-@pytest.mark.parametrize("opset", [13, 17])
-def test_onnx_refined_detector_same_detections(tmp_path, opset):
-    """The second stage (top-k, RoI align, MLP) exports at the TX2's opset 13 and at 17, with a
-    dynamic batch, and gives the torch model's detections (opset 13's RoiAlign has no
-    half-pixel option: the refiner uses the unaligned form both sides compute)."""
-    weights = save_detector(tmp_path / "refined.safetensors", make_detector(refine_top_k=50))
+@pytest.mark.parametrize(("opset", "score"), [(13, True), (17, False)])
+def test_onnx_refined_detector_same_detections(tmp_path, opset, score):
+    """The second stage (top-k, RoI align, MLP, with or without its IoU output rescoring the
+    candidates) exports at the TX2's opset 13 and at 17, with a dynamic batch, and gives the
+    torch model's detections (opset 13's RoiAlign has no half-pixel option: the refiner uses
+    the unaligned form both sides compute)."""
+    model = make_detector(refine_top_k=50, refine_score=score)
+    weights = save_detector(tmp_path / "refined.safetensors", model)
     path = tmp_path / "refined.onnx"
     export_onnx(weights, path, opset=opset, dynamic_batch=True)
     from dds_perception.detection import load_detector

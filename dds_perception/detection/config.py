@@ -73,6 +73,14 @@ class DetectorConfig:
     refine_top_k: int = 0
     refine_channels: int = 64
     refine_hidden: int = 256
+    # roi_align's output size (refine_pool x refine_pool bins) and samples per bin side: the
+    # stage's cost grows with the square of each (detection.detector.BoxRefiner)
+    refine_pool: int = 7
+    refine_sampling_ratio: int = 2
+    # the stage also predicts the IoU of its box with the nearest car; a refined candidate's
+    # score becomes first ** (1 - w) * predicted IoU ** w, w = refine_score_weight
+    refine_score: bool = False
+    refine_score_weight: float = 0.5
     refine_loss_weight: float = 1.0
     # inference
     score_threshold: float = 0.3
@@ -123,14 +131,22 @@ class DetectorConfig:
                     f"use_layer13 with layer13_max_size={self.layer13_max_size}: anchor_sizes "
                     f"{self.anchor_sizes} must fall on both sides of it"
                 )
-        for name in ("refine_top_k", "refine_channels", "refine_hidden"):
+        refine_sizes = ("refine_channels", "refine_hidden", "refine_pool", "refine_sampling_ratio")
+        for name in ("refine_top_k", *refine_sizes):
             if getattr(self, name) < 0 or (self.refine_top_k and getattr(self, name) == 0):
                 raise DetectorConfigError(
                     f"{name} {getattr(self, name)}: must be >= 0, and > 0 with refine_top_k"
                 )
         if self.head_channels < 0:
             raise DetectorConfigError(f"head_channels {self.head_channels}: must be >= 0")
-        for name in ("score_threshold", "nms_iou", "vote_iou", "positive_fraction", "ignore_ioa"):
+        for name in (
+            "score_threshold",
+            "nms_iou",
+            "vote_iou",
+            "positive_fraction",
+            "ignore_ioa",
+            "refine_score_weight",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise DetectorConfigError(f"{name} {value}: must lie in [0, 1]")

@@ -26,11 +26,16 @@ Optional second stage (``refine_top_k`` > 0, :class:`BoxRefiner`): the boxes of 
 ``refine_top_k`` best-scored anchors of each image are corrected from RoI-aligned features of the
 first feature map (stride 16 with ``layer13``). KITTI counts a car only above IoU 0.7, and one
 stride-16/32 cell sees an edge only coarsely; a box-sized look at the features places the edges
-again (Faster R-CNN's second stage without its classifier: the scores stay the first stage's).
+again (Faster R-CNN's second stage without its classifier). With ``refine_score`` the stage also
+predicts the IoU of its own box with the nearest car, and a refined candidate's score becomes the
+weighted geometric mean of the first stage's score and that IoU (``refine_score_weight``): the
+first stage scored the box before it moved, so NMS and voting would otherwise rank the refined
+boxes by how well their unrefined versions fitted.
 
 Training ``forward(images, targets)`` returns ``{"loss_objectness", "loss_box"}`` (and
-``"loss_refine"`` with the second stage); eval ``forward(images)`` returns ``{"scores": (N, K)
-probabilities, "boxes": (N, K, 4)}`` per anchor in network-input pixels, for
+``"loss_refine"`` with the second stage, ``"loss_refine_score"`` with its IoU output); eval
+``forward(images)`` returns ``{"scores": (N, K) probabilities, "boxes": (N, K, 4)}`` per anchor in
+network-input pixels, for
 :func:`dds_perception.detection.postprocess.postprocess`.
 """
 
@@ -104,36 +109,57 @@ class BoxRefiner(nn.Module):
     """The second stage: box corrections from RoI-aligned features.
 
     A 1x1 conv (ReLU) narrows the feature map to ``channels``, ``roi_align`` pools each box to
-    7x7, Faster R-CNN's two fully connected layers (``TwoMLPHead``) and a linear layer predict
-    Fast R-CNN deltas (weights 10, 10, 5, 5) relative to the box. The last layer starts at zero:
+    ``pool`` x ``pool`` bins of ``sampling_ratio`` x ``sampling_ratio`` bilinear samples,
+    Faster R-CNN's two fully connected layers (``TwoMLPHead``) and a linear layer predict Fast
+    R-CNN deltas (weights 10, 10, 5, 5) relative to the box. The last layer starts at zero:
     an untrained refiner returns its input boxes, so training starts from the first stage's AP.
+    With ``score`` one more linear layer predicts the logit of the refined box's IoU with the
+    nearest car.
     """
 
-    pool = 7
     weights = (10.0, 10.0, 5.0, 5.0)
 
-    def __init__(self, in_channels: int, stride: int, channels: int, hidden: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        stride: int,
+        channels: int,
+        hidden: int,
+        pool: int = 7,
+        sampling_ratio: int = 2,
+        score: bool = False,
+    ) -> None:
         super().__init__()
         self.stride = int(stride)
+        self.pool = int(pool)
+        self.sampling_ratio = int(sampling_ratio)
         self.reduce = Conv2dNormActivation(in_channels, channels, kernel_size=1, norm_layer=None)
         self.mlp = TwoMLPHead(channels * self.pool * self.pool, hidden)
         self.deltas = nn.Linear(hidden, 4)
         nn.init.zeros_(self.deltas.weight)
         nn.init.zeros_(self.deltas.bias)
+        self.quality = nn.Linear(hidden, 1) if score else None
+        if self.quality is not None:  # IoU 0.5 for every box until trained
+            nn.init.zeros_(self.quality.weight)
+            nn.init.zeros_(self.quality.bias)
 
-    def forward(self, feature: Tensor, rois: Tensor) -> Tensor:
+    def forward(self, feature: Tensor, rois: Tensor) -> tuple[Tensor, Tensor | None]:
         """Refined boxes (R, 4) of ``rois`` (R, 5): image index in ``feature`` (N, C, h, w),
-        then x1, y1, x2, y2 in input pixels."""
+        then x1, y1, x2, y2 in input pixels; and the logits (R,) of their predicted IoU with the
+        nearest car (None without ``score``)."""
         pooled = roi_align(
             self.reduce(feature),
             rois.to(feature.dtype),
             self.pool,
             spatial_scale=1.0 / self.stride,
-            sampling_ratio=2,
+            sampling_ratio=self.sampling_ratio,
             aligned=False,  # what ONNX's RoiAlign computes below opset 16 (TensorRT on a TX2)
         )
-        deltas = self.deltas(self.mlp(pooled)).float()
-        return decode_deltas(deltas, rois[:, 1:].float(), self.weights)
+        hidden = self.mlp(pooled)
+        boxes = decode_deltas(self.deltas(hidden).float(), rois[:, 1:].float(), self.weights)
+        if self.quality is None:
+            return boxes, None
+        return boxes, self.quality(hidden).float().squeeze(1)
 
 
 def jittered_boxes(boxes: Tensor, copies: int, spread: float = 0.1) -> Tensor:
@@ -146,6 +172,24 @@ def jittered_boxes(boxes: Tensor, copies: int, spread: float = 0.1) -> Tensor:
     centre = centre + torch.randn_like(centre) * spread * size
     half = size * torch.exp(torch.randn_like(size) * spread) / 2
     return torch.cat((centre - half, centre + half), 1)
+
+
+def _valid_boxes(boxes: Tensor) -> Tensor:
+    """The boxes (B, 4) of ``boxes`` (any shape ending in 4) with positive width and height."""
+    boxes = boxes.reshape(-1, 4)
+    return boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+
+
+def max_ioa(boxes: Tensor, regions: Tensor) -> Tensor:
+    """For each box (B, 4), the largest share of its area inside one of ``regions`` (R, 4)."""
+    if not regions.shape[0]:
+        return boxes.new_zeros(boxes.shape[0])
+    wh = (
+        torch.min(boxes[:, None, 2:], regions[None, :, 2:])
+        - torch.max(boxes[:, None, :2], regions[None, :, :2])
+    ).clamp(min=0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return (wh[..., 0] * wh[..., 1]).amax(1) / area.clamp(min=1e-6)
 
 
 def elementwise_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -186,7 +230,13 @@ class RPNDetector(nn.Module):
         if config.refine_top_k:
             first = info[self.feature_names[0]]
             self.refiner = BoxRefiner(
-                first.channels, first.stride, config.refine_channels, config.refine_hidden
+                first.channels,
+                first.stride,
+                config.refine_channels,
+                config.refine_hidden,
+                config.refine_pool,
+                config.refine_sampling_ratio,
+                config.refine_score,
             )
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(config.fg_iou, config.bg_iou, allow_low_quality_matches=True)
@@ -263,7 +313,7 @@ class RPNDetector(nn.Module):
                 raise ValueError("training forward needs targets (boxes, labels, ignore_boxes)")
             losses = self.losses(logits, deltas, anchors, targets)
             if self.refiner is not None:
-                losses["loss_refine"] = self.refine_loss(feature, logits, deltas, anchors, targets)
+                losses.update(self.refine_loss(feature, logits, deltas, anchors, targets))
             return losses
         n, k = logits.shape
         scores = logits.float().sigmoid()
@@ -278,10 +328,15 @@ class RPNDetector(nn.Module):
         # batch keeps it dynamic
         image = torch.ones_like(chosen[..., :1]).cumsum(0) - 1.0
         rois = torch.cat((image, chosen), 2).reshape(-1, 5)
-        return {
-            "scores": scores,
-            "boxes": boxes.scatter(1, index, self.refiner(feature, rois).view_as(chosen)),
-        }
+        refined, quality = self.refiner(feature, rois)
+        boxes = boxes.scatter(1, index, refined.view_as(chosen))
+        if quality is not None:
+            top, weight = index[..., 0], self.config.refine_score_weight
+            rescored = scores.gather(1, top).pow(1.0 - weight) * quality.view_as(
+                top
+            ).sigmoid().pow(weight)
+            scores = scores.scatter(1, top, rescored)
+        return {"scores": scores, "boxes": boxes}
 
     def _top_k(self, scores: Tensor) -> Tensor:
         """Indices (N, T) of the ``refine_top_k`` best scores (or logits) of each image."""
@@ -300,15 +355,9 @@ class RPNDetector(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Per anchor: label (1 car, 0 background, -1 ignored) and its matched car box (K, 4)."""
         k = anchors.shape[0]
-        boxes = boxes.reshape(-1, 4).to(anchors)
-        ignore = (
-            torch.zeros((0, 4), device=anchors.device)
-            if ignore_boxes is None
-            else ignore_boxes.reshape(-1, 4).to(anchors)
-        )
         # degenerate boxes would be low-quality-matched to every anchor; drop them
-        boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
-        ignore = ignore[(ignore[:, 2] > ignore[:, 0]) & (ignore[:, 3] > ignore[:, 1])]
+        boxes = _valid_boxes(boxes.to(anchors))
+        ignore = anchors[:0] if ignore_boxes is None else _valid_boxes(ignore_boxes.to(anchors))
         labels = torch.zeros(k, device=anchors.device)
         matched = torch.zeros((k, 4), device=anchors.device)
         n_cars = boxes.shape[0]
@@ -321,17 +370,7 @@ class RPNDetector(nn.Module):
         labels[index == Matcher.BETWEEN_THRESHOLDS] = -1.0
         labels[index >= n_cars] = -1.0
         if ignore.shape[0]:
-            inter_w = (
-                torch.min(anchors[:, None, 2], ignore[None, :, 2])
-                - torch.max(anchors[:, None, 0], ignore[None, :, 0])
-            ).clamp(min=0)
-            inter_h = (
-                torch.min(anchors[:, None, 3], ignore[None, :, 3])
-                - torch.max(anchors[:, None, 1], ignore[None, :, 1])
-            ).clamp(min=0)
-            area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
-            ioa = (inter_w * inter_h).amax(1) / area.clamp(min=1e-6)
-            labels[(ioa > self.config.ignore_ioa) & ~positive] = -1.0
+            labels[(max_ioa(anchors, ignore) > self.config.ignore_ioa) & ~positive] = -1.0
         if n_cars:
             matched = boxes[index.clamp(min=0, max=n_cars - 1)]
         return labels, matched
@@ -399,14 +438,19 @@ class RPNDetector(nn.Module):
         anchors: Tensor,
         targets: Sequence[Target],
         jitter: int = 8,
-    ) -> Tensor:
-        """GIoU loss of the second stage's boxes, averaged over its training boxes.
+    ) -> dict[str, Tensor]:
+        """The second stage's losses: ``"loss_refine"``, the GIoU loss of its boxes, and with an
+        IoU output ``"loss_refine_score"``, the BCE of that output; each a mean over its boxes.
 
         Training boxes of each image: the first stage's ``refine_top_k`` candidates (what the
         refiner sees at inference), ``jitter`` noisy copies of each car (:func:`jittered_boxes`)
         and the cars themselves; each one that overlaps a car by >= 0.5 learns that car's box.
+        The IoU output learns, for every one of them, the IoU of its refined box with the
+        nearest car (0 in a frame without cars), except for candidates that fit no car and lie
+        in an ignore region (a Van, DontCare) by more than ``ignore_ioa`` of their area.
         """
         assert self.refiner is not None
+        scoring = self.refiner.quality is not None
         with torch.no_grad():
             index = self._top_k(logits.detach())
             n, t = index.shape
@@ -414,20 +458,49 @@ class RPNDetector(nn.Module):
             proposals = self.decode(chosen.reshape(-1, 4), anchors[index.reshape(-1)]).view(
                 n, t, 4
             )
-        rois, wanted = [], []
+        rois, wanted, fitting, spans = [], [], [], []
         for i, target in enumerate(targets):
-            cars = target["boxes"].reshape(-1, 4).to(proposals)
-            cars = cars[(cars[:, 2] > cars[:, 0]) & (cars[:, 3] > cars[:, 1])]
-            if not cars.shape[0]:
+            cars = _valid_boxes(target["boxes"].to(proposals))
+            boxes = proposals[i]
+            if cars.shape[0]:
+                boxes = torch.cat((boxes, jittered_boxes(cars, jitter), cars))
+                best, which = box_iou(boxes, cars).max(1)
+                fits = best >= 0.5
+            else:
+                which = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
+                fits = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+            keep = fits
+            if scoring:
+                regions = target.get("ignore_boxes")
+                ignore = boxes[:0] if regions is None else _valid_boxes(regions.to(proposals))
+                keep = fits | (max_ioa(boxes, ignore) <= self.config.ignore_ioa)
+            if not keep.any():
                 continue
-            boxes = torch.cat((proposals[i], jittered_boxes(cars, jitter), cars))
-            best, which = box_iou(boxes, cars).max(1)
-            keep = best >= 0.5
+            first = sum(len(r) for r in rois)
             image = torch.full((int(keep.sum()), 1), float(i), device=boxes.device)
             rois.append(torch.cat((image, boxes[keep]), 1))
-            wanted.append(cars[which[keep]])
-        if not rois:  # no car in the batch: a zero that still reaches every refiner weight
-            return sum(p.sum() for p in self.refiner.parameters()) * 0.0
-        refined = self.refiner(feature, torch.cat(rois))
-        loss = generalized_box_iou_loss(refined, torch.cat(wanted), reduction="mean")
-        return self.config.refine_loss_weight * loss
+            wanted.append(cars[which[keep]] if cars.shape[0] else boxes[keep])
+            fitting.append(fits[keep])
+            spans.append((first, first + len(rois[-1]), cars))
+        weight = self.config.refine_loss_weight
+        if not rois:  # nothing to learn from: a zero that still reaches every refiner weight
+            zero = sum(p.sum() for p in self.refiner.parameters()) * 0.0
+            return {"loss_refine": zero, **({"loss_refine_score": zero} if scoring else {})}
+        refined, quality = self.refiner(feature, torch.cat(rois))
+        fits = torch.cat(fitting)
+        if fits.any():
+            box_loss = generalized_box_iou_loss(
+                refined[fits], torch.cat(wanted)[fits], reduction="mean"
+            )
+        else:
+            box_loss = refined.sum() * 0.0
+        losses = {"loss_refine": weight * box_loss}
+        if quality is not None:
+            with torch.no_grad():
+                wanted_iou = torch.zeros_like(quality)
+                for first, last, cars in spans:
+                    if cars.shape[0]:
+                        wanted_iou[first:last] = box_iou(refined[first:last], cars).amax(1)
+            bce = F.binary_cross_entropy_with_logits(quality, wanted_iou)
+            losses["loss_refine_score"] = weight * bce
+        return losses

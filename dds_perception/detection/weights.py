@@ -98,6 +98,7 @@ def load_detector(
     *,
     input_size: tuple[int, int] | None = None,
     refine_top_k: int | None = None,
+    refine_score_weight: float | None = None,
 ) -> RPNDetector:
     """Rebuild the detector stored in ``path`` (in eval mode); its metadata is ``model.meta``.
 
@@ -106,7 +107,9 @@ def load_detector(
     same weights serve any size (what ``crossval --eval-input-sizes`` measures).
     ``refine_top_k`` changes how many candidates per image the second stage refines (the
     weights do not depend on it; ``crossval --eval-refine-top-ks``); only for a file that has
-    a second stage.
+    a second stage. ``refine_score_weight`` likewise weighs the second stage's IoU output in
+    the refined candidates' scores (``crossval --eval-refine-score-weights``); only for a file
+    whose second stage has one.
     Raises :class:`CheckpointError` naming the file when it is missing, corrupt, truncated, holds
     another task's weights or tensors that do not fit the described architecture.
     """
@@ -121,6 +124,16 @@ def load_detector(
                 f"stage (this file's refine_top_k is {config.refine_top_k})"
             )
         config = config.replace(refine_top_k=int(refine_top_k))
+    if refine_score_weight is not None:
+        if not (config.refine_top_k and config.refine_score):
+            raise CheckpointError(
+                f"{path}: refine_score_weight {refine_score_weight}: this file's detector has "
+                "no second stage with an IoU output (refine_score)"
+            )
+        try:
+            config = config.replace(refine_score_weight=float(refine_score_weight))
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from error
     try:
         model = build_detector(config)
     except (ValueError, KeyError) as error:

@@ -10,7 +10,8 @@ and ``crossval.md``. ``--eval-input-sizes`` scores the same fold models at other
 input sizes too (the network is fully convolutional), so that the deployed input size is
 chosen by cross-validated AP rather than on the frames it is reported on; ``--eval-nms-ious``
 and ``--eval-vote-ious`` do the same for the post-processing's NMS and box-voting IoUs, and
-``--eval-refine-top-ks`` for the number of candidates the second stage refines (no retraining
+``--eval-refine-top-ks`` for the number of candidates the second stage refines and
+``--eval-refine-score-weights`` for the weight of its IoU output in their scores (no retraining
 either).
 
 examples:
@@ -25,6 +26,7 @@ examples:
   dds-perception crossval ... --eval-nms-ious 0.4 0.6 0.7  # and with each NMS IoU
   dds-perception crossval ... --eval-vote-ious 0 0.6 0.7    # and each box voting IoU (0: off)
   dds-perception crossval ... --eval-refine-top-ks 32 64    # and each second-stage top-k
+  dds-perception crossval ... --eval-refine-score-weights 0 1  # and its IoU output's weight
 """
 
 from __future__ import annotations
@@ -84,6 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="K",
         help="also score the fold models with their second stage refining K candidates per image",
+    )
+    group.add_argument(
+        "--eval-refine-score-weights",
+        type=parse_iou,
+        nargs="+",
+        default=[],
+        metavar="W",
+        help="also score the fold models with the second stage's IoU output at these weights "
+        "in the refined candidates' scores (0: the first stage's score alone)",
     )
     for flag, what in (
         ("--eval-nms-ious", "NMS IoUs"),
@@ -175,9 +186,11 @@ def score_folds(
     nms_iou: float | None = None,
     vote_iou: float | None = None,
     refine_top_k: int | None = None,
+    refine_score_weight: float | None = None,
 ) -> dict[str, Any]:
     """Each fold model on its own validation frames (at ``input_size``, default the size it was
-    saved with; with ``nms_iou``, ``vote_iou`` and ``refine_top_k``, default its own): per-fold
+    saved with; with ``nms_iou``, ``vote_iou``, ``refine_top_k`` and ``refine_score_weight``,
+    default its own): per-fold
     AP, their mean, spread and range, and the pooled out-of-fold AP."""
     device = torch.device("cpu")
     detections: dict[str, list] = {}
@@ -185,7 +198,10 @@ def score_folds(
     per_fold = []
     for k, (_, val_ids) in enumerate(folds):
         model = load_detector(
-            out / f"fold{k}" / WEIGHTS, input_size=input_size, refine_top_k=refine_top_k
+            out / f"fold{k}" / WEIGHTS,
+            input_size=input_size,
+            refine_top_k=refine_top_k,
+            refine_score_weight=refine_score_weight,
         )
         val = KittiDetectionDataset(
             args.data_root, val_ids, DetectionEvalTransform(model.config.input_size)
@@ -208,6 +224,7 @@ def score_folds(
         "nms_iou": model.config.nms_iou if nms_iou is None else nms_iou,
         "vote_iou": model.config.vote_iou if vote_iou is None else vote_iou,
         "refine_top_k": model.config.refine_top_k,
+        "refine_score_weight": model.config.refine_score_weight,
         "frames": len(ground_truth),
         "per_fold": per_fold,
         "mean": {d: statistics.mean(f[d] for f in per_fold) for d in DIFFICULTIES},
@@ -236,6 +253,10 @@ def report(
         "vote_ious": [score_folds(args, out, folds, vote_iou=iou) for iou in args.eval_vote_ious],
         "refine_top_ks": [
             score_folds(args, out, folds, refine_top_k=k) for k in args.eval_refine_top_ks
+        ],
+        "refine_score_weights": [
+            score_folds(args, out, folds, refine_score_weight=w)
+            for w in args.eval_refine_score_weights
         ],
         "fold_summaries": [
             json.loads((out / f"fold{k}" / "summary.json").read_text(encoding="utf-8"))
@@ -277,6 +298,12 @@ _EXTRA_TABLES = (
         "with the second stage refining other numbers of candidates",
         "refined per image",
         lambda r: str(r["refine_top_k"]),
+    ),
+    (
+        "refine_score_weights",
+        "with the second stage's IoU output weighed otherwise in the scores",
+        "IoU output's weight",
+        lambda r: f"{r['refine_score_weight']:g}",
     ),
 )
 
