@@ -17,6 +17,7 @@ from torch import nn
 
 from dds_perception.benchmarks.flops import count_macs, count_model_macs, count_parameters
 from dds_perception.benchmarks.memory import measure_peak_memory
+from dds_perception.benchmarks.suites import OURS
 from dds_perception.benchmarks.timing import measure, measure_interleaved, summarize
 from dds_perception.detection.optimize import (
     SplitPyramidBlock,
@@ -96,7 +97,7 @@ def test_bench_quick_json_has_every_section(quick_bench: Path) -> None:
     assert {m["name"] for m in detectors["models"]} == {
         "dds_rpn_s32",
         "dds_rpn_s16",
-        "dds_rpn_s16_refine",
+        "dds_rpn_kitti",
         "ssd300_vgg16",
         "ssdlite320_mobilenet_v3_large",
         "fasterrcnn_mobilenet_v3_large_320_fpn",
@@ -138,7 +139,7 @@ def test_bench_quick_json_has_every_section(quick_bench: Path) -> None:
     cells = {(r["name"], r["precision"], r["batch"]): r for r in batches["rows"]}
     assert set(cells) == {
         (name, precision, batch)
-        for name in ("dds_rpn_s32", "ssd300_vgg16")
+        for name in (OURS, "ssd300_vgg16")
         for precision in ("fp32", "fp16")
         for batch in (1, 2)
     }
@@ -193,6 +194,22 @@ def test_bench_rejects_bad_options(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "bench.json").exists()
 
 
+def test_bench_times_the_shipped_network() -> None:
+    """The target's detector is the node's default weights file's network: same tensors, same
+    shapes, same second stage (the bench reads the file's description, so it follows it)."""
+    from dds_perception.benchmarks.candidates import SHIPPED, our_detector
+    from dds_perception.detection.weights import load_detector
+    from dds_perception.pipeline import default_weights
+
+    assert OURS == SHIPPED
+    candidate = our_detector(SHIPPED, (128, 416))
+    shipped = load_detector(default_weights())
+    timed = {k: v.shape for k, v in candidate.network.state_dict().items()}
+    assert timed == {k: v.shape for k, v in shipped.state_dict().items()}
+    assert candidate.input_size == (128, 416)
+    assert "second stage" in candidate.description
+
+
 def test_bench_times_our_detector_at_the_weights_input_size(tmp_path: Path) -> None:
     """Without --input-size the bench runs our detector at the size of the weights it was
     given (the shipped model's by default), so its ratio is the deployed model's."""
@@ -226,12 +243,12 @@ def test_bench_compare_puts_runs_side_by_side(quick_bench: Path, tmp_path: Path,
     text = (out / "compare.md").read_text()
     assert "| CPU, 1 thread(s) | Some GPU fp16 |" in text
     rows = {r["what"]: r["values"] for r in json.loads((out / "compare.json").read_text())["rows"]}
-    ours = rows["dds_rpn_s32 network ms (default)"]
+    ours = rows[f"{OURS} network ms (default)"]
     ref = rows["ssd300_vgg16 network ms (default)"]
     assert ours[0] == ours[1] > 0
     assert rows["speed ratio (default)"][0] == pytest.approx(ref[0] / ours[0], rel=2e-3)
     assert 0 <= rows["share outside the network"][0] <= 1
-    per_frame = rows["dds_rpn_s32 ms per frame, batch 2, fp16"]
+    per_frame = rows[f"{OURS} ms per frame, batch 2, fp16"]
     assert per_frame[0] == per_frame[1] > 0
     assert "ms per frame, batch 1, fp32" in text
     assert main(["bench", "--compare", str(tmp_path / "nope"), "--out", str(out)]) == 1

@@ -3,11 +3,13 @@
 * Backbones: the zoo's four (``dds_perception.models``) and, for reference, torchvision's
   ``shufflenet_v2_x1_0`` and ``mobilenet_v3_large``, all as classifiers (1000 classes) on
   224x224, untrained (speed does not depend on the weights).
-* Detectors on a KITTI frame (1242x375): ours (the paper's stride-32 RPN head and the stride-16
-  option) on the letterboxed 384x1248 input; torchvision's ``ssd300_vgg16`` (the paper's
-  comparison), ``ssdlite320_mobilenet_v3_large`` and ``fasterrcnn_mobilenet_v3_large_320_fpn``
-  (``weights=None, weights_backbone=None``) on the tensor their own transform makes of the
-  frame (300x300, 320x320, and 224x640 for Faster R-CNN's min_size=320/max_size=640 resize).
+* Detectors on a KITTI frame (1242x375): ours (the paper's stride-32 RPN head, the stride-16
+  option, and ``dds_rpn_kitti``: the architecture of the node's default weights file, read from
+  it, second stage included) on the letterboxed 384x1248 input; torchvision's ``ssd300_vgg16``
+  (the paper's comparison), ``ssdlite320_mobilenet_v3_large`` and
+  ``fasterrcnn_mobilenet_v3_large_320_fpn`` (``weights=None, weights_backbone=None``) on the
+  tensor their own transform makes of the frame (300x300, 320x320, and 224x640 for Faster
+  R-CNN's min_size=320/max_size=640 resize).
 
 "Network" means what runs on that tensor: backbone + detection head (+ our box decoding; for
 the two-stage Faster R-CNN, RPN proposals + RoI heads, since the second stage needs the first's
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
@@ -28,20 +30,23 @@ from torchvision.models.detection.image_list import ImageList
 from dds_perception.models import get_model
 from dds_perception.utils.errors import UsageError
 
+if TYPE_CHECKING:
+    from dds_perception.detection import DetectorConfig
+
 KITTI_FRAME = (375, 1242)  # (height, width) of a full-resolution KITTI frame
 OUR_INPUT = (384, 1248)  # the frame letterboxed to multiples of 32 (scale 1.0)
 REFERENCE = "ssd300_vgg16"  # what every detector's speed ratio is measured against
 
 BACKBONES = ("dds_mobilenet_v2", "mobilenet_v1", "mobilenet_v2", "shufflenet_v1")
 TORCHVISION_BACKBONES = ("shufflenet_v2_x1_0", "mobilenet_v3_large")
-# ours by name: the paper's stride-32 head, + a stride-16 head, + the second stage (the
-# DetectorConfig fields each adds to the defaults)
+# ours by name: the paper's stride-32 head and + a stride-16 head (the DetectorConfig fields
+# each adds to the defaults), and the shipped detector's architecture as its file describes it
 OUR_DETECTOR_CONFIGS: dict[str, dict[str, Any]] = {
     "dds_rpn_s32": {},
     "dds_rpn_s16": {"use_layer13": True},
-    "dds_rpn_s16_refine": {"use_layer13": True, "refine_top_k": 64},
 }
-OUR_DETECTORS = tuple(OUR_DETECTOR_CONFIGS)
+SHIPPED = "dds_rpn_kitti"  # models/dds_detector_kitti.safetensors, the node's default
+OUR_DETECTORS = (*OUR_DETECTOR_CONFIGS, SHIPPED)
 TORCHVISION_DETECTORS = (
     "ssd300_vgg16",
     "ssdlite320_mobilenet_v3_large",
@@ -143,23 +148,43 @@ def torchvision_detector(name: str, frame: tuple[int, int] = KITTI_FRAME) -> Can
     )
 
 
+def shipped_config(input_size: tuple[int, int] = OUR_INPUT) -> DetectorConfig:
+    """The architecture of the node's default weights file (read from its metadata, so the
+    bench follows whatever ships), at ``input_size``."""
+    from dds_perception.detection.weights import config_from_meta
+    from dds_perception.pipeline import default_weights
+    from dds_perception.utils.checkpoint import read_meta
+
+    path = default_weights()
+    return config_from_meta(read_meta(path), path).replace(input_size=tuple(input_size))
+
+
 def our_detector(name: str, input_size: tuple[int, int] = OUR_INPUT) -> Candidate:
     """Our RPN detector (untrained; its speed does not depend on the weights): one of
-    :data:`OUR_DETECTOR_CONFIGS`."""
+    :data:`OUR_DETECTOR_CONFIGS`, or :data:`SHIPPED`."""
     from dds_perception.detection import DetectorConfig, build_detector
 
     if name not in OUR_DETECTORS:
         raise UsageError(f"unknown detector {name!r}; ours are {', '.join(OUR_DETECTORS)}")
-    config = DetectorConfig(input_size=tuple(input_size), **OUR_DETECTOR_CONFIGS[name])
+    if name == SHIPPED:
+        config = shipped_config(input_size)
+    else:
+        config = DetectorConfig(input_size=tuple(input_size), **OUR_DETECTOR_CONFIGS[name])
     model = build_detector(config).eval()
     heads = "+".join(config.feature_names())
-    refine = f" + second stage on the top {config.refine_top_k}" if config.refine_top_k else ""
+    refine = ""
+    if config.refine_top_k:
+        rescoring = ", rescoring them" if config.refine_score else ""
+        refine = (
+            f" + second stage on the top {config.refine_top_k} ({config.refine_pool}x"
+            f"{config.refine_pool} RoI bins of {config.refine_channels} channels{rescoring})"
+        )
     return Candidate(
         name,
         "dds_perception",
         model,
         tuple(input_size),
-        description=f"dds_mobilenet_v2 + RPN head on {heads}{refine}, letterboxed to "
+        description=f"{config.backbone} + RPN head on {heads}{refine}, letterboxed to "
         f"{input_size[1]}x{input_size[0]}",
         extra={"config": config},
     )
