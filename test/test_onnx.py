@@ -622,3 +622,18 @@ def test_export_weights_with_post_processing_settings(weights, tmp_path, capsys)
     )
     assert "refine_top_k 8" in capsys.readouterr().out
     assert load_detector(out).config.refine_top_k == 8
+    # the weight of the second stage's IoU output: only for a stage that has one
+    weight = ["--refine-score-weight", "0.75"]
+    assert main(["export", "--weights", str(refined), "--out", str(out), *weight]) == 1
+    assert "refined.safetensors: refine_score_weight 0.75" in capsys.readouterr().err
+    scoring = make_detector(refine_top_k=32, refine_score=True)
+    scoring = save_detector(tmp_path / "scoring.safetensors", scoring)
+    assert main(["export", "--weights", str(scoring), "--out", str(out), *weight]) == 0
+    assert load_detector(out).config.refine_score_weight == 0.75
+    assert (
+        main(
+            ["export", "--weights", str(scoring), "--out", str(out), "--refine-score-weight", "2"]
+        )
+        == 1
+    )
+    assert "refine_score_weight 2" in capsys.readouterr().err

@@ -102,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a .safetensors --out of a detector with a second stage: refine this many "
         "candidates per image (default: the checkpoint's)",
     )
+    parser.add_argument(
+        "--refine-score-weight",
+        type=float,
+        help="a .safetensors --out of a detector whose second stage predicts IoUs: their "
+        "weight in the refined candidates' scores, 0-1 (default: the checkpoint's)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _post_settings(args: argparse.Namespace) -> dict[str, float]:
     """The inference settings a weights file stores, as given on the command line
-    (``--nms-iou``, ``--vote-iou``, ``--refine-top-k``)."""
-    names = ("nms_iou", "vote_iou", "refine_top_k")
+    (``--nms-iou``, ``--vote-iou``, ``--refine-top-k``, ``--refine-score-weight``)."""
+    names = ("nms_iou", "vote_iou", "refine_top_k", "refine_score_weight")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
@@ -168,7 +174,7 @@ def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> in
     if size is None and not post:
         raise UsageError(
             f"--out {args.out}: a .safetensors export needs --height and --width, or "
-            "--nms-iou / --vote-iou / --refine-top-k"
+            "--nms-iou / --vote-iou / --refine-top-k / --refine-score-weight"
         )
     onnx_only = {
         "--half": args.half,
@@ -180,8 +186,14 @@ def export_weights(args: argparse.Namespace, size: tuple[int, int] | None) -> in
     given = [name for name, value in onnx_only.items() if value]
     if given:
         raise UsageError(f"{', '.join(given)}: ONNX options; --out {args.out} writes weights")
-    # a second stage's top-k is checked (and set) by the loader, which names a file without one
-    model = load_detector(args.weights, input_size=size, refine_top_k=post.get("refine_top_k"))
+    # the second stage's settings are checked (and set) by the loader, which names a file
+    # without one
+    model = load_detector(
+        args.weights,
+        input_size=size,
+        refine_top_k=post.get("refine_top_k"),
+        refine_score_weight=post.get("refine_score_weight"),
+    )
     meta = model.meta
     try:
         model.config = model.config.replace(**post)
