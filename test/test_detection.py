@@ -519,6 +519,14 @@ def test_detection_config_rejects_bad_values():
         DetectorConfig(refine_top_k=-1)
     with pytest.raises(DetectorConfigError, match="refine_hidden 0"):
         DetectorConfig(refine_top_k=100, refine_hidden=0)
+    with pytest.raises(DetectorConfigError, match="refine_pool 0"):
+        DetectorConfig(refine_top_k=100, refine_pool=0)
+    with pytest.raises(DetectorConfigError, match="refine_sampling_ratio -1"):
+        DetectorConfig(refine_sampling_ratio=-1)
+    with pytest.raises(
+        DetectorConfigError, match=r"refine_score_weight 1.5: must lie in \[0, 1\]"
+    ):
+        DetectorConfig(refine_top_k=100, refine_score=True, refine_score_weight=1.5)
     config = DetectorConfig()
     assert DetectorConfig.from_dict(config.to_dict()) == config
 

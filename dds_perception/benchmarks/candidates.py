@@ -39,8 +39,9 @@ REFERENCE = "ssd300_vgg16"  # what every detector's speed ratio is measured agai
 
 BACKBONES = ("dds_mobilenet_v2", "mobilenet_v1", "mobilenet_v2", "shufflenet_v1")
 TORCHVISION_BACKBONES = ("shufflenet_v2_x1_0", "mobilenet_v3_large")
-# ours by name: the paper's stride-32 head and + a stride-16 head (the DetectorConfig fields
-# each adds to the defaults), and the shipped detector's architecture as its file describes it
+# ours by name: the paper's stride-32 head and that + a stride-16 head (the DetectorConfig
+# fields each adds to the defaults), and the shipped detector's architecture as its file
+# describes it
 OUR_DETECTOR_CONFIGS: dict[str, dict[str, Any]] = {
     "dds_rpn_s32": {},
     "dds_rpn_s16": {"use_layer13": True},
