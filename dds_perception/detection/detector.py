@@ -332,9 +332,8 @@ class RPNDetector(nn.Module):
         boxes = boxes.scatter(1, index, refined.view_as(chosen))
         if quality is not None:
             top, weight = index[..., 0], self.config.refine_score_weight
-            rescored = scores.gather(1, top).pow(1.0 - weight) * quality.view_as(
-                top
-            ).sigmoid().pow(weight)
+            iou = quality.view_as(top).sigmoid()
+            rescored = scores.gather(1, top).pow(1.0 - weight) * iou.pow(weight)
             scores = scores.scatter(1, top, rescored)
         return {"scores": scores, "boxes": boxes}
 

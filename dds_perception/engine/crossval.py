@@ -35,6 +35,8 @@ import argparse
 import copy
 import json
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,42 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--only-fold", type=int, default=None, help="train this fold only (0-based), no report"
     )
-    group.add_argument(
-        "--eval-input-sizes",
-        type=parse_input_size,
-        nargs="+",
-        default=[],
-        metavar="HxW",
-        help="also score the fold models at these letterbox input sizes (multiples of 32)",
-    )
-    group.add_argument(
-        "--eval-refine-top-ks",
-        type=int,
-        nargs="+",
-        default=[],
-        metavar="K",
-        help="also score the fold models with their second stage refining K candidates per image",
-    )
-    group.add_argument(
-        "--eval-refine-score-weights",
-        type=parse_iou,
-        nargs="+",
-        default=[],
-        metavar="W",
-        help="also score the fold models with the second stage's IoU output at these weights "
-        "in the refined candidates' scores (0: the first stage's score alone)",
-    )
-    for flag, what in (
-        ("--eval-nms-ious", "NMS IoUs"),
-        ("--eval-vote-ious", "box voting IoUs (0: no voting)"),
-    ):
+    for sweep in SWEEPS:
         group.add_argument(
-            flag,
-            type=parse_iou,
+            sweep.flag,
+            type=sweep.parse,
             nargs="+",
             default=[],
-            metavar="IOU",
-            help=f"also score the fold models (at their own input size) with these {what}",
+            metavar=sweep.metavar,
+            help=f"also score the fold models {sweep.help}",
         )
 
 
@@ -136,6 +110,78 @@ def parse_iou(text: str) -> float:
 
 
 parse_arguments = parse_recipe_args
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One ``--eval-...`` option: the fold models scored again with each of its values for one
+    :func:`score_folds` setting (no retraining), reported as one more table."""
+
+    flag: str
+    setting: str  # score_folds' keyword, and the key of its value in each scoring
+    key: str  # the summary's key for the list of scorings
+    parse: Callable[[str], Any]
+    metavar: str
+    help: str  # completes "also score the fold models ..."
+    what: str  # completes "The same fold models ..." above the report's table
+    column: str
+    show: Callable[[Any], str] = "{:g}".format
+
+
+SWEEPS = (
+    Sweep(
+        "--eval-input-sizes",
+        "input_size",
+        "input_sizes",
+        parse_input_size,
+        "HxW",
+        "at these letterbox input sizes (multiples of 32)",
+        "at other input sizes",
+        "input (HxW)",
+        lambda size: "x".join(map(str, size)),
+    ),
+    Sweep(
+        "--eval-nms-ious",
+        "nms_iou",
+        "nms_ious",
+        parse_iou,
+        "IOU",
+        "(at their own input size) with these NMS IoUs",
+        "with other NMS IoUs",
+        "NMS IoU",
+    ),
+    Sweep(
+        "--eval-vote-ious",
+        "vote_iou",
+        "vote_ious",
+        parse_iou,
+        "IOU",
+        "(at their own input size) with these box voting IoUs (0: no voting)",
+        "with other box voting IoUs (0: none)",
+        "voting IoU",
+    ),
+    Sweep(
+        "--eval-refine-top-ks",
+        "refine_top_k",
+        "refine_top_ks",
+        int,
+        "K",
+        "with their second stage refining K candidates per image",
+        "with the second stage refining other numbers of candidates",
+        "refined per image",
+    ),
+    Sweep(
+        "--eval-refine-score-weights",
+        "refine_score_weight",
+        "refine_score_weights",
+        parse_iou,
+        "W",
+        "with the second stage's IoU output at these weights in the refined candidates' "
+        "scores (0: the first stage's score alone)",
+        "with the second stage's IoU output weighed otherwise in the scores",
+        "IoU output's weight",
+    ),
+)
 
 
 def _fold_args(args: argparse.Namespace, out: Path, k: int) -> argparse.Namespace:
@@ -246,18 +292,13 @@ def report(
         "folds": args.folds,
         "fold_seed": args.fold_seed,
         **scores,
-        "input_sizes": [
-            score_folds(args, out, folds, tuple(size)) for size in args.eval_input_sizes
-        ],
-        "nms_ious": [score_folds(args, out, folds, nms_iou=iou) for iou in args.eval_nms_ious],
-        "vote_ious": [score_folds(args, out, folds, vote_iou=iou) for iou in args.eval_vote_ious],
-        "refine_top_ks": [
-            score_folds(args, out, folds, refine_top_k=k) for k in args.eval_refine_top_ks
-        ],
-        "refine_score_weights": [
-            score_folds(args, out, folds, refine_score_weight=w)
-            for w in args.eval_refine_score_weights
-        ],
+        **{
+            sweep.key: [
+                score_folds(args, out, folds, **{sweep.setting: value})
+                for value in getattr(args, sweep.flag[2:].replace("-", "_"))
+            ]
+            for sweep in SWEEPS
+        },
         "fold_summaries": [
             json.loads((out / f"fold{k}" / "summary.json").read_text(encoding="utf-8"))
             for k in range(len(folds))
@@ -276,36 +317,6 @@ def _pooled_cells(scores: dict[str, Any]) -> str:
         f"{scores['pooled'][d]:.1f} ({scores['mean'][d]:.1f} ± {scores['std'][d]:.1f})"
         for d in DIFFICULTIES
     )
-
-
-# the report's extra tables: summary key, what differs, first column, its cell per scoring
-_EXTRA_TABLES = (
-    (
-        "input_sizes",
-        "at other input sizes",
-        "input (HxW)",
-        lambda r: "x".join(map(str, r["input_size"])),
-    ),
-    ("nms_ious", "with other NMS IoUs", "NMS IoU", lambda r: f"{r['nms_iou']:g}"),
-    (
-        "vote_ious",
-        "with other box voting IoUs (0: none)",
-        "voting IoU",
-        lambda r: f"{r['vote_iou']:g}",
-    ),
-    (
-        "refine_top_ks",
-        "with the second stage refining other numbers of candidates",
-        "refined per image",
-        lambda r: str(r["refine_top_k"]),
-    ),
-    (
-        "refine_score_weights",
-        "with the second stage's IoU output weighed otherwise in the scores",
-        "IoU output's weight",
-        lambda r: f"{r['refine_score_weight']:g}",
-    ),
-)
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -327,17 +338,18 @@ def markdown(summary: dict[str, Any]) -> str:
         + " | ".join(f"**{summary['pooled'][d]:.1f}**" for d in DIFFICULTIES)
         + " |"
     )
-    for key, what, column, cell in _EXTRA_TABLES:
-        if summary.get(key):
+    for sweep in SWEEPS:
+        if summary.get(sweep.key):
             lines += [
                 "",
-                f"The same fold models {what} (pooled out-of-fold; mean ± std of folds):",
+                f"The same fold models {sweep.what} (pooled out-of-fold; mean ± std of folds):",
                 "",
-                f"| {column} | easy | moderate | hard |",
+                f"| {sweep.column} | easy | moderate | hard |",
                 "| --- | ---: | ---: | ---: |",
             ]
-            for scores in [summary, *summary[key]]:
-                lines.append(f"| {cell(scores)} | {_pooled_cells(scores)} |")
+            for scores in [summary, *summary[sweep.key]]:
+                shown = sweep.show(scores[sweep.setting])
+                lines.append(f"| {shown} | {_pooled_cells(scores)} |")
     return "\n".join(lines)
 
 
