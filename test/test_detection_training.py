@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,15 +307,21 @@ def test_crossval_trains_and_scores_the_second_stage(scenes, tmp_path):
             "--epochs", "1", "--max-steps-per-epoch", "2", "--set", "refine_top_k=32",
             "refine_score=true", "refine_pool=5", "refine_sampling_ratio=1",
             "--eval-refine-top-ks", "32", "4", "--eval-refine-score-weights", "0", "1",
+            "--eval-with", "refine_top_k=4",
             "--out", str(tmp_path / "cv")]  # fmt: skip
     summary = crossval.crossval(crossval.parse_arguments(parser, argv))
+    # every sweep scored with 4 refined candidates (--eval-with) but the one that varies them
+    assert summary["eval_with"] == {"refine_top_k": 4} and summary["refine_top_k"] == 32
     own, fewer = summary["refine_top_ks"]
-    assert own["refine_top_k"] == summary["refine_top_k"] == 32 and fewer["refine_top_k"] == 4
+    assert own["refine_top_k"] == 32 and fewer["refine_top_k"] == 4
     assert own["pooled"] == summary["pooled"] and own["per_fold"] == summary["per_fold"]
+    assert fewer["pooled"] == summary["eval_with_scores"]["pooled"]
     first, stage = summary["refine_score_weights"]
     assert (first["refine_score_weight"], stage["refine_score_weight"]) == (0.0, 1.0)
+    assert first["refine_top_k"] == stage["refine_top_k"] == 4
     report = (tmp_path / "cv" / "crossval.md").read_text()
     assert "| refined per image |" in report and "| IoU output's weight |" in report
+    assert "folds, refine_top_k 4):" in report
     logged = [
         json.loads(line)
         for line in (tmp_path / "cv" / "fold0" / "metrics.jsonl").read_text().splitlines()
@@ -360,6 +367,26 @@ def test_crossval_nms_iou_errors_name_the_value(text):
     with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
         crossval.parse_iou(text)
     assert crossval.parse_iou("0.6") == 0.6
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("refine_top_k", "need SETTING=VALUE"),
+        ("top_k=64", "SETTING one of input_size"),
+        ("vote_iou=1.5", "IoU '1.5'"),
+        ("refine_top_k=many", "invalid literal for int()"),
+    ],
+)
+def test_crossval_eval_with_errors_name_the_value(text, error):
+    import argparse
+
+    from dds_perception.engine import crossval
+
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(error)):
+        crossval.parse_eval_setting(text)
+    assert crossval.parse_eval_setting("input_size=352x1152") == ("input_size", (352, 1152))
+    assert crossval.parse_eval_setting("refine_top_k=64") == ("refine_top_k", 64)
 
 
 def test_backbone_learning_rate_multiplier_and_gradient_clipping(scenes):

@@ -12,7 +12,8 @@ chosen by cross-validated AP rather than on the frames it is reported on; ``--ev
 and ``--eval-vote-ious`` do the same for the post-processing's NMS and box-voting IoUs, and
 ``--eval-refine-top-ks`` for the number of candidates the second stage refines and
 ``--eval-refine-score-weights`` for the weight of its IoU output in their scores (no retraining
-either).
+either). ``--eval-with`` scores every sweep with other settings than the models' own, e.g. each
+score weight with 64 refined candidates.
 
 examples:
   dds-perception crossval --config config/train/detector_kitti.yaml \\
@@ -27,6 +28,7 @@ examples:
   dds-perception crossval ... --eval-vote-ious 0 0.6 0.7    # and each box voting IoU (0: off)
   dds-perception crossval ... --eval-refine-top-ks 32 64    # and each second-stage top-k
   dds-perception crossval ... --eval-refine-score-weights 0 1  # and its IoU output's weight
+  dds-perception crossval ... --eval-with refine_top_k=64 --eval-refine-score-weights 0 1
 """
 
 from __future__ import annotations
@@ -73,6 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--only-fold", type=int, default=None, help="train this fold only (0-based), no report"
     )
+    group.add_argument(
+        "--eval-with",
+        type=parse_eval_setting,
+        nargs="+",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="score the --eval-... sweeps with these settings instead of the fold models' own "
+        "(e.g. refine_top_k=64: each sweep then varies one setting of that configuration)",
+    )
     for sweep in SWEEPS:
         group.add_argument(
             sweep.flag,
@@ -107,6 +118,21 @@ def parse_iou(text: str) -> float:
     if value is None or not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"IoU {text!r}: need a number in [0, 1]")
     return value
+
+
+def parse_eval_setting(text: str) -> tuple[str, Any]:
+    """``"refine_top_k=64"`` -> ("refine_top_k", 64): a setting the ``--eval-...`` sweeps vary,
+    parsed as its sweep parses it."""
+    name, sep, value = text.partition("=")
+    parsers = {sweep.setting: sweep.parse for sweep in SWEEPS}
+    if not sep or name not in parsers:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: need SETTING=VALUE, SETTING one of {', '.join(parsers)}"
+        )
+    try:
+        return name, parsers[name](value)
+    except ValueError as error:  # int() of the top-k
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from error
 
 
 parse_arguments = parse_recipe_args
@@ -284,17 +310,24 @@ def score_folds(
 def report(
     args: argparse.Namespace, out: Path, folds: list[tuple[list[str], list[str]]], layout
 ) -> dict[str, Any]:
-    """Per-fold and pooled out-of-fold Car AP_40 of the trained folds (also at each of
-    ``--eval-input-sizes``); writes the report."""
+    """Per-fold and pooled out-of-fold Car AP_40 of the trained folds (also at each value of
+    the ``--eval-...`` sweeps, with the ``--eval-with`` settings); writes the report."""
     scores = score_folds(args, out, folds)
+    base = dict(args.eval_with)
     summary: dict[str, Any] = {
         "data_root": str(layout.root),
         "folds": args.folds,
         "fold_seed": args.fold_seed,
         **scores,
+        # the sweeps' baseline row: the models at the --eval-with settings
+        **(
+            {"eval_with": base, "eval_with_scores": score_folds(args, out, folds, **base)}
+            if base
+            else {}
+        ),
         **{
             sweep.key: [
-                score_folds(args, out, folds, **{sweep.setting: value})
+                score_folds(args, out, folds, **{**base, sweep.setting: value})
                 for value in getattr(args, sweep.flag[2:].replace("-", "_"))
             ]
             for sweep in SWEEPS
@@ -338,16 +371,20 @@ def markdown(summary: dict[str, Any]) -> str:
         + " | ".join(f"**{summary['pooled'][d]:.1f}**" for d in DIFFICULTIES)
         + " |"
     )
+    base = summary.get("eval_with", {})
+    show = {sweep.setting: sweep.show for sweep in SWEEPS}
+    given = "".join(f", {name} {show[name](value)}" for name, value in base.items())
     for sweep in SWEEPS:
         if summary.get(sweep.key):
             lines += [
                 "",
-                f"The same fold models {sweep.what} (pooled out-of-fold; mean ± std of folds):",
+                f"The same fold models {sweep.what} (pooled out-of-fold; mean ± std of folds"
+                f"{given}):",
                 "",
                 f"| {sweep.column} | easy | moderate | hard |",
                 "| --- | ---: | ---: | ---: |",
             ]
-            for scores in [summary, *summary[sweep.key]]:
+            for scores in [summary.get("eval_with_scores", summary), *summary[sweep.key]]:
                 shown = sweep.show(scores[sweep.setting])
                 lines.append(f"| {shown} | {_pooled_cells(scores)} |")
     return "\n".join(lines)
