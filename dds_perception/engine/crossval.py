@@ -143,9 +143,7 @@ class Sweep:
     """One ``--eval-...`` option: the fold models scored again with each of its values for one
     :func:`score_folds` setting (no retraining), reported as one more table."""
 
-    flag: str
     setting: str  # score_folds' keyword, and the key of its value in each scoring
-    key: str  # the summary's key for the list of scorings
     parse: Callable[[str], Any]
     metavar: str
     help: str  # completes "also score the fold models ..."
@@ -153,12 +151,25 @@ class Sweep:
     column: str
     show: Callable[[Any], str] = "{:g}".format
 
+    @property
+    def key(self) -> str:
+        """The summary's key for the list of scorings (``input_sizes``)."""
+        return f"{self.setting}s"
+
+    @property
+    def dest(self) -> str:
+        """The option's argparse destination (``eval_input_sizes``)."""
+        return f"eval_{self.key}"
+
+    @property
+    def flag(self) -> str:
+        """The option (``--eval-input-sizes``)."""
+        return "--" + self.dest.replace("_", "-")
+
 
 SWEEPS = (
     Sweep(
-        "--eval-input-sizes",
         "input_size",
-        "input_sizes",
         parse_input_size,
         "HxW",
         "at these letterbox input sizes (multiples of 32)",
@@ -167,9 +178,7 @@ SWEEPS = (
         lambda size: "x".join(map(str, size)),
     ),
     Sweep(
-        "--eval-nms-ious",
         "nms_iou",
-        "nms_ious",
         parse_iou,
         "IOU",
         "(at their own input size) with these NMS IoUs",
@@ -177,9 +186,7 @@ SWEEPS = (
         "NMS IoU",
     ),
     Sweep(
-        "--eval-vote-ious",
         "vote_iou",
-        "vote_ious",
         parse_iou,
         "IOU",
         "(at their own input size) with these box voting IoUs (0: no voting)",
@@ -187,9 +194,7 @@ SWEEPS = (
         "voting IoU",
     ),
     Sweep(
-        "--eval-refine-top-ks",
         "refine_top_k",
-        "refine_top_ks",
         int,
         "K",
         "with their second stage refining K candidates per image",
@@ -197,9 +202,7 @@ SWEEPS = (
         "refined per image",
     ),
     Sweep(
-        "--eval-refine-score-weights",
         "refine_score_weight",
-        "refine_score_weights",
         parse_iou,
         "W",
         "with the second stage's IoU output at these weights in the refined candidates' "
@@ -328,7 +331,7 @@ def report(
         **{
             sweep.key: [
                 score_folds(args, out, folds, **{**base, sweep.setting: value})
-                for value in getattr(args, sweep.flag[2:].replace("-", "_"))
+                for value in getattr(args, sweep.dest)
             ]
             for sweep in SWEEPS
         },
